@@ -1,0 +1,36 @@
+# Two commands: `make lab` opens the course, `make test` proves every notebook still runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup lab test notebooks check-notebooks clean
+
+setup: $(STAMP)
+
+# torch first, pinned: on this course's machines pip takes the CPU build from local disk; on a Linux GPU
+# machine the same pin from PyPI is the CUDA build. labkit's own range then installs nothing more.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q -e ".[lab,test]"
+	touch $(STAMP)
+
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+test: setup
+	$(BIN)/python -m pytest
+
+# Instructors: edit solutions/, then regenerate the student copies.
+notebooks: setup
+	$(BIN)/labkit notebooks
+
+check-notebooks: setup
+	$(BIN)/labkit notebooks --check
+
+clean:
+	rm -rf $(VENV) results/*.json
