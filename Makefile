@@ -22,7 +22,12 @@ $(STAMP): pyproject.toml
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
-test: setup
+# Extra environments (e.g. vLLM or llm-compressor, which cannot share one venv) are defined in mk/*.mk;
+# each appends its stamp target to TEST_DEPS so `make test` builds it before running the suite.
+TEST_DEPS :=
+-include mk/*.mk
+
+test: setup $(TEST_DEPS)
 	$(BIN)/python -m pytest
 
 # Instructors: edit solutions/, then regenerate the student copies.
