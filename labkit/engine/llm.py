@@ -1,0 +1,98 @@
+"""`LLM(...).generate(prompts, SamplingParams(...))`: the offline API, shaped like vLLM's.
+
+Notebook code switches engines with one line:
+    from labkit.engine import LLM, SamplingParams      # or: from vllm import LLM, SamplingParams
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import load_model
+from .engine import LLMEngine
+from .sampling import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "auto": None}
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+
+
+class LLM:
+    def __init__(self, model=None, tokenizer=None, dtype="float32", device: str | None = None, **engine_kwargs):
+        """model: None (the course model), a hub id / local path, or an already loaded model (then pass its
+        tokenizer too). Remaining keyword arguments go to LLMEngine (block_size, num_blocks, max_num_seqs, ...)."""
+        if model is None or isinstance(model, str):
+            if isinstance(dtype, str):
+                if dtype not in _DTYPES:
+                    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
+                dtype = _DTYPES[dtype] or torch.float32
+            model, tok = load_model(model, device=device, dtype=dtype)
+            tokenizer = tokenizer or tok
+        elif tokenizer is None:
+            raise ValueError("pass tokenizer=... together with an already loaded model")
+        self.engine = LLMEngine(model, tokenizer, **engine_kwargs)
+        self.tokenizer = tokenizer
+        self._ids = 0
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run all prompts to completion with continuous batching; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        order, outputs = [], {}
+        for prompt, p in zip(prompts, params):
+            rid = str(self._ids)
+            self._ids += 1
+            if isinstance(prompt, dict):  # vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."} forms
+                prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
+            self.engine.add_request(rid, prompt, p)
+            seq = self.engine.requests[rid]
+            order.append(rid)
+            outputs[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None, list(seq.token_ids))
+        tokens: dict[str, list[int]] = {rid: [] for rid in order}
+        reasons: dict[str, str | None] = {}
+        while self.engine.has_unfinished_requests():
+            for step_out in self.engine.step():
+                tokens[step_out.request_id] += step_out.new_token_ids
+                if step_out.finished:
+                    reasons[step_out.request_id] = step_out.finish_reason
+        for rid, p in zip(order, params):
+            ids, reason = tokens[rid], reasons.get(rid)
+            outputs[rid].outputs.append(CompletionOutput(0, self.detokenize(ids, p, reason), ids, reason))
+        return [outputs[rid] for rid in order]
+
+    def detokenize(self, ids: list[int], params: SamplingParams, reason: str | None) -> str:
+        """Text as vLLM returns it: special tokens, a final stop token and a matched stop string left out."""
+        if reason == "stop" and ids and params.stop_token_ids and ids[-1] in params.stop_token_ids:
+            ids = ids[:-1]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if reason == "stop" and params.stop:
+            cut = [text.find(s) for s in params.stop if s in text]
+            if cut:
+                text = text[:min(cut)]
+        return text

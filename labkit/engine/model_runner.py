@@ -1,0 +1,150 @@
+"""A forward pass over a *flat* batch of tokens from many sequences, reading and writing the paged KV cache.
+
+Hugging Face's `model(...)` wants rectangular [batch, seq] inputs and its own cache object. A serving
+engine instead packs whatever each sequence needs this step - a whole prompt, a chunk of one, or a single
+decode token - into one list of T tokens. Linear layers (almost all the FLOPs) do not care which sequence a
+token belongs to: they run once on [T, hidden]. Only attention does, and it reads each sequence's past keys
+and values through its block table.
+
+We reuse the model's own weights and modules (embeddings, projections, norms, MLP, rotary embedding), so
+this works for the course model and Llama-family hub models (Llama, Mistral, Qwen2, ...).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .kv_cache import KVShape, PagedKVCache
+
+
+def check_supported(model) -> None:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "q_proj") \
+            or not hasattr(inner, "rotary_emb"):
+        raise ValueError(f"labkit.engine runs Llama-family decoders (Llama, Mistral, Qwen2, the course model); "
+                         f"{type(model).__name__} has a different layout. Use its `generate` or vLLM instead.")
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences whose attention is computed together, padded to [B, max_q] queries x [B, max_k] keys."""
+    token_index: torch.Tensor    # [Tg] positions of this group's tokens in the flat batch
+    pad_index: torch.Tensor      # [Tg] where each token sits in the padded [B * max_q] query layout
+    block_tables: torch.Tensor   # [B, max_blocks] physical block ids (padded with 0: masked out anyway)
+    mask: torch.Tensor           # [B, 1, max_q, max_k] True = may attend
+    batch: int
+    max_q: int
+
+
+@dataclass
+class StepInput:
+    input_ids: torch.Tensor      # [T]
+    positions: torch.Tensor      # [T] position of each token in its own sequence
+    slot_mapping: torch.Tensor   # [T] cache slot each token's K/V is written to
+    groups: list[AttentionGroup]
+    logits_index: torch.Tensor   # [S] flat index of the last token of each sequence that samples this step
+
+
+def build_step_input(chunks: list[tuple[list[int], int, list[int]]], sample_flags: list[bool], block_size: int,
+                     device) -> StepInput:
+    """chunks[i] = (token ids to run, position of the first one, the sequence's block table).
+    Decode chunks (1 token) and prefill chunks are grouped separately so a long prompt does not make
+    every decode token pay for max_q padded queries."""
+    ids, pos, slots, logits_index = [], [], [], []
+    decode, prefill = [], []
+    for i, (tokens, start, table) in enumerate(chunks):
+        (decode if len(tokens) == 1 else prefill).append(i)
+        first = len(ids)
+        for j, t in enumerate(tokens):
+            p = start + j
+            ids.append(t)
+            pos.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+        if sample_flags[i]:
+            logits_index.append(len(ids) - 1)
+        chunks[i] = (tokens, start, table, first)
+    groups = []
+    for members in (decode, prefill):
+        if not members:
+            continue
+        max_q = max(len(chunks[i][0]) for i in members)
+        ctx = [chunks[i][1] + len(chunks[i][0]) for i in members]
+        max_blocks = -(-max(ctx) // block_size)
+        token_index, pad_index, tables, qpos = [], [], [], []
+        for b, i in enumerate(members):
+            tokens, start, table, first = chunks[i]
+            n = len(tokens)
+            token_index += range(first, first + n)
+            pad_index += range(b * max_q, b * max_q + n)
+            need = -(-(start + n) // block_size)
+            tables.append(table[:need] + [0] * (max_blocks - need))
+            qpos.append(list(range(start, start + n)) + [0] * (max_q - n))  # padded queries look at key 0
+        key_pos = torch.arange(max_blocks * block_size, device=device)
+        qpos_t = torch.tensor(qpos, device=device)
+        groups.append(AttentionGroup(
+            token_index=torch.tensor(token_index, device=device), pad_index=torch.tensor(pad_index, device=device),
+            block_tables=torch.tensor(tables, device=device),
+            mask=(key_pos[None, None, :] <= qpos_t[:, :, None]).unsqueeze(1), batch=len(members), max_q=max_q))
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return StepInput(t(ids), t(pos), t(slots), groups, t(logits_index))
+
+
+def paged_attention(q, k_cache, v_cache, group: AttentionGroup, block_size: int, scale: float):
+    """q [Tg, H, D] -> [Tg, H, D]. Gathers each sequence's blocks into a padded [B, max_k] view, then one
+    scaled_dot_product_attention call. (vLLM's PagedAttention kernel reads the blocks in place instead.)"""
+    _, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    shape = (group.batch, -1, kv_heads, dim)
+    k = k_cache.view(-1, block_size, kv_heads, dim)[group.block_tables].view(shape).transpose(1, 2)
+    v = v_cache.view(-1, block_size, kv_heads, dim)[group.block_tables].view(shape).transpose(1, 2)
+    padded = q.new_zeros(group.batch * group.max_q, heads, dim)
+    padded[group.pad_index] = q
+    padded = padded.view(group.batch, group.max_q, heads, dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(padded, k, v, attn_mask=group.mask, scale=scale,
+                                         enable_gqa=heads != kv_heads)
+    return out.transpose(1, 2).reshape(-1, heads, dim)[group.pad_index]
+
+
+class ModelRunner:
+    def __init__(self, model, cache: PagedKVCache):
+        check_supported(model)
+        self.model, self.cache = model, cache
+        self.shape: KVShape = cache.shape
+        self.block_size = cache.block_size
+        cfg = model.config
+        self.num_heads = cfg.num_attention_heads
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Run all tokens, write their K/V into the cache, return logits [S, vocab] for the sampled ones."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(step.input_ids)                          # [T, hidden]
+        cos, sin = inner.rotary_emb(hidden, step.positions[None])            # [1, T, head_dim]
+        cos, sin = cos[0], sin[0]
+        T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(T, H, D)
+            k = attn.k_proj(x).view(T, Hkv, D)
+            v = attn.v_proj(x).view(T, Hkv, D)
+            if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+            k_cache[step.slot_mapping] = k.to(k_cache.dtype)
+            v_cache[step.slot_mapping] = v.to(v_cache.dtype)
+            scale = getattr(attn, "scaling", D ** -0.5)
+            if len(step.groups) == 1 and step.groups[0].token_index.numel() == T:
+                out = paged_attention(q, k_cache, v_cache, step.groups[0], self.block_size, scale)
+            else:
+                out = torch.empty_like(q)
+                for g in step.groups:
+                    out[g.token_index] = paged_attention(q[g.token_index], k_cache, v_cache, g, self.block_size, scale)
+            hidden = hidden + attn.o_proj(out.reshape(T, H * D))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        last = inner.norm(hidden[step.logits_index])
+        return self.model.lm_head(last)
