@@ -10,6 +10,7 @@ def main(argv=None):
     nb.add_argument("--check", action="store_true", help="only report stale copies; exit 1 if any")
     sub.add_parser("train", help="retrain the course model (see python -m labkit.train --help)", add_help=False)
     sub.add_parser("info", help="versions, device and the course model")
+    sub.add_parser("serve", help="OpenAI-compatible server (see labkit serve --help)", add_help=False)
     args, rest = ap.parse_known_args(argv)
 
     if args.command == "notebooks":
@@ -26,6 +27,9 @@ def main(argv=None):
     if args.command == "train":
         from .train import main as train_main
         return train_main(rest)
+    if args.command == "serve":
+        from .serve.cli import main as serve_main
+        return serve_main(rest)
     if args.command == "info":
         from .env import environment_report
         print(environment_report())

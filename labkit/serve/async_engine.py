@@ -1,0 +1,176 @@
+"""One background thread owns the engine; asyncio handlers talk to it through a queue.
+
+This is continuous batching as a service: a request that arrives while others are decoding joins the
+running batch at the next `engine.step()`. (The naive server wraps `model.generate` in a lock, so
+request 64 waits for the 63 before it to finish *completely*.) `step()` is blocking PyTorch work, so it
+runs in its own thread; PyTorch releases the GIL inside its kernels, so the event loop keeps serving
+HTTP meanwhile. The thread is the only code that touches the engine: handlers send ("add", ...) and
+("abort", ...) commands, and get StepOutputs back on a per-request asyncio.Queue.
+"""
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _Tracked:
+    """What the loop knows about a request: where to deliver its tokens, and its timestamps."""
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    arrival: float
+    n_prompt: int
+    first_token: float | None = None
+    last_token: float | None = None
+    n_out: int = 0
+    token_times: list = field(default_factory=list)
+
+
+class EngineDead(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    """Drive `engine` (labkit.engine.LLMEngine) from a background thread.
+
+    submit() returns an asyncio.Queue that receives StepOutput objects for that request (the last one has
+    finished=True), or an exception if the engine rejected it. abort() stops a request and frees its KV
+    blocks at the next loop turn. stats is a snapshot refreshed after every step (safe to read anywhere).
+    """
+
+    def __init__(self, engine, metrics=None, idle_wait: float = 0.05):
+        self.engine, self.metrics, self.idle_wait = engine, metrics, idle_wait
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._tracked: dict[str, _Tracked] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = engine.stats()
+        self.steps = 0
+        self.error: BaseException | None = None
+
+    # ---- called from the event loop ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="labkit-engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_active(self) -> int:
+        """Requests submitted and not yet finished/aborted (queued in the inbox, waiting or running)."""
+        return len(self._tracked)
+
+    def submit(self, request_id: str, prompt_ids: list[int], params) -> asyncio.Queue:
+        if not self.alive:
+            raise EngineDead(f"the engine loop is not running: {self.error!r}")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        self._tracked[request_id] = _Tracked(loop, out, time.perf_counter(), len(prompt_ids))
+        self._inbox.put(("add", request_id, prompt_ids, params))
+        self._wake.set()
+        return out
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Stop a request (client went away, stop string found): its KV blocks are freed next turn."""
+        self._inbox.put(("abort", request_id, reason))
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the background thread ---------------------------------------------------------------------
+    def _deliver(self, t: _Tracked, item) -> None:
+        try:
+            t.loop.call_soon_threadsafe(t.out.put_nowait, item)
+        except RuntimeError:   # the event loop is closed (server shutting down): nobody is listening
+            pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, prompt_ids, params = cmd
+                t = self._tracked.get(rid)
+                if t is None:      # aborted before it was ever added
+                    continue
+                try:
+                    self.engine.add_request(rid, prompt_ids, params)
+                except Exception as err:  # ValueError: too long, bad params... -> the handler raises it
+                    self._tracked.pop(rid, None)
+                    self._deliver(t, err)
+            else:
+                _, rid, reason = cmd
+                t = self._tracked.pop(rid, None)
+                if t is not None:
+                    self.engine.abort_request(rid)
+                    if self.metrics:
+                        self.metrics.finished(reason, time.perf_counter() - t.arrival, t.n_prompt, t.n_out)
+
+    def _record(self, out, now: float) -> None:
+        t = self._tracked.get(out.request_id)
+        if t is None:
+            return
+        n_new = len(out.new_token_ids)
+        if n_new:
+            if t.first_token is None:
+                t.first_token = now
+                if self.metrics:
+                    self.metrics.ttft.observe(now - t.arrival)
+                    self.metrics.prompt_tokens.inc(out.num_prompt_tokens)
+            elif self.metrics:
+                gap = (now - t.last_token) / n_new
+                for _ in range(n_new):
+                    self.metrics.itl.observe(gap)
+            t.last_token = now
+            t.n_out += n_new
+            if self.metrics:
+                self.metrics.generation_tokens.inc(n_new)
+        if out.finished:
+            self._tracked.pop(out.request_id, None)
+            if self.metrics:
+                e2e = now - t.arrival
+                if t.n_out > 1 and t.first_token is not None:
+                    self.metrics.tpot.observe((now - t.first_token) / (t.n_out - 1))
+                self.metrics.finished(out.finish_reason or "stop", e2e, out.num_prompt_tokens, t.n_out)
+        self._deliver(t, out)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self.steps += 1
+                    now = time.perf_counter()
+                    for out in outputs:
+                        self._record(out, now)
+                else:
+                    self._wake.wait(self.idle_wait)
+                    self._wake.clear()
+                self.stats = self.engine.stats()
+                if self.metrics:
+                    self.metrics.update_engine_stats(self.stats, len(self._tracked))
+        except BaseException as err:  # a crashed engine must not leave clients waiting forever
+            self.error = err
+            for t in list(self._tracked.values()):
+                self._deliver(t, EngineDead(f"engine loop crashed: {err!r}"))
+            self._tracked.clear()
+            raise
+        finally:
+            for rid in list(self._tracked):    # stopped with requests in flight: abort them cleanly
+                t = self._tracked.pop(rid)
+                try:
+                    self.engine.abort_request(rid)
+                except Exception:
+                    pass
+                self._deliver(t, EngineDead("server is shutting down"))

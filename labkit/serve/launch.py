@@ -1,0 +1,81 @@
+"""Start `labkit serve` as a subprocess on 127.0.0.1 and stop it cleanly: for notebooks, tests, benchmarks.
+
+    with ServerProcess(max_num_seqs=64) as server:
+        httpx.get(server.url + "/v1/models")
+
+A separate process (not a thread in the notebook kernel) is what production looks like: the server has
+its own interpreter and GIL, and the client's CPU work does not run inside it.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: str | None = None, port: int | None = None, startup_timeout: float = 120.0,
+                 **options):
+        """options become CLI flags: max_num_seqs=64 -> --max-num-seqs 64 (True -> bare flag)."""
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "labkit.serve", "--port", str(self.port)]
+        if model:
+            self.args += ["--model", model]
+        for key, value in options.items():
+            if value is None or value is False:
+                continue
+            self.args.append("--" + key.replace("_", "-"))
+            if value is not True:
+                self.args.append(str(value))
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="labkit-serve-", suffix=".log", delete=False)
+
+    def start(self) -> "ServerProcess":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} during startup:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"server not ready after {self.startup_timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (graceful drain), then SIGKILL if it does not exit in time. Returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
