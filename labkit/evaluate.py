@@ -18,19 +18,21 @@ def context_length(model) -> int:
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows (begin, end, first_scored): each token is scored exactly once, with up to
-    `window - stride` tokens of extra left context (stride == window means no overlap)."""
-    if not 0 < stride <= window:
-        raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
-    spans, scored_until = [], 1  # token 0 has no left context, so it is never scored
-    for begin in range(0, n_tokens - 1, stride):
-        end = min(begin + window, n_tokens)
-        if end <= scored_until:
-            continue
-        spans.append((begin, end, scored_until))
-        scored_until = end
-        if end == n_tokens:
-            break
+    """Sliding windows (begin, end, first_scored) over a stream of n_tokens.
+
+    Every token but the first is scored exactly once. The first window scores all its tokens; each later
+    one scores up to `stride` new tokens
+    (at most window - 1, since a token needs at least one token of context) and fills the rest of the
+    window with left context: a smaller stride means more context per prediction and more compute.
+    """
+    if window < 2 or stride < 1:
+        raise ValueError(f"need window >= 2 and stride >= 1, got window={window}, stride={stride}")
+    step = min(stride, window - 1)
+    spans, scored = [], 1  # token 0 has no left context, so it is never scored
+    while scored < n_tokens:
+        end = min(scored + (step if spans else window - 1), n_tokens)  # the first window scores all it can
+        spans.append((max(0, end - window), end, scored))
+        scored = end
     return spans
 
 
