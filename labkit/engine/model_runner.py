@@ -97,8 +97,11 @@ def paged_attention(q, k_cache, v_cache, group: AttentionGroup, block_size: int,
     _, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     shape = (group.batch, -1, kv_heads, dim)
-    k = k_cache.view(-1, block_size, kv_heads, dim)[group.block_tables].view(shape).transpose(1, 2)
-    v = v_cache.view(-1, block_size, kv_heads, dim)[group.block_tables].view(shape).transpose(1, 2)
+    blocks = group.block_tables.view(-1)
+    # index_select on a [num_blocks, block_size * kv_heads * dim] view copies whole blocks (memcpy per row):
+    # several times faster on a CPU than advanced indexing, which copies element by element.
+    k = k_cache.view(-1, block_size * kv_heads * dim).index_select(0, blocks).view(shape).transpose(1, 2)
+    v = v_cache.view(-1, block_size * kv_heads * dim).index_select(0, blocks).view(shape).transpose(1, 2)
     padded = q.new_zeros(group.batch * group.max_q, heads, dim)
     padded[group.pad_index] = q
     padded = padded.view(group.batch, group.max_q, heads, dim).transpose(1, 2)
@@ -135,8 +138,8 @@ class ModelRunner:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
-            k_cache[step.slot_mapping] = k.to(k_cache.dtype)
-            v_cache[step.slot_mapping] = v.to(v_cache.dtype)
+            k_cache.index_copy_(0, step.slot_mapping, k.to(k_cache.dtype))   # write this step's K/V into their slots
+            v_cache.index_copy_(0, step.slot_mapping, v.to(v_cache.dtype))
             scale = getattr(attn, "scaling", D ** -0.5)
             if len(step.groups) == 1 and step.groups[0].token_index.numel() == T:
                 out = paged_attention(q, k_cache, v_cache, step.groups[0], self.block_size, scale)
