@@ -100,20 +100,25 @@ class Server:
                            headers={"Retry-After": "1"})
         if not self.loop.alive:
             raise APIError(503, "The engine is not running.", type="server_error")
-        waiting = self.loop.num_active - self.loop.stats.num_running
-        if self.loop.num_active >= self.max_running + self.max_waiting or waiting >= self.max_waiting:
+        # deterministic (no stale engine stats): the batch's worth of running requests + the queue
+        if self.loop.num_active >= self.max_running + self.max_waiting:
             raise APIError(429, f"Server busy: {self.loop.num_active} requests in flight "
                                 f"(limit {self.max_running} running + {self.max_waiting} waiting). Retry later.",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
     # ---- running one request ---------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], params, stop: list[str] | None):
+    def start(self, prompt_ids: list[int], params) -> tuple[str, asyncio.Queue]:
+        """Admit and submit in one synchronous step, so a burst of requests cannot all pass the
+        queue-limit check before any of them is counted."""
+        self.admit()
+        rid = new_id("req")
+        return rid, self.loop.submit(rid, prompt_ids, params)
+
+    async def generate(self, rid: str, out: asyncio.Queue, stop: list[str] | None):
         """Async iterator of (text_delta, finish_reason | None, num_output_tokens).
 
         If the consumer stops early (client disconnected, task cancelled) the `finally` aborts the
         request, which frees its KV blocks: a vanished client must not keep decoding."""
-        rid = new_id("req")
-        out = self.loop.submit(rid, prompt_ids, params)
         detok = IncrementalDetokenizer(self.tokenizer, stop)
         done = False
         try:
@@ -139,30 +144,37 @@ class Server:
 
     async def collect(self, request: Request, prompt_ids, params, stop) -> tuple[str, str, int]:
         """Run to completion (non-streaming), aborting if the client disconnects meanwhile."""
+        rid, out = self.start(prompt_ids, params)
+
         async def run():
             text, reason, n_out = [], None, 0
-            async for delta, reason, n_out in self.generate(prompt_ids, params, stop):
+            async for delta, reason, n_out in self.generate(rid, out, stop):
                 text.append(delta)
             return "".join(text), reason, n_out
 
         task = asyncio.ensure_future(run())
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise APIError(499, "client disconnected")
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    raise APIError(499, "client disconnected")
+        finally:
+            self.loop.abort(rid)     # a no-op if it finished; frees the blocks if we were cancelled
 
     async def stream(self, prompt_ids, params, stop, make_chunk, object_: str, include_usage: bool, rid: str,
                      first_chunks=()):
         """Start the request and wait for its first token *before* sending headers, so an engine-side
         rejection still becomes a proper HTTP error; then stream SSE chunks."""
-        agen = self.generate(prompt_ids, params, stop)
+        req_id, out = self.start(prompt_ids, params)
+        agen = self.generate(req_id, out, stop)
         try:
             first = await agen.__anext__()
         except BaseException:
             await agen.aclose()
+            self.loop.abort(req_id)
             raise
 
         async def events():
@@ -182,6 +194,7 @@ class Server:
                 yield _sse(err.body())
             finally:
                 await agen.aclose()      # client gone -> generator's finally aborts the request
+                self.loop.abort(req_id)  # (and if the generator never ran: a no-op once finished)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -245,7 +258,6 @@ def create_app(engine, tokenizer, model_name: str = "course", api_key: str | Non
         srv.check_model(req.model)
         ids = srv.encode_prompt(req.prompt)
         params = srv.sampling(req, len(ids), req.max_tokens, default_max=16)   # OpenAI's default: 16
-        srv.admit()
         rid = new_id("cmpl")
         if req.stream:
             return await srv.stream(ids, params, req.stop,
@@ -259,7 +271,6 @@ def create_app(engine, tokenizer, model_name: str = "course", api_key: str | Non
         srv.check_model(req.model)
         ids = srv.chat_prompt(req)
         params = srv.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens, default_max=None)
-        srv.admit()
         rid = new_id("chatcmpl")
         if req.stream:
             def make_chunk(delta, reason):
@@ -276,7 +287,6 @@ def create_app(engine, tokenizer, model_name: str = "course", api_key: str | Non
         ids = srv.encode_prompt(req.prompt)
         sampling = CompletionRequest(prompt=ids, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
         params = srv.sampling(sampling, len(ids), req.max_new_tokens, default_max=None)
-        srv.admit()
         text, reason, n_out = await srv.collect(request, ids, params, None)
         return {"text": text, "finish_reason": reason, "usage": usage(len(ids), n_out)}
 
