@@ -1,0 +1,26 @@
+"""labkit.quant: quantization built from scratch, one idea per file.
+
+primitives.py  quantize/dequantize, symmetric/asymmetric, per-tensor/channel/group, any 2-8 bits
+packing.py     b-bit codes packed into int32 words (the GPTQ layout)
+qlinear.py     QuantLinear: a linear layer that runs from packed weights
+walk.py        finding blocks and linears, capturing their calibration inputs
+rtn.py         round-to-nearest, the baseline
+gptq.py        GPTQ (Hessian, damping, Cholesky, lazy blocks, groups, act-order)
+awq.py         AWQ (activation-aware scale search folded into the previous op, clipping search)
+ptq.py         INT8 dynamic and static quantization with torch.ao
+export.py      pack, save and load checkpoints in the GPTQ format (vLLM, transformers, GPTQModel)
+libs.py        run the production libraries (GPTQModel, llm-compressor, torchao) in their own venv
+"""
+from .awq import awq_quantize_model
+from .export import export_gptq, load_gptq, pack_model
+from .gptq import gptq_quantize_model, gptq_quantize_weight
+from .packing import pack_rows, unpack_rows
+from .primitives import (QuantizedWeight, dequantize_asymmetric, dequantize_symmetric, fake_quantize,
+                         quantization_error, quantize_asymmetric, quantize_symmetric, quantize_weight)
+from .qlinear import QuantLinear
+from .rtn import rtn_quantize_model
+
+__all__ = ["awq_quantize_model", "export_gptq", "load_gptq", "pack_model", "gptq_quantize_model",
+           "gptq_quantize_weight", "pack_rows", "unpack_rows", "QuantizedWeight", "dequantize_asymmetric",
+           "dequantize_symmetric", "fake_quantize", "quantization_error", "quantize_asymmetric",
+           "quantize_symmetric", "quantize_weight", "QuantLinear", "rtn_quantize_model"]

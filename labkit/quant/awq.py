@@ -1,0 +1,172 @@
+"""AWQ (Lin et al., 2023): activation-aware weight quantization, by scaling channels before rounding.
+
+A few input channels carry much larger activations than the rest, and the weights that multiply them
+matter most. Keeping them in 8 bits (a mixed-precision sketch one often sees) would work but needs
+special kernels; that is *not* AWQ. AWQ keeps every weight in the same low-bit format and instead uses
+an exact identity: for a per-input-channel scale s > 0,
+
+    W x = (W diag(s)) (diag(s)^-1 x)
+
+Multiplying a salient column by s > 1 before quantizing shrinks its *relative* rounding error (the
+group's scale grows less than the column does), and dividing the activation by s undoes it for free
+because that division is folded into the op that produced x (a LayerNorm/RMSNorm weight, or the rows of
+the previous linear). The paper searches s = mean|x|^alpha (per channel) over a grid of alpha in [0, 1),
+choosing the alpha that minimises the output error of the quantized layers on calibration data. Then it
+searches, per group, how much to clip the weight range (a smaller range rounds the bulk more finely at
+the cost of saturating a few outliers), again by output error. Finally all weights are RTN-quantized.
+
+Simplification: the paper's reference code measures the scale search's error at the output of the
+whole attention/MLP module; we measure it at the outputs of the linears that share the input, which
+needs no knowledge of the attention's inner arguments and keeps this file architecture-agnostic.
+"""
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .primitives import QuantizedWeight, quantize_weight, resolve_group_size
+from .walk import Conv1D, capture_inputs, find_blocks, find_linears, get_weight, output_head, run_calibration, set_weight
+
+# (previous op, the linears it feeds) per block, by attribute path. The previous op absorbs 1/s.
+SCALE_GROUPS = {
+    "llama": [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+              ("self_attn.v_proj", ["self_attn.o_proj"]),
+              ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+              ("mlp.up_proj", ["mlp.down_proj"])],
+    "opt": [("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            ("self_attn.v_proj", ["self_attn.out_proj"]),
+            ("final_layer_norm", ["fc1"])],
+    "gpt2": [("ln_1", ["attn.c_attn"]), ("ln_2", ["mlp.c_fc"])],
+}
+NO_CLIP = ("q_proj", "k_proj", "c_attn")  # as in the reference code: clipping q/k hurts attention scores
+
+
+def scale_groups(block: nn.Module):
+    """[(prev_op, {name: linear})] for this block, skipping pairs whose shapes do not line up (GQA's v->o)."""
+    for layout in SCALE_GROUPS.values():
+        try:
+            groups = [(block.get_submodule(p), {n: block.get_submodule(n) for n in ls}) for p, ls in layout]
+        except AttributeError:
+            continue
+        return [(prev, lins) for prev, lins in groups
+                if _out_features(prev) == get_weight(next(iter(lins.values()))).shape[1]]
+    raise ValueError(f"AWQ needs to know which op feeds which linear; {type(block).__name__} is not one of the "
+                     f"supported layouts {list(SCALE_GROUPS)} (add it to labkit.quant.awq.SCALE_GROUPS)")
+
+
+def _out_features(op: nn.Module) -> int:
+    return get_weight(op).shape[0] if isinstance(op, (nn.Linear, Conv1D) if Conv1D else nn.Linear) else op.weight.shape[0]
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], s: torch.Tensor) -> None:
+    """W <- W diag(s) for each linear; prev's output <- prev's output / s. The network's function is unchanged."""
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s[:, None])
+    elif Conv1D and isinstance(prev, Conv1D):
+        prev.weight.div_(s[None, :])
+    else:  # LayerNorm / RMSNorm: y = x_hat * weight (+ bias)
+        prev.weight.div_(s)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.div_(s)
+    for layer in linears.values():
+        set_weight(layer, get_weight(layer) * s[None, :])
+
+
+def _outputs_error(x, weights, quantized):
+    return sum(((x @ (wq - w).t()) ** 2).mean() for w, wq in zip(weights, quantized)).item()
+
+
+@torch.no_grad()
+def search_scale(x: torch.Tensor, weights: list[torch.Tensor], qargs: dict, n_grid: int = 20,
+                 duo_scaling: bool = False) -> tuple[torch.Tensor, float]:
+    """Grid-search alpha; returns (s [in], alpha). x: [tokens, in] inputs shared by `weights` ([out_i, in])."""
+    x_mean = x.abs().mean(0)
+    w_all = torch.cat(weights, 0)
+    w_mean = (w_all.abs() / w_all.abs().amax(1, keepdim=True).clamp(min=1e-6)).mean(0)
+    best = (float("inf"), torch.ones_like(x_mean), 0.0)
+    for alpha in [i / n_grid for i in range(n_grid)]:
+        s = x_mean.pow(alpha)
+        if duo_scaling:  # AutoAWQ's later variant: also divide by the weights' own magnitude
+            s = s / w_mean.pow(1 - alpha).add(1e-4)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
+        quantized = [quantize_weight(w * s, **qargs).dequantize() / s for w in weights]
+        err = _outputs_error(x, weights, quantized)
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def search_clip(x: torch.Tensor, w: torch.Tensor, qargs: dict, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor | float:
+    """Per (output row, group) clip ratio in (1 - max_shrink, 1] minimising that group's share of the output error."""
+    out_f, in_f = w.shape
+    gs = resolve_group_size(in_f, qargs["granularity"], qargs["group_size"]) or in_f
+    xg = x.reshape(x.shape[0], in_f // gs, gs)
+    best_err = torch.full((out_f, in_f // gs), float("inf"))
+    best_ratio = torch.ones(out_f, in_f // gs)
+    for i in range(int(max_shrink * n_grid)):
+        ratio = 1 - i / n_grid
+        diff = (quantize_weight(w, clip_ratio=ratio, **qargs).dequantize() - w).reshape(out_f, in_f // gs, gs)
+        err = torch.einsum("tgk,ogk->otg", xg, diff).pow(2).mean(1)  # [out, groups]
+        better = err < best_err
+        best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
+    if qargs["granularity"] == "tensor":  # one range for the whole tensor: one ratio
+        return best_ratio.flatten().median().item()
+    return best_ratio
+
+
+def _sample(xs: list[torch.Tensor], n_tokens: int) -> torch.Tensor:
+    x = torch.cat(xs).float()
+    if len(x) > n_tokens:
+        x = x[torch.linspace(0, len(x) - 1, n_tokens).long()]
+    return x
+
+
+@torch.no_grad()
+def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: int | None = 128,
+                       granularity: str = "group", symmetric: bool = True, n_grid: int = 20,
+                       duo_scaling: bool = False, clip: bool = True, include_head: bool = False,
+                       n_tokens: int = 2048, batch_size: int = 8, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """AWQ in place: per block, search and fold scales, search clipping, then RTN-quantize everything.
+
+    The output head (tied to the embedding in the course model) cannot absorb scales without changing
+    the embedding, so with include_head it gets the clipping search and RTN only.
+    """
+    qargs = dict(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    _, blocks = find_blocks(model)
+    clip_ratios: dict[str, torch.Tensor] = {}
+    names = {m: n for n, m in model.named_modules()}
+    for block in tqdm(blocks, desc=f"AWQ {bits}-bit", disable=not progress):
+        groups = scale_groups(block)
+        linears = find_linears(block, names[block] + ".")
+        with capture_inputs(linears, stop_after=block) as inputs:
+            run_calibration(model, calib, batch_size)
+        feats = {name: _sample(xs, n_tokens) for name, xs in inputs.items()}
+        searched = []
+        for prev, lins in groups:  # 1) search every group's scales on the captured (unscaled) inputs
+            first = names[next(iter(lins.values()))]
+            s, _ = search_scale(feats[first], [get_weight(m).float() for m in lins.values()], qargs, n_grid, duo_scaling)
+            searched.append((prev, lins, s))
+        for prev, lins, s in searched:  # 2) fold them in; the inputs those linears see shrink by s
+            fold_scales(prev, lins, s.to(get_weight(next(iter(lins.values()))).dtype))
+            for m in lins.values():
+                feats[names[m]] = feats[names[m]] / s
+        if clip:  # 3) clipping search on the scaled weights
+            for name, m in linears.items():
+                if not name.endswith(NO_CLIP):
+                    clip_ratios[name] = search_clip(feats[name], get_weight(m).float(), qargs, n_grid)
+    targets = {name: m for block in blocks for name, m in find_linears(block, names[block] + ".").items()}
+    if include_head:
+        head_name, head = output_head(model)
+        if clip:
+            with capture_inputs({head_name: head}) as inputs:
+                run_calibration(model, calib, batch_size)
+            clip_ratios[head_name] = search_clip(_sample(inputs[head_name], n_tokens), get_weight(head).float(), qargs, n_grid)
+        targets[head_name] = head
+    results = {}
+    for name, layer in targets.items():  # 4) round to nearest, with the searched clipping
+        qw = quantize_weight(get_weight(layer), clip_ratio=clip_ratios.get(name), **qargs)
+        set_weight(layer, qw.dequantize())
+        results[name] = qw
+    return results

@@ -1,0 +1,152 @@
+"""Run a production quantization library on the course model; meant for the .venv-quant environment.
+
+    .venv-quant/bin/python -m labkit.quant.lib_runner TASK --out DIR [--bits 4 --group-size 128 ...]
+
+TASK: gptqmodel-gptq | gptqmodel-awq | llmcompressor-gptq | torchao-int8 | load-export
+Prints one JSON line (prefixed RESULT:) with what it measured. It uses labkit's own calibration and
+evaluation code, so numbers are comparable with labkit's methods measured in the main environment.
+Started by labkit.quant.libs (subprocess): the libraries pin versions the main venv must not get.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from labkit.data import calibration_batches, heldout_ids  # noqa: E402
+from labkit.evaluate import evaluate_lm  # noqa: E402
+from labkit.model import load_model, resolve_model_name  # noqa: E402
+
+
+def _calib(tok, a):
+    return calibration_batches(tok, a.n_samples, a.seq_len, a.seed)
+
+
+def _metrics(model, ref, tok, a) -> dict:
+    ids = heldout_ids(tok, a.eval_tokens)
+    return evaluate_lm(model, ids, reference=ref)
+
+
+def gptqmodel_quantize(a, method: str) -> dict:
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    path = resolve_model_name(a.model)
+    ref, tok = load_model(a.model, device="cpu")
+    calib = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in _calib(tok, a)]
+    kw = dict(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.act_order, damp_percent=a.damp)
+    if method == "awq":
+        from gptqmodel.quantization import METHOD
+        kw.update(quant_method=METHOD.AWQ, desc_act=False)
+    qcfg = QuantizeConfig(**kw)
+    model = GPTQModel.load(path, qcfg, device="cpu")
+    t0 = time.perf_counter()
+    model.quantize(calib, batch_size=a.batch_size,
+                   **({"backend": BACKEND.AWQ_TORCH} if method == "awq" else {}))
+    seconds = time.perf_counter() - t0
+    model.save(a.out)
+    del model
+    loaded = GPTQModel.load(a.out, device="cpu", backend=BACKEND.AWQ_TORCH if method == "awq" else BACKEND.GPTQ_TORCH)
+    out = _metrics(loaded.model.float() if hasattr(loaded, "model") else loaded, ref, tok, a)
+    out.update(quant_seconds=seconds, library=f"gptqmodel {_version('gptqmodel')}", method=method, path=a.out)
+    return out
+
+
+def llmcompressor_gptq(a) -> dict:
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from datasets import Dataset
+    ref, tok = load_model(a.model, device="cpu")
+    model = copy.deepcopy(ref)
+    calib = _calib(tok, a)
+    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    scheme = {"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": a.bits, "type": "int", "symmetric": True,
+        "strategy": "group" if a.group_size > 0 else "channel",
+        **({"group_size": a.group_size} if a.group_size > 0 else {}),
+        "actorder": "static" if a.act_order else None}}}}
+    recipe = GPTQModifier(config_groups=scheme["config_groups"], ignore=["lm_head"], dampening_frac=a.damp)
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
+            max_seq_length=a.seq_len, batch_size=1)
+    seconds = time.perf_counter() - t0
+    out = _metrics(model, ref, tok, a)
+    out.update(quant_seconds=seconds, library=f"llmcompressor {_version('llmcompressor')}", method="gptq")
+    if a.out:
+        model.save_pretrained(a.out, save_compressed=True)
+        tok.save_pretrained(a.out)
+        out["path"] = a.out
+    return out
+
+
+def torchao_int8(a) -> dict:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    from labkit.evaluate import saved_bytes
+    from labkit.timing import decode_tokens_per_second
+    ref, tok = load_model(a.model, device="cpu")
+    blocks = ref.model.layers if hasattr(ref, "model") and hasattr(ref.model, "layers") else None
+    out = {}
+    for name, config in (("int8_dynamic", Int8DynamicActivationInt8WeightConfig()), ("int8_weight_only", Int8WeightOnlyConfig())):
+        model = copy.deepcopy(ref)
+        t0 = time.perf_counter()
+        # only the decoder blocks' linears, like labkit's torch.ao variants (the head is tied to the embedding)
+        quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+        seconds = time.perf_counter() - t0
+        r = _metrics(model, ref, tok, a)
+        r.update(quant_seconds=seconds, disk_bytes=saved_bytes(model),
+                 decode_tok_s=decode_tokens_per_second(model, tok, new_tokens=32, runs=2))
+        out[name] = r
+    out["fp32"] = {"disk_bytes": saved_bytes(ref), "decode_tok_s": decode_tokens_per_second(ref, tok, new_tokens=32, runs=2)}
+    out["library"] = f"torchao {_version('torchao')}"
+    return out
+
+
+def load_export(a) -> dict:
+    """Load a labkit GPTQ export with GPTQModel and return its logits on a few tokens (format check)."""
+    from gptqmodel import BACKEND, GPTQModel
+    model = GPTQModel.load(a.out, device="cpu", backend=BACKEND.GPTQ_TORCH)
+    ids = torch.arange(1, 33)[None] % 8000 + 5
+    with torch.no_grad():
+        logits = model.model(input_ids=ids).logits.float()
+    torch.save(logits, os.path.join(a.out, "gptqmodel_logits.pt"))
+    return {"logits_file": os.path.join(a.out, "gptqmodel_logits.pt"), "library": f"gptqmodel {_version('gptqmodel')}"}
+
+
+def _version(pkg):
+    from importlib.metadata import version
+    return version(pkg)
+
+
+TASKS = {"gptqmodel-gptq": lambda a: gptqmodel_quantize(a, "gptq"), "gptqmodel-awq": lambda a: gptqmodel_quantize(a, "awq"),
+         "llmcompressor-gptq": llmcompressor_gptq, "torchao-int8": torchao_int8, "load-export": load_export}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("task", choices=sorted(TASKS))
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--n-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    result = TASKS[a.task](a)
+    print("RESULT:" + json.dumps(result, default=float), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
