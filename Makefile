@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[lab,test]"
 	touch $(STAMP)
 
+# JupyterLab refuses to run as root unless told; containers and CI machines often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_ARGS ?=
+
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
 
 # Extra environments (e.g. vLLM or llm-compressor, which cannot share one venv) are defined in mk/*.mk;
 # each appends its stamp target to TEST_DEPS so `make test` builds it before running the suite.
