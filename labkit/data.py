@@ -10,7 +10,7 @@ from .corpus import corpus_text
 
 def token_stream(tokenizer, split: str = "heldout", max_tokens: int | None = None) -> torch.Tensor:
     """The split as one 1-D LongTensor of token ids (optionally truncated to max_tokens)."""
-    ids = tokenizer(corpus_text(split), return_attention_mask=False)["input_ids"]
+    ids = tokenizer(corpus_text(split), return_attention_mask=False, verbose=False)["input_ids"]  # no 512-token warning: we window it ourselves
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)
