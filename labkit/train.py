@@ -1,6 +1,6 @@
 """Train the course model: a small Llama (RMSNorm, RoPE, SwiGLU) on the Austen corpus.
 
-    python -m labkit.train --out course_model --steps 2400
+    python -m labkit.train --out course_model --steps 1800
 
 Students never need to run this (the trained checkpoint ships in `course_model/`); it is here so the
 model is reproducible and so you can see that "pretraining" is just next-token prediction in a loop.
@@ -86,7 +86,7 @@ def heldout_loss(model, stream: torch.Tensor, seq_len: int, max_windows: int = 6
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("course_model"))
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=1800)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-3)
