@@ -46,16 +46,18 @@ def gptqmodel_quantize(a, method: str) -> dict:
         from gptqmodel.quantization import METHOD
         kw.update(quant_method=METHOD.AWQ, desc_act=False)
     qcfg = QuantizeConfig(**kw)
-    model = GPTQModel.load(path, qcfg, device="cpu")
+    model = GPTQModel.load(path, qcfg, device="cpu", dtype=torch.float16)  # fp16 like labkit's export
     t0 = time.perf_counter()
     model.quantize(calib, batch_size=a.batch_size,
                    **({"backend": BACKEND.AWQ_TORCH} if method == "awq" else {}))
     seconds = time.perf_counter() - t0
     model.save(a.out)
     del model
+    out = {"quant_seconds": seconds, "library": f"gptqmodel {_version('gptqmodel')}", "method": method, "path": a.out}
+    if method == "gptq":  # a standard GPTQ checkpoint: the caller evaluates it with labkit.quant.load_gptq
+        return out
     loaded = GPTQModel.load(a.out, device="cpu", backend=BACKEND.AWQ_TORCH if method == "awq" else BACKEND.GPTQ_TORCH)
-    out = _metrics(loaded.model.float() if hasattr(loaded, "model") else loaded, ref, tok, a)
-    out.update(quant_seconds=seconds, library=f"gptqmodel {_version('gptqmodel')}", method=method, path=a.out)
+    out.update(_metrics(loaded.model.float() if hasattr(loaded, "model") else loaded, ref, tok, a))
     return out
 
 
@@ -109,14 +111,25 @@ def torchao_int8(a) -> dict:
 
 
 def load_export(a) -> dict:
-    """Load a labkit GPTQ export with GPTQModel and return its logits on a few tokens (format check)."""
+    """Load a labkit GPTQ export with GPTQModel, and with transformers (which uses GPTQModel for GPTQ
+    checkpoints), and save their logits on fixed tokens: the format check behind tests/test_quant_libs.py."""
     from gptqmodel import BACKEND, GPTQModel
+    ids = (torch.arange(32)[None] * 37) % 4000 + 5
+    out = {"library": f"gptqmodel {_version('gptqmodel')}"}
     model = GPTQModel.load(a.out, device="cpu", backend=BACKEND.GPTQ_TORCH)
-    ids = torch.arange(1, 33)[None] % 8000 + 5
     with torch.no_grad():
-        logits = model.model(input_ids=ids).logits.float()
-    torch.save(logits, os.path.join(a.out, "gptqmodel_logits.pt"))
-    return {"logits_file": os.path.join(a.out, "gptqmodel_logits.pt"), "library": f"gptqmodel {_version('gptqmodel')}"}
+        torch.save(model.model(input_ids=ids).logits.float(), os.path.join(a.out, "gptqmodel_logits.pt"))
+    out["gptqmodel_logits"] = os.path.join(a.out, "gptqmodel_logits.pt")
+    try:
+        from transformers import AutoModelForCausalLM
+        hf = AutoModelForCausalLM.from_pretrained(a.out, device_map="cpu")
+        with torch.no_grad():
+            torch.save(hf(input_ids=ids).logits.float(), os.path.join(a.out, "transformers_logits.pt"))
+        out["transformers_logits"] = os.path.join(a.out, "transformers_logits.pt")
+    except Exception as err:  # reported, not fatal: the GPTQModel path is the one we require
+        out["transformers_error"] = f"{type(err).__name__}: {err}"[:500]
+    torch.save(ids, os.path.join(a.out, "probe_ids.pt"))
+    return out
 
 
 def _version(pkg):
