@@ -34,9 +34,12 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model=None, tokenizer=None, dtype="float32", device: str | None = None, **engine_kwargs):
+    def __init__(self, model=None, tokenizer=None, dtype="float32", device: str | None = None,
+                 max_model_len: int | None = None, enforce_eager: bool = True, **engine_kwargs):
         """model: None (the course model), a hub id / local path, or an already loaded model (then pass its
-        tokenizer too). Remaining keyword arguments go to LLMEngine (block_size, num_blocks, max_num_seqs, ...)."""
+        tokenizer too). Remaining keyword arguments go to LLMEngine (block_size, num_blocks, max_num_seqs,
+        seed, ...). `max_model_len` caps the context like vLLM's; `enforce_eager` is accepted so vLLM-style
+        code runs unchanged (labkit always runs eagerly: there is no graph capture to skip)."""
         if model is None or isinstance(model, str):
             if isinstance(dtype, str):
                 if dtype not in _DTYPES:
@@ -47,6 +50,12 @@ class LLM:
         elif tokenizer is None:
             raise ValueError("pass tokenizer=... together with an already loaded model")
         self.engine = LLMEngine(model, tokenizer, **engine_kwargs)
+        if max_model_len is not None:
+            if not 0 < max_model_len <= self.engine.max_context:
+                raise ValueError(f"max_model_len must be in 1..{self.engine.max_context} (the model's context), "
+                                 f"got {max_model_len}")
+            self.engine.max_context = max_model_len
+        self.llm_engine = VLLMStyleEngine(self.engine)
         self.tokenizer = tokenizer
         self._ids = 0
 
@@ -96,3 +105,35 @@ class LLM:
             if cut:
                 text = text[:min(cut)]
         return text
+
+
+class VLLMStyleEngine:
+    """`llm.llm_engine`, with vLLM's step-level interface: step() returns RequestOutput objects carrying the
+    *cumulative* token ids of each request that advanced. Lets one script drive either engine by hand."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine, self._tokens, self._prompts = engine, {}, {}
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
+        self.engine.add_request(request_id, prompt, params)
+        self._tokens[request_id] = []
+        self._prompts[request_id] = prompt
+
+    def abort_request(self, request_ids) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.engine.abort_request(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        outs = []
+        for o in self.engine.step():
+            ids = self._tokens[o.request_id]
+            ids += o.new_token_ids
+            prompt = self._prompts[o.request_id]
+            outs.append(RequestOutput(o.request_id, prompt if isinstance(prompt, str) else None, [],
+                                      [CompletionOutput(0, "", list(ids), o.finish_reason)], o.finished))
+            if o.finished:
+                del self._tokens[o.request_id], self._prompts[o.request_id]
+        return outs

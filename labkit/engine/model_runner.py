@@ -91,23 +91,34 @@ def build_step_input(chunks: list[tuple[list[int], int, list[int]]], sample_flag
     return StepInput(t(ids), t(pos), t(slots), groups, t(logits_index))
 
 
-def paged_attention(q, k_cache, v_cache, group: AttentionGroup, block_size: int, scale: float):
+def paged_attention(q, k_cache, v_cache, group: AttentionGroup, block_size: int, scale: float, workspace=None):
     """q [Tg, H, D] -> [Tg, H, D]. Gathers each sequence's blocks into a padded [B, max_k] view, then one
-    scaled_dot_product_attention call. (vLLM's PagedAttention kernel reads the blocks in place instead.)"""
+    scaled_dot_product_attention call. (vLLM's PagedAttention kernel reads the blocks in place instead.)
+    `workspace` = two preallocated [>= B * max_blocks, block numel] buffers: reusing them avoids allocating
+    (and page-faulting in) megabytes of fresh memory for every layer of every step."""
     _, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     shape = (group.batch, -1, kv_heads, dim)
     blocks = group.block_tables.view(-1)
+    row = block_size * kv_heads * dim
+    kw, vw = (w[:blocks.numel()] for w in workspace) if workspace else (None, None)
     # index_select on a [num_blocks, block_size * kv_heads * dim] view copies whole blocks (memcpy per row):
     # several times faster on a CPU than advanced indexing, which copies element by element.
-    k = k_cache.view(-1, block_size * kv_heads * dim).index_select(0, blocks).view(shape).transpose(1, 2)
-    v = v_cache.view(-1, block_size * kv_heads * dim).index_select(0, blocks).view(shape).transpose(1, 2)
-    padded = q.new_zeros(group.batch * group.max_q, heads, dim)
-    padded[group.pad_index] = q
-    padded = padded.view(group.batch, group.max_q, heads, dim).transpose(1, 2)
+    k = torch.index_select(k_cache.view(-1, row), 0, blocks, out=kw) if kw is not None \
+        else k_cache.view(-1, row).index_select(0, blocks)
+    v = torch.index_select(v_cache.view(-1, row), 0, blocks, out=vw) if vw is not None \
+        else v_cache.view(-1, row).index_select(0, blocks)
+    k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+    if group.max_q == 1:      # decode: one query per sequence, nothing to pad
+        padded = q.reshape(group.batch, 1, heads, dim).transpose(1, 2)
+    else:
+        padded = q.new_zeros(group.batch * group.max_q, heads, dim)
+        padded[group.pad_index] = q
+        padded = padded.view(group.batch, group.max_q, heads, dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(padded, k, v, attn_mask=group.mask, scale=scale,
                                          enable_gqa=heads != kv_heads)
-    return out.transpose(1, 2).reshape(-1, heads, dim)[group.pad_index]
+    out = out.transpose(1, 2).reshape(-1, heads, dim)
+    return out if group.max_q == 1 else out[group.pad_index]
 
 
 class ModelRunner:
@@ -119,6 +130,16 @@ class ModelRunner:
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
         self.device = next(model.parameters()).device
+        self.workspace = None      # gather buffers, grown on demand and then reused
+
+    def _workspace(self, groups: list[AttentionGroup]):
+        need = max(g.block_tables.numel() for g in groups)
+        if self.workspace is None or self.workspace[0].shape[0] < need:
+            rows = max(need, 2 * (self.workspace[0].shape[0] if self.workspace else 0), 64)
+            row = self.block_size * self.shape.num_kv_heads * self.shape.head_dim
+            self.workspace = tuple(torch.empty(rows, row, dtype=self.cache.k[0].dtype, device=self.device)
+                                   for _ in range(2))
+        return self.workspace
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
@@ -128,6 +149,7 @@ class ModelRunner:
         cos, sin = inner.rotary_emb(hidden, step.positions[None])            # [1, T, head_dim]
         cos, sin = cos[0], sin[0]
         T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads
+        ws = self._workspace(step.groups)
         for i, layer in enumerate(inner.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -142,11 +164,12 @@ class ModelRunner:
             v_cache.index_copy_(0, step.slot_mapping, v.to(v_cache.dtype))
             scale = getattr(attn, "scaling", D ** -0.5)
             if len(step.groups) == 1 and step.groups[0].token_index.numel() == T:
-                out = paged_attention(q, k_cache, v_cache, step.groups[0], self.block_size, scale)
+                out = paged_attention(q, k_cache, v_cache, step.groups[0], self.block_size, scale, ws)
             else:
                 out = torch.empty_like(q)
                 for g in step.groups:
-                    out[g.token_index] = paged_attention(q[g.token_index], k_cache, v_cache, g, self.block_size, scale)
+                    out[g.token_index] = paged_attention(q[g.token_index], k_cache, v_cache, g, self.block_size,
+                                                        scale, ws)
             hidden = hidden + attn.o_proj(out.reshape(T, H * D))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = inner.norm(hidden[step.logits_index])
