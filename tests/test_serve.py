@@ -273,3 +273,19 @@ def test_percentile_matches_numpy():
     values = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4]
     for q in (0, 50, 95, 99, 100):
         assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_serves_a_gptq_checkpoint(tmp_path):
+    """`labkit serve --quantized DIR` runs labkit's 4-bit GPTQ export (QuantLinear) and answers exactly
+    what the offline engine answers on the same loaded checkpoint."""
+    from labkit import load_model
+    from labkit.engine import LLM
+    from labkit.quant import export_gptq, load_gptq, rtn_quantize_model
+    model, tok = load_model()
+    out = export_gptq(model, rtn_quantize_model(model, 4, 64), tmp_path / "q4", tokenizer=tok)
+    qmodel, qtok = load_gptq(out)
+    want = greedy(LLM(qmodel, tokenizer=qtok or tok), PROMPT, 12, ignore_eos=True).text
+    with ServerProcess(quantized=str(out), threads=1) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+                                                          "ignore_eos": True}, timeout=60).json()
+    assert r["choices"][0]["text"] == want

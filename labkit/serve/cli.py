@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="None/'course' = the course model; a directory or hub id")
     ap.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: course)")
     ap.add_argument("--quantized", default=None, metavar="DIR",
-                    help="a labkit quantized checkpoint directory (from labkit.quant) to serve instead of --model")
+                    help="a GPTQ checkpoint directory (labkit.quant.export_gptq) to serve instead of --model")
     ap.add_argument("--dtype", default="float32", choices=DTYPES)
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when present)")
     ap.add_argument("--host", default="127.0.0.1", help="0.0.0.0 inside a container")
@@ -59,12 +59,11 @@ def load_for_serving(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    if args.quantized:
-        try:
-            from labkit.quant import load_quantized
-        except ImportError as err:
-            raise SystemExit(f"--quantized needs labkit.quant.load_quantized, which this checkout lacks ({err})")
-        return load_quantized(args.quantized, device=args.device)
+    if args.quantized:   # a GPTQ checkpoint (labkit.quant.export_gptq or GPTQModel), run by QuantLinear
+        from labkit.model import load_tokenizer
+        from labkit.quant import load_gptq
+        model, tokenizer = load_gptq(args.quantized, device=args.device, dtype=dtype)
+        return model, tokenizer or load_tokenizer(args.model)
     return load_model(args.model, device=args.device, dtype=dtype)
 
 

@@ -17,6 +17,16 @@ import time
 import httpx
 
 
+def _die_with_parent():
+    """Linux: SIGTERM the server if the process that started it (a notebook kernel, pytest) dies,
+    so a crashed kernel never leaves an orphan server holding a port and CPU."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -24,7 +34,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str | None = None, port: int | None = None, startup_timeout: float = 120.0,
+    def __init__(self, model: str | None = None, port: int | None = None, startup_timeout: float = 300.0,
                  **options):
         """options become CLI flags: max_num_seqs=64 -> --max-num-seqs 64 (True -> bare flag)."""
         self.port = port or free_port()
@@ -44,7 +54,8 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -110,3 +110,23 @@ class HTTPMetricsMiddleware:
             handler = scope["path"] if scope["path"] in HTTP_HANDLERS else "other"
             self.metrics.http_requests.labels(handler, scope["method"], f"{status[0] // 100}xx").inc()
             self.metrics.http_latency.labels(handler, scope["method"]).observe(time.perf_counter() - start)
+
+
+# ---- reading /metrics back (notebook 08, benchmarks, tests) ------------------------------------------
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text format -> {series name: value}, summed over label sets except `le` buckets,
+    which are kept as 'name{le}' keys. Enough for one model per server."""
+    from prometheus_client.parser import text_string_to_metric_families
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = f"{s.name}{{{s.labels['le']}}}" if "le" in s.labels else s.name
+            values[key] = values.get(key, 0.0) + s.value
+    return values
+
+
+def histogram_buckets(values: dict[str, float], name: str) -> list[tuple[float, float]]:
+    """[(upper bound, cumulative count), ...] sorted, ending with +Inf, from parse_metrics output."""
+    prefix = name + "_bucket{"
+    return sorted((float(k[len(prefix):-1]), v) for k, v in values.items() if k.startswith(prefix))
