@@ -59,6 +59,10 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     _check(n, bits)
     if packed.shape[0] != n * bits // _WORD:
         raise ValueError(f"expected {n * bits // _WORD} packed rows for {n} values of {bits} bits, got {packed.shape[0]}")
+    if _WORD % bits == 0:  # 2/4/8 bits: no value straddles words, so shift every word 32/b times at once
+        shifts = torch.arange(0, _WORD, bits, device=packed.device, dtype=torch.int32)
+        vals = (packed[:, None, :] >> shifts[None, :, None]) & (2 ** bits - 1)  # sign bits are masked away
+        return vals.reshape(n, packed.shape[1])
     w = packed.to(torch.int64) & _U32
     w = torch.cat([w, torch.zeros_like(w[:1])])
     word, off = _positions(n, bits, packed.device)
