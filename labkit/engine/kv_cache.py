@@ -47,14 +47,15 @@ def default_num_blocks(shape: KVShape, dtype: torch.dtype, block_size: int, max_
 
 
 class PagedKVCache:
-    """Per layer, one K and one V tensor of shape [num_blocks * block_size, kv_heads, head_dim]: slot
-    `block * block_size + offset` holds one token. Zero-initialised so that masked-out slots can never
+    """Per layer, one K and one V tensor of shape [kv_heads, num_blocks * block_size, head_dim]: slot
+    `block * block_size + offset` holds one token. Head-major, so one head's block is a contiguous
+    [block_size, head_dim] tile (cheap to gather). Zero-initialised so that masked-out slots can never
     inject NaNs into attention."""
 
     def __init__(self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device):
         self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
         slots = num_blocks * block_size
-        self.k = [torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=dtype, device=device)
+        self.k = [torch.zeros(shape.num_kv_heads, slots, shape.head_dim, dtype=dtype, device=device)
                   for _ in range(shape.num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
 

@@ -33,7 +33,7 @@ class AttentionGroup:
     token_index: torch.Tensor    # [Tg] positions of this group's tokens in the flat batch
     pad_index: torch.Tensor      # [Tg] where each token sits in the padded [B * max_q] query layout
     block_tables: torch.Tensor   # [B, max_blocks] physical block ids (padded with 0: masked out anyway)
-    mask: torch.Tensor           # [B, 1, max_q, max_k] True = may attend
+    mask: torch.Tensor           # [B, max_q, max_k] additive: 0 = may attend, -inf = may not
     batch: int
     max_q: int
 
@@ -45,6 +45,19 @@ class StepInput:
     slot_mapping: torch.Tensor   # [T] cache slot each token's K/V is written to
     groups: list[AttentionGroup]
     logits_index: torch.Tensor   # [S] flat index of the last token of each sequence that samples this step
+
+
+def split_by_length(members: list[int], chunks, block_size: int) -> list[list[int]]:
+    """Padding every sequence to the longest one's blocks makes a short sequence in a batch with a long one
+    pay for the long one's gather and attention. Sort by length and cut into two groups where that saves
+    at least a quarter of the padded work (one extra group costs a little fixed overhead)."""
+    if len(members) < 4:
+        return [members]
+    blocks = {i: -(-(chunks[i][1] + len(chunks[i][0])) // block_size) for i in members}
+    order = sorted(members, key=blocks.get)
+    n, whole = len(order), len(order) * blocks[order[-1]]
+    cost, k = min((j * blocks[order[j - 1]] + (n - j) * blocks[order[-1]], j) for j in range(1, n))
+    return [order[:k], order[k:]] if cost < 0.75 * whole else [members]
 
 
 def build_step_input(chunks: list[tuple[list[int], int, list[int]]], sample_flags: list[bool], block_size: int,
@@ -66,7 +79,7 @@ def build_step_input(chunks: list[tuple[list[int], int, list[int]]], sample_flag
             logits_index.append(len(ids) - 1)
         chunks[i] = (tokens, start, table, first)
     groups = []
-    for members in (decode, prefill):
+    for members in split_by_length(decode, chunks, block_size) + [prefill]:
         if not members:
             continue
         max_q = max(len(chunks[i][0]) for i in members)
@@ -86,39 +99,72 @@ def build_step_input(chunks: list[tuple[list[int], int, list[int]]], sample_flag
         groups.append(AttentionGroup(
             token_index=torch.tensor(token_index, device=device), pad_index=torch.tensor(pad_index, device=device),
             block_tables=torch.tensor(tables, device=device),
-            mask=(key_pos[None, None, :] <= qpos_t[:, :, None]).unsqueeze(1), batch=len(members), max_q=max_q))
+            mask=torch.zeros(qpos_t.shape + key_pos.shape, device=device).masked_fill(
+                key_pos[None, None, :] > qpos_t[:, :, None], float("-inf")), batch=len(members), max_q=max_q))
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return StepInput(t(ids), t(pos), t(slots), groups, t(logits_index))
 
 
 def paged_attention(q, k_cache, v_cache, group: AttentionGroup, block_size: int, scale: float, workspace=None):
-    """q [Tg, H, D] -> [Tg, H, D]. Gathers each sequence's blocks into a padded [B, max_k] view, then one
-    scaled_dot_product_attention call. (vLLM's PagedAttention kernel reads the blocks in place instead.)
-    `workspace` = two preallocated [>= B * max_blocks, block numel] buffers: reusing them avoids allocating
-    (and page-faulting in) megabytes of fresh memory for every layer of every step."""
+    """q [Tg, H, D] -> [Tg, H, D] for one group of sequences.
+
+    The cache is stored head-major, [kv_heads, slots, head_dim], so gathering a sequence's blocks gives,
+    per head, one contiguous [keys, head_dim] matrix; attention is then two batched matmuls over
+    (head, sequence) pairs with an additive mask (causal + padding). vLLM's PagedAttention kernel reads the
+    blocks in place instead of gathering them; in plain PyTorch the gather is the price of paging.
+    `workspace` = two preallocated flat buffers: reusing them avoids allocating (and page-faulting in)
+    megabytes of fresh memory for every layer of every step."""
     _, heads, dim = q.shape
-    kv_heads = k_cache.shape[1]
-    shape = (group.batch, -1, kv_heads, dim)
+    kv_heads = k_cache.shape[0]
+    B, max_q = group.batch, group.max_q
     blocks = group.block_tables.view(-1)
-    row = block_size * kv_heads * dim
-    kw, vw = (w[:blocks.numel()] for w in workspace) if workspace else (None, None)
-    # index_select on a [num_blocks, block_size * kv_heads * dim] view copies whole blocks (memcpy per row):
-    # several times faster on a CPU than advanced indexing, which copies element by element.
-    k = torch.index_select(k_cache.view(-1, row), 0, blocks, out=kw) if kw is not None \
-        else k_cache.view(-1, row).index_select(0, blocks)
-    v = torch.index_select(v_cache.view(-1, row), 0, blocks, out=vw) if vw is not None \
-        else v_cache.view(-1, row).index_select(0, blocks)
-    k, v = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-    if group.max_q == 1:      # decode: one query per sequence, nothing to pad
-        padded = q.reshape(group.batch, 1, heads, dim).transpose(1, 2)
+    row = block_size * dim
+    n = kv_heads * blocks.numel() * row
+
+    def gather(cache, buf):
+        # index_select on a [kv_heads, num_blocks, block_size * dim] view copies whole blocks (one memcpy per
+        # block and head): several times faster on a CPU than advanced indexing, which goes element by element
+        out = buf[:n].view(kv_heads, blocks.numel(), row) if buf is not None else None
+        kv = torch.index_select(cache.view(kv_heads, -1, row), 1, blocks, out=out)
+        kv = kv.view(kv_heads, 1, B, -1, dim)
+        if heads != kv_heads:       # grouped-query attention: each KV head serves heads // kv_heads query heads
+            kv = kv.expand(kv_heads, heads // kv_heads, B, kv.shape[3], dim)
+        return kv.reshape(heads * B, -1, dim)
+
+    k = gather(k_cache, workspace[0] if workspace else None)
+    v = gather(v_cache, workspace[1] if workspace else None)
+    if max_q == 1:      # decode: one query per sequence, nothing to pad
+        padded = q
     else:
-        padded = q.new_zeros(group.batch * group.max_q, heads, dim)
+        padded = q.new_zeros(B * max_q, heads, dim)
         padded[group.pad_index] = q
-        padded = padded.view(group.batch, group.max_q, heads, dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(padded, k, v, attn_mask=group.mask, scale=scale,
-                                         enable_gqa=heads != kv_heads)
-    out = out.transpose(1, 2).reshape(-1, heads, dim)
-    return out if group.max_q == 1 else out[group.pad_index]
+    qh = (padded * scale).view(B, max_q, heads, dim).permute(2, 0, 1, 3).reshape(heads * B, max_q, dim)
+    scores = torch.bmm(qh, k.transpose(1, 2)).view(heads, B, max_q, -1)
+    probs = (scores.float() + group.mask).softmax(dim=-1).to(v.dtype).view(heads * B, max_q, -1)
+    out = torch.bmm(probs, v).view(heads, B, max_q, dim).permute(1, 2, 0, 3).reshape(B * max_q, heads, dim)
+    return out if max_q == 1 else out[group.pad_index]
+
+
+def prepacked_cpu_linear(linear):
+    """On a CPU, a [vocab, hidden] output layer is the single largest matmul of a decode step, and with few
+    rows it is bound by how the weight streams through the caches. oneDNN can re-lay the weight out once
+    into its blocked format (vLLM's CPU backend does this for every linear); for the output layer that
+    measured ~2x faster here. Returns a drop-in callable, or None where this does not apply or disagrees."""
+    if not (type(linear) is torch.nn.Linear and linear.weight.device.type == "cpu"
+            and linear.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        bias = None if linear.bias is None else linear.bias.detach()
+
+        def run(x):
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+        x = torch.randn(3, linear.in_features)
+        if not torch.allclose(run(x), linear(x), rtol=1e-4, atol=1e-4):
+            return None
+        return run
+    except (RuntimeError, AttributeError):   # a torch build without these ops: plain linear it is
+        return None
 
 
 class ModelRunner:
@@ -131,14 +177,14 @@ class ModelRunner:
         self.num_heads = cfg.num_attention_heads
         self.device = next(model.parameters()).device
         self.workspace = None      # gather buffers, grown on demand and then reused
+        self.lm_head = prepacked_cpu_linear(model.lm_head) or model.lm_head
 
     def _workspace(self, groups: list[AttentionGroup]):
-        need = max(g.block_tables.numel() for g in groups)
-        if self.workspace is None or self.workspace[0].shape[0] < need:
-            rows = max(need, 2 * (self.workspace[0].shape[0] if self.workspace else 0), 64)
-            row = self.block_size * self.shape.num_kv_heads * self.shape.head_dim
-            self.workspace = tuple(torch.empty(rows, row, dtype=self.cache.k[0].dtype, device=self.device)
-                                   for _ in range(2))
+        per_block = self.shape.num_kv_heads * self.block_size * self.shape.head_dim
+        need = max(g.block_tables.numel() for g in groups) * per_block
+        if self.workspace is None or self.workspace[0].numel() < need:
+            size = max(need, 2 * (self.workspace[0].numel() if self.workspace else 0), 64 * per_block)
+            self.workspace = tuple(torch.empty(size, dtype=self.cache.k[0].dtype, device=self.device) for _ in range(2))
         return self.workspace
 
     @torch.inference_mode()
@@ -160,8 +206,9 @@ class ModelRunner:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
-            k_cache.index_copy_(0, step.slot_mapping, k.to(k_cache.dtype))   # write this step's K/V into their slots
-            v_cache.index_copy_(0, step.slot_mapping, v.to(v_cache.dtype))
+            # write this step's K/V into their slots (cache layout [kv_heads, slots, head_dim])
+            k_cache.index_copy_(1, step.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+            v_cache.index_copy_(1, step.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
             scale = getattr(attn, "scaling", D ** -0.5)
             if len(step.groups) == 1 and step.groups[0].token_index.numel() == T:
                 out = paged_attention(q, k_cache, v_cache, step.groups[0], self.block_size, scale, ws)
@@ -173,4 +220,4 @@ class ModelRunner:
             hidden = hidden + attn.o_proj(out.reshape(T, H * D))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = inner.norm(hidden[step.logits_index])
-        return self.model.lm_head(last)
+        return self.lm_head(last)
