@@ -128,7 +128,17 @@ class Server:
                     raise APIError(400, str(item))
                 if isinstance(item, Exception):
                     raise APIError(503 if isinstance(item, EngineDead) else 500, str(item), type="server_error")
-                delta = detok.push(item.new_token_ids, final=item.finished)
+                new_ids = list(item.new_token_ids)
+                # If the engine got ahead of us (several steps' tokens are queued), send them as one chunk:
+                # under load this cuts per-token HTTP/JSON work for server and client alike.
+                while not item.finished and not out.empty():
+                    nxt = out.get_nowait()
+                    if isinstance(nxt, Exception):
+                        out.put_nowait(nxt)          # an error is the last item: handle it next turn
+                        break
+                    item = nxt
+                    new_ids += item.new_token_ids
+                delta = detok.push(new_ids, final=item.finished)
                 if detok.stopped or item.finished:
                     done = True
                     if not item.finished:
