@@ -98,17 +98,21 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], qargs: dict, n_gr
 
 
 @torch.no_grad()
-def search_clip(x: torch.Tensor, w: torch.Tensor, qargs: dict, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor | float:
-    """Per (output row, group) clip ratio in (1 - max_shrink, 1] minimising that group's share of the output error."""
+def search_clip(x: torch.Tensor, w: torch.Tensor, qargs: dict, n_grid: int = 20, max_shrink: float = 0.5,
+                n_tokens: int = 512) -> torch.Tensor | float:
+    """Per (output row, group) clip ratio in (1 - max_shrink, 1] minimising that group's share of the output error.
+
+    Like the reference code, this uses 512 tokens: the search costs out x tokens x in per ratio."""
+    x = _sample([x], n_tokens)
     out_f, in_f = w.shape
     gs = resolve_group_size(in_f, qargs["granularity"], qargs["group_size"]) or in_f
-    xg = x.reshape(x.shape[0], in_f // gs, gs)
+    xg = x.reshape(x.shape[0], in_f // gs, gs).transpose(0, 1)  # [groups, tokens, gs]
     best_err = torch.full((out_f, in_f // gs), float("inf"))
     best_ratio = torch.ones(out_f, in_f // gs)
     for i in range(int(max_shrink * n_grid)):
         ratio = 1 - i / n_grid
         diff = (quantize_weight(w, clip_ratio=ratio, **qargs).dequantize() - w).reshape(out_f, in_f // gs, gs)
-        err = torch.einsum("tgk,ogk->otg", xg, diff).pow(2).mean(1)  # [out, groups]
+        err = torch.bmm(xg, diff.permute(1, 2, 0)).pow(2).mean(1).t()  # each group's output error, [out, groups]
         better = err < best_err
         best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
     if qargs["granularity"] == "tensor":  # one range for the whole tensor: one ratio
