@@ -34,13 +34,15 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=32, help="continuous max running = static batch size")
     ap.add_argument("--decode-tokens", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for labkit on a CPU (default 1: vLLM's CPU worker also computes on one core, "
+                         "reserving the other for its frontend; 0 = torch's default)")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-hf", action="store_true", help="skip the slow one-request-at-a-time HF baseline")
     args = ap.parse_args(argv)
     if args.requests < 1 or args.max_num_seqs < 1 or args.decode_tokens < 1:
         ap.error("--requests, --max-num-seqs and --decode-tokens must be >= 1")
-    if args.threads:
+    if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
 
     model, tok = load_model(args.model)

@@ -149,7 +149,8 @@ def prepacked_cpu_linear(linear):
     """On a CPU, a [vocab, hidden] output layer is the single largest matmul of a decode step, and with few
     rows it is bound by how the weight streams through the caches. oneDNN can re-lay the weight out once
     into its blocked format (vLLM's CPU backend does this for every linear); for the output layer that
-    measured ~2x faster here. Returns a drop-in callable, or None where this does not apply or disagrees."""
+    measured ~2x faster here. The packed copy is a snapshot: build the engine after changing weights.
+    Returns a drop-in callable, or None where this does not apply or disagrees."""
     if not (type(linear) is torch.nn.Linear and linear.weight.device.type == "cpu"
             and linear.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
         return None
