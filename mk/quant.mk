@@ -8,13 +8,15 @@ QUANT_VENV ?= .venv-quant
 GPTQMODEL_VERSION ?= 7.6.0
 LLMCOMPRESSOR_VERSION ?= 0.14.0.1
 TORCHAO_VERSION ?= 0.18.0
+# optimum: transformers needs it to load GPTQ checkpoints (it then runs them through GPTQModel)
+OPTIMUM_VERSION ?= 2.3.0
 
 $(QUANT_VENV)/.installed: mk/quant.mk
 	test -x $(QUANT_VENV)/bin/python || $(PYTHON) -m venv $(QUANT_VENV)
 	$(QUANT_VENV)/bin/pip install -q --upgrade pip
 	$(QUANT_VENV)/bin/pip install -q "torch==$(TORCH_VERSION)"
 	$(QUANT_VENV)/bin/pip install -q "gptqmodel==$(GPTQMODEL_VERSION)" "llmcompressor==$(LLMCOMPRESSOR_VERSION)" \
-	  "torchao==$(TORCHAO_VERSION)" "torch==$(TORCH_VERSION)"
+	  "torchao==$(TORCHAO_VERSION)" "optimum==$(OPTIMUM_VERSION)" "torch==$(TORCH_VERSION)"
 	touch $@
 
 .PHONY: quant-libs
