@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .packing import dequantize_gptq, pack_gptq
+from .packing import dequantize_gptq, pack_gptq, unpack_rows
 from .primitives import QuantizedWeight
 
 
@@ -37,6 +37,17 @@ class QuantLinear(nn.Module):
         return layer
 
     def dequantize_weight(self) -> torch.Tensor:
+        """The float weight [out, in]. Without act-order the groups are contiguous runs of columns, so the
+        scales broadcast over a reshape instead of being gathered per column (several times faster)."""
+        n_groups = self.scales.shape[0]
+        if self.in_features % n_groups == 0 and torch.equal(
+                self.g_idx, torch.arange(self.in_features, device=self.g_idx.device, dtype=torch.int32)
+                // (self.in_features // n_groups)):
+            q = unpack_rows(self.qweight, self.bits, self.in_features)                     # [in, out]
+            zero = (unpack_rows(self.qzeros.t().contiguous(), self.bits, self.out_features) + 1) & (2 ** self.bits - 1)
+            w = (q.view(n_groups, -1, self.out_features).float() - zero.t()[:, None, :].float()) \
+                * self.scales.float()[:, None, :]
+            return w.view(self.in_features, self.out_features).t()
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
