@@ -21,9 +21,9 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     """Sliding windows (begin, end, first_scored) over a stream of n_tokens.
 
     Every token but the first is scored exactly once. The first window scores all its tokens; each later
-    one scores up to `stride` new tokens
-    (at most window - 1, since a token needs at least one token of context) and fills the rest of the
-    window with left context: a smaller stride means more context per prediction and more compute.
+    one scores up to `stride` new tokens (at most window - 1, since a token needs at least one token of
+    context) and fills the rest of the window with left context: a smaller stride means more context per
+    prediction and more compute.
     """
     if window < 2 or stride < 1:
         raise ValueError(f"need window >= 2 and stride >= 1, got window={window}, stride={stride}")

@@ -13,7 +13,6 @@ check function (labkit.checks) catches the error, says so, and hands back labkit
 implementation, so an unsolved student notebook still runs end to end.
 """
 import copy
-import re
 from pathlib import Path
 
 import nbformat
@@ -87,10 +86,3 @@ def generate(solutions_dir: Path = SOLUTIONS_DIR, notebooks_dir: Path = NOTEBOOK
     orphans = {p.name for p in notebooks_dir.glob("*.ipynb")} - {p.name for p in solutions_dir.glob("*.ipynb")}
     stale += [f"notebooks/{name} (no solution)" for name in sorted(orphans)]
     return stale
-
-
-EXERCISE_RE = re.compile(re.escape(BEGIN))
-
-
-def count_exercises(nb) -> int:
-    return sum(len(EXERCISE_RE.findall(c.source)) for c in nb.cells if c.cell_type == "code")
