@@ -249,23 +249,44 @@ def test_api_key_and_queue_limit():
 
 
 def test_sigterm_drains_in_flight_streams():
-    srv = ServerProcess(threads=1).start()
+    """SIGTERM (what `kubectl delete pod` sends): while a stream is still running, /ready says 503 so the
+    load balancer moves traffic away, a new request is refused with a clear 503 + Retry-After (not a
+    refused connection), /health stays 200; the in-flight stream completes in full; then the process exits."""
+    srv = ServerProcess(threads=1, drain_timeout=60).start()
     try:
         with httpx.stream("POST", srv.url + "/v1/completions",
-                          json={"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True, "stream": True,
-                                "stream_options": {"include_usage": True}}) as r:
+                          json={"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True,
+                                "stream_options": {"include_usage": True}}, timeout=120) as r:
             lines = r.iter_lines()
             first = next(lines)
-            srv.proc.send_signal(signal.SIGTERM)                          # what `kubectl delete pod` sends
+            srv.proc.send_signal(signal.SIGTERM)
+            deadline = time.time() + 10
+            while (ready := httpx.get(srv.url + "/ready")).status_code == 200 and time.time() < deadline:
+                time.sleep(0.02)                          # the signal is handled asynchronously
+            assert ready.status_code == 503 and ready.json() == {"status": "draining"}
+            assert httpx.get(srv.url + "/health").status_code == 200     # alive: liveness must not kill it
+            refused = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            err = refused.json()["error"]
+            assert err["code"] == "server_draining" and "shutting down" in err["message"]
+            assert scrape(srv.url)["labkit:active_requests"] == 1, "the stream must still be in flight here"
             rest = [first] + list(lines)
         data = [line[6:] for line in rest if line.startswith("data: ")]
         assert data[-1] == "[DONE]"
-        assert json.loads(data[-2])["usage"]["completion_tokens"] == 60, "the in-flight stream was cut short"
+        assert json.loads(data[-2])["usage"]["completion_tokens"] == 400, "the in-flight stream was cut short"
         code = srv.proc.wait(30)
         assert code in (0, -signal.SIGTERM)     # uvicorn re-raises the signal after a clean drain
         assert "Traceback" not in srv.output()
+        with pytest.raises(httpx.ConnectError):   # and after the drain it is gone
+            httpx.get(srv.url + "/ready")
     finally:
         srv.stop()
+
+
+def test_sigterm_exits_promptly_when_idle():
+    srv = ServerProcess(threads=1, drain_timeout=600).start()
+    code = srv.stop(timeout=60)            # SIGKILL (-9) if it sat out its 600 s drain budget with nothing to do
+    assert code in (0, -signal.SIGTERM), code
 
 
 def test_percentile_matches_numpy():

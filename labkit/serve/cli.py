@@ -5,7 +5,8 @@
     labkit serve --backend vllm --model ...       # hand over to vLLM's own OpenAI server where installed
 
 SIGTERM (what Kubernetes and `docker stop` send) drains: /ready turns 503 at once so the load balancer
-stops sending traffic, in-flight requests (streams included) finish, then the process exits.
+stops sending traffic, new requests get 503 + Retry-After (not `connection refused`), in-flight requests
+(streams included) finish, then the process exits.
 """
 import argparse
 import os
@@ -88,9 +89,9 @@ def main(argv=None) -> int:
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     app = create_app(engine, tokenizer, model_name=args.served_model_name or args.model or "course",
                      api_key=args.api_key, max_waiting=args.max_waiting)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout)
-    server = DrainingServer(config, app)
+    server = DrainingServer(config, app, args.drain_timeout)
     print(f"labkit serve: {config.host}:{config.port} model={app.state.server.model_name} "
           f"kv_blocks={engine.block_manager.num_blocks} max_num_seqs={args.max_num_seqs}", flush=True)
     server.run()
@@ -98,25 +99,46 @@ def main(argv=None) -> int:
 
 
 def _draining_server_class():
+    import threading
+    import time
+
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn.Server that marks the app as draining the moment SIGTERM/SIGINT arrives, so /ready
-        fails (traffic moves elsewhere) while uvicorn finishes the requests already in flight."""
+        """uvicorn.Server with a drain phase before uvicorn's own shutdown.
 
-        def __init__(self, config, app):
+        On SIGTERM/SIGINT uvicorn would stop listening at once, so a load balancer that has not yet
+        noticed (Kubernetes removes the pod from its Service concurrently with the SIGTERM) gets
+        `connection refused`. Instead: 1) draining: the listener stays open, /ready answers 503 so traffic
+        moves elsewhere, new generation requests get a clear 503 + Retry-After, in-flight requests
+        (streams included) run on; 2) once none is left (or --drain-timeout passed), uvicorn's normal
+        shutdown. A second signal skips the rest of the drain; a third forces exit (uvicorn's rule)."""
+
+        def __init__(self, config, app, drain_timeout: float):
             super().__init__(config)
-            self.labkit_app = app
+            self.labkit_app, self.drain_timeout = app, drain_timeout
+            self.drain_started: float | None = None
 
         def handle_exit(self, sig, frame):
+            if self.drain_started is not None or self.should_exit:
+                return super().handle_exit(sig, frame)
+            self.drain_started = time.monotonic()
             self.labkit_app.state.server.draining = True
-            super().handle_exit(sig, frame)
+            threading.Thread(target=self._drain, args=(sig, frame), name="labkit-drain", daemon=True).start()
+
+        def _drain(self, sig, frame):
+            srv, deadline = self.labkit_app.state.server, self.drain_started + self.drain_timeout
+            while srv.loop.num_active and time.monotonic() < deadline and not self.should_exit:
+                time.sleep(0.05)
+            # what is left of the budget bounds uvicorn's own wait for responses still being written
+            self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())
+            uvicorn.Server.handle_exit(self, sig, frame)
 
     return DrainingServer
 
 
-def DrainingServer(config, app):
-    return _draining_server_class()(config, app)
+def DrainingServer(config, app, drain_timeout: float = 30.0):
+    return _draining_server_class()(config, app, drain_timeout)
 
 
 if __name__ == "__main__":

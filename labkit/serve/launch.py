@@ -54,7 +54,12 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # its own session: Ctrl-C in the terminal or notebook does not hit the server directly (stop() drains
+        # it with SIGTERM), and on Linux the scheduler gives it its own CPU share (sched_autogroup) instead
+        # of splitting ours with the load generator: as on a real deployment, client and server do not
+        # compete inside one group.
         self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:

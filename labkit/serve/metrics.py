@@ -45,6 +45,11 @@ class ServerMetrics:
         self.kv_blocks_used = gauge("labkit:kv_blocks_used", "KV blocks held by sequences (0 when idle)")
         self.kv_blocks_total = gauge("labkit:kv_blocks_total", "KV blocks in the pool")
         self.active = gauge("labkit:active_requests", "Requests the server holds (queued, running, streaming)")
+        self.steps = counter("labkit:engine_steps", "engine.step() calls (tokens per step = batch size at work)")
+        self.step_seconds = counter("labkit:engine_step_seconds", "Wall time inside engine.step()")
+        self.step_cpu_seconds = counter("labkit:engine_step_cpu_seconds",
+                                        "CPU time of the engine thread inside step(); the gap to wall time is "
+                                        "time spent waiting for the GIL or a core")
         self.preemptions = counter("vllm:num_preemptions", "Preemptions (sequences evicted and recomputed)")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prefill tokens processed")
         self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens")
@@ -76,6 +81,11 @@ class ServerMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+
+    def engine_step(self, wall: float, cpu: float) -> None:
+        self.steps.inc()
+        self.step_seconds.inc(wall)
+        self.step_cpu_seconds.inc(cpu)
 
     def finished(self, reason: str, e2e: float, n_prompt: int, n_out: int) -> None:
         self.success.labels(self.model_name, reason).inc()
