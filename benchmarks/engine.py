@@ -10,6 +10,7 @@ within the run (never absolute times), so they mean the same on a laptop and on 
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,10 +23,17 @@ from labkit import load_model  # noqa: E402
 from labkit.engine import LLMEngine  # noqa: E402
 from labkit.engine.baselines import generate_no_cache, hf_generate_sequential, static_batch_generate  # noqa: E402
 from labkit.engine.checks import reference_greedy_with_cache  # noqa: E402
-from labkit.engine.vllm_runner import run_offline, vllm_available  # noqa: E402
+from labkit.engine.vllm_runner import PairedRunner, vllm_available  # noqa: E402
 from labkit.engine.workload import mixed_workload, run_engine  # noqa: E402
 from labkit.results import save_result  # noqa: E402
 from labkit.timing import time_it  # noqa: E402
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time, plus every run's throughput (to see the spread)."""
+    runs = sorted(runs, key=lambda r: r["wall_s"])
+    return {**{k: v for k, v in runs[len(runs) // 2].items() if k != "token_ids"},
+            "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
 
 
 def main(argv=None):
@@ -37,11 +45,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for labkit on a CPU (default 1: vLLM's CPU worker also computes on one core, "
                          "reserving the other for its frontend; 0 = torch's default)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="paired runs: static and continuous alternate, then labkit and vLLM alternate; each ratio is "
+                         "the median of the per-pair ratios, so a run disturbed by another job does not decide")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-hf", action="store_true", help="skip the slow one-request-at-a-time HF baseline")
     args = ap.parse_args(argv)
-    if args.requests < 1 or args.max_num_seqs < 1 or args.decode_tokens < 1:
-        ap.error("--requests, --max-num-seqs and --decode-tokens must be >= 1")
+    if min(args.requests, args.max_num_seqs, args.decode_tokens, args.repeats) < 1:
+        ap.error("--requests, --max-num-seqs, --decode-tokens and --repeats must be >= 1")
     if args.threads and not torch.cuda.is_available():
         torch.set_num_threads(args.threads)
 
@@ -73,11 +84,26 @@ def main(argv=None):
         hf_generate_sequential(model, tok, prompts, lengths)
         wall = time.perf_counter() - t
         systems["hf_generate_sequential"] = {"wall_s": wall, "tokens_per_s": tokens / wall}
-    t = time.perf_counter()
-    static_out = static_batch_generate(model, tok, prompts, lengths, batch_size=args.max_num_seqs, engine=engine)
-    wall = time.perf_counter() - t
-    systems["labkit_static"] = {"wall_s": wall, "tokens_per_s": tokens / wall}
-    systems["labkit_continuous"] = run_engine(engine, workload, tag="cont")
+    # static and continuous alternate, run by run: each pair meets the same machine load
+    static_runs, cont_runs = [], []
+    for r in range(args.repeats):
+        t, steps = time.perf_counter(), engine.num_steps
+        static_out = static_batch_generate(model, tok, prompts, lengths, batch_size=args.max_num_seqs, engine=engine)
+        static_runs.append(time.perf_counter() - t)
+        out["static_steps"], steps = engine.num_steps - steps, engine.num_steps
+        cont_runs.append(run_engine(engine, workload, tag=f"cont{r}"))
+        out["continuous_steps"] = engine.num_steps - steps
+    wall = statistics.median(static_runs)
+    systems["labkit_static"] = {"wall_s": wall, "tokens_per_s": tokens / wall,
+                                "runs_tokens_per_s": [tokens / w for w in static_runs]}
+    systems["labkit_continuous"] = median_run(cont_runs)
+    pair_ratios = {"continuous_vs_static": [c["tokens_per_s"] * w / tokens for c, w in zip(cont_runs, static_runs)]}
+    # Work, not time: static batching computes every slot of a batch until its longest member ends. If a step
+    # cost exactly "per token", continuous/static could not beat (static tokens computed / useful tokens).
+    batches = [lengths[i:i + args.max_num_seqs] for i in range(0, len(lengths), args.max_num_seqs)]
+    static_slots = sum(len(b) * max(b) for b in batches)
+    out["static_work"] = {"decode_slots_computed": static_slots, "useful_tokens": tokens,
+                          "padded_work_ratio": static_slots / tokens}
     check = LLMEngine(model, tok, max_num_seqs=args.max_num_seqs)
     from labkit.engine import SamplingParams
     for i, (p, k) in enumerate(workload):
@@ -91,11 +117,15 @@ def main(argv=None):
         out["vllm_skipped"] = "--skip-vllm" if args.skip_vllm else why
         print("vLLM skipped:", out["vllm_skipped"])
     else:
-        try:
-            v = run_offline("vllm", workload, args.model, max_num_seqs=args.max_num_seqs)
-            ids = v.pop("token_ids")
+        try:   # vLLM stays up in its own process; its runs alternate with labkit's (paired measurements)
+            with PairedRunner("vllm", workload, args.model, max_num_seqs=args.max_num_seqs) as vllm:
+                pairs = [(run_engine(engine, workload, tag=f"pair{r}"), vllm.run()) for r in range(args.repeats)]
+            ids = pairs[0][1]["token_ids"]
+            v = {**median_run([b for _, b in pairs]), **vllm.info}
             v["same_tokens_as_labkit"] = sum(a == b for a, b in zip(ids, labkit_ids)) / len(workload)
             systems["vllm"] = v
+            systems["labkit_continuous_paired"] = median_run([a for a, _ in pairs])
+            pair_ratios["labkit_vs_vllm"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs]
         except Exception as err:  # report, do not hide: the record says why vLLM is missing
             out["vllm_skipped"] = f"vLLM run failed: {err}"[:2000]
             print(out["vllm_skipped"])
@@ -104,13 +134,17 @@ def main(argv=None):
         lat = f"  latency mean {s['latency_mean_s']:.2f} s p90 {s['latency_p90_s']:.2f} s" if "latency_mean_s" in s else ""
         print(f"{name:24s} {s['tokens_per_s']:8.0f} tokens/s  ({s['wall_s']:.2f} s){lat}")
 
-    cont, static = systems["labkit_continuous"]["tokens_per_s"], systems["labkit_static"]["tokens_per_s"]
-    targets = {"kv_cache_speedup_ge_5x": out["kv_cache"]["speedup"] >= 5,
-               "continuous_vs_static_ge_3x": cont / static >= 3}
-    ratios = {"kv_cache_speedup": out["kv_cache"]["speedup"], "continuous_vs_static": cont / static}
-    if "vllm" in systems:
-        ratios["labkit_vs_vllm"] = cont / systems["vllm"]["tokens_per_s"]
+    # each target ratio = the median of per-pair ratios (runs that met the same machine load)
+    ratios = {"kv_cache_speedup": out["kv_cache"]["speedup"],
+              "continuous_vs_static": statistics.median(pair_ratios["continuous_vs_static"]),
+              "static_padded_work": out["static_work"]["padded_work_ratio"]}
+    targets = {"kv_cache_speedup_ge_5x": ratios["kv_cache_speedup"] >= 5,
+               "continuous_vs_static_ge_3x": ratios["continuous_vs_static"] >= 3}
+    if "labkit_vs_vllm" in pair_ratios:
+        ratios["labkit_vs_vllm"] = statistics.median(pair_ratios["labkit_vs_vllm"])
         targets["labkit_ge_vllm"] = ratios["labkit_vs_vllm"] >= 1
+    out["pair_ratios"] = pair_ratios
+    cont = systems["labkit_continuous"]["tokens_per_s"]
     if "hf_generate_sequential" in systems:
         ratios["continuous_vs_hf_sequential"] = cont / systems["hf_generate_sequential"]["tokens_per_s"]
     out["ratios"], out["targets_met"] = ratios, targets

@@ -12,9 +12,9 @@ this works for the course model and Llama-family hub models (Llama, Mistral, Qwe
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .fast_layers import FastLayer, RotaryTable, fast_rms_norm, fused_linear
 from .kv_cache import KVShape, PagedKVCache
 
 
@@ -145,29 +145,6 @@ def paged_attention(q, k_cache, v_cache, group: AttentionGroup, block_size: int,
     return out if max_q == 1 else out[group.pad_index]
 
 
-def prepacked_cpu_linear(linear):
-    """On a CPU, a [vocab, hidden] output layer is the single largest matmul of a decode step, and with few
-    rows it is bound by how the weight streams through the caches. oneDNN can re-lay the weight out once
-    into its blocked format (vLLM's CPU backend does this for every linear); for the output layer that
-    measured ~2x faster here. The packed copy is a snapshot: build the engine after changing weights.
-    Returns a drop-in callable, or None where this does not apply or disagrees."""
-    if not (type(linear) is torch.nn.Linear and linear.weight.device.type == "cpu"
-            and linear.weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
-        return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        bias = None if linear.bias is None else linear.bias.detach()
-
-        def run(x):
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-        x = torch.randn(3, linear.in_features)
-        if not torch.allclose(run(x), linear(x), rtol=1e-4, atol=1e-4):
-            return None
-        return run
-    except (RuntimeError, AttributeError):   # a torch build without these ops: plain linear it is
-        return None
-
-
 class ModelRunner:
     def __init__(self, model, cache: PagedKVCache):
         check_supported(model)
@@ -178,7 +155,14 @@ class ModelRunner:
         self.num_heads = cfg.num_attention_heads
         self.device = next(model.parameters()).device
         self.workspace = None      # gather buffers, grown on demand and then reused
-        self.lm_head = prepacked_cpu_linear(model.lm_head) or model.lm_head
+        inner = model.model
+        dtype = next(model.parameters()).dtype
+        self.layers = [FastLayer(layer) for layer in inner.layers]
+        self.rotary = RotaryTable(inner.rotary_emb, self.shape.max_context, dtype, self.device)
+        self.final_norm = fast_rms_norm(inner.norm)
+        # on a CPU the [vocab, hidden] output layer is the largest matmul of a decode step: pre-pack it too
+        head = fused_linear([model.lm_head])
+        self.lm_head = lambda x: head(x)[0]
 
     def _workspace(self, groups: list[AttentionGroup]):
         per_block = self.shape.num_kv_heads * self.block_size * self.shape.head_dim
@@ -191,18 +175,14 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run all tokens, write their K/V into the cache, return logits [S, vocab] for the sampled ones."""
-        inner = self.model.model
-        hidden = inner.embed_tokens(step.input_ids)                          # [T, hidden]
-        cos, sin = inner.rotary_emb(hidden, step.positions[None])            # [1, T, head_dim]
-        cos, sin = cos[0], sin[0]
+        hidden = self.model.model.embed_tokens(step.input_ids)                # [T, hidden]
+        cos, sin = self.rotary(hidden, step.positions)                       # [T, head_dim]
         T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads
         ws = self._workspace(step.groups)
-        for i, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(T, H, D)
-            k = attn.k_proj(x).view(T, Hkv, D)
-            v = attn.v_proj(x).view(T, Hkv, D)
+        for i, layer in enumerate(self.layers):
+            attn = layer.attn
+            q, k, v = layer.qkv(layer.input_norm(hidden))
+            q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
             if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
@@ -218,7 +198,6 @@ class ModelRunner:
                 for g in step.groups:
                     out[g.token_index] = paged_attention(q[g.token_index], k_cache, v_cache, g, self.block_size,
                                                         scale, ws)
-            hidden = hidden + attn.o_proj(out.reshape(T, H * D))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        last = inner.norm(hidden[step.logits_index])
-        return self.lm_head(last)
+            hidden = hidden + layer.o(out.reshape(T, H * D))[0]
+            hidden = hidden + layer.mlp(layer.post_norm(hidden))
+        return self.lm_head(self.final_norm(hidden[step.logits_index]))

@@ -3,8 +3,9 @@
     python offline_bench.py labkit spec.json result.json          # main venv
     .venv-vllm/bin/python offline_bench.py vllm spec.json result.json   # vLLM's venv (see mk/vllm.mk)
 
-spec: {"model": path, "workload": [[prompt, max_tokens], ...], "max_num_seqs": 32, ...}. Standalone on
-purpose (standard library + the engine) so it runs in vLLM's venv, where labkit is not installed. vLLM
+spec: {"model": path, "workload": [[prompt, max_tokens], ...], "max_num_seqs": 32, ...}; with "interactive": true
+it stays up and runs the workload on demand (see `serve_runs`). Standalone on purpose (standard library + the
+engine) so it runs in vLLM's venv, where labkit is not installed. vLLM
 starts worker processes, so everything sits under the `if __name__ == "__main__"` guard.
 Every request arrives at t=0; latency = time to a request's last token, TTFT = to its first.
 """
@@ -59,13 +60,32 @@ def main(which: str, spec_path: str, out_path: str) -> None:
                 "token_ids": [ids[f"{tag}-{i}"] for i in range(len(workload))]}
 
     run("warmup", [[p, 4] for p, _ in spec["workload"][:4]])
-    result = run("run", spec["workload"])
     texts = llm.generate([p for p, _ in spec["workload"][:3]], SamplingParams(temperature=0, max_tokens=24))
-    result.update(engine=which, startup_s=startup, engine_kwargs=kwargs, sample_texts=[o.outputs[0].text for o in texts])
+    info = {"engine": which, "startup_s": startup, "engine_kwargs": kwargs,
+            "sample_texts": [o.outputs[0].text for o in texts]}
     if which == "vllm":
         import vllm
-        result["version"] = vllm.__version__
+        info["version"] = vllm.__version__
+    if spec.get("interactive"):
+        serve_runs(run, spec["workload"], info)
+        return
+    result = run("run", spec["workload"])
+    result.update(info)
     json.dump(result, open(out_path, "w"))
+
+
+MARK = "@@offline_bench "   # prefixes our lines on stdout, which the engine's own logging may share
+
+
+def serve_runs(run, workload, info) -> None:
+    """Interactive mode: the caller writes "run" on stdin, we run the workload once and answer one marked
+    JSON line. The caller can then alternate this engine's runs with another engine's, so that each pair of
+    runs meets the same machine load (paired measurements, see vllm_runner.PairedRunner)."""
+    print(MARK + json.dumps(info), flush=True)
+    for k, line in enumerate(sys.stdin):
+        if line.strip() != "run":
+            break
+        print(MARK + json.dumps(run(f"run{k}", workload)), flush=True)
 
 
 if __name__ == "__main__":

@@ -50,5 +50,54 @@ def run_offline(engine: str, workload: list[tuple[str, int]], model: str | None 
         return json.loads(out_path.read_text())
 
 
+class PairedRunner:
+    """A long-lived `offline_bench.py` process that runs the workload once per `run()` call, so a benchmark can
+    alternate it with runs of its own (labkit, vLLM, labkit, vLLM, ...): on a machine shared with other jobs,
+    each pair then meets the same load, and the ratio of medians means something. Use as a context manager."""
+
+    def __init__(self, engine: str, workload: list[tuple[str, int]], model: str | None = None,
+                 max_num_seqs: int = 32, **spec):
+        python = str(VLLM_PYTHON) if engine == "vllm" else sys.executable
+        if engine == "vllm" and not vllm_available()[0]:
+            raise RuntimeError(vllm_available()[1])
+        self.tmp = tempfile.TemporaryDirectory()
+        spec_path = Path(self.tmp.name) / "spec.json"
+        spec_path.write_text(json.dumps({"model": resolve_model_name(model), "workload": [list(w) for w in workload],
+                                         "max_num_seqs": max_num_seqs, "interactive": True, **spec}))
+        self.stderr = open(Path(self.tmp.name) / "stderr.txt", "w+")
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen([python, str(SCRIPT), engine, str(spec_path), str(Path(self.tmp.name) / "out.json")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                     env=env, cwd=self.tmp.name)
+        self.info = self._answer()      # start-up: engine, version, start-up time
+
+    def _answer(self) -> dict:
+        from .offline_bench import MARK
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        code = self.proc.wait(timeout=60)
+        self.stderr.seek(0)
+        raise RuntimeError(f"offline_bench exited ({code}) without an answer:\n{self.stderr.read()[-3000:]}")
+
+    def run(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, BrokenPipeError):
+            self.proc.kill()
+        self.stderr.close()
+        self.tmp.cleanup()
+
+
 def run_vllm(workload, model=None, max_num_seqs: int = 32, **spec) -> dict:
     return run_offline("vllm", workload, model, max_num_seqs, **spec)
