@@ -182,18 +182,20 @@ def test_hessian_accumulates_2_over_n_xtx():
     torch.testing.assert_close(h.H, checks.reference_hessian(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("gran,gs,act_order", [("group", 32, False), ("group", 32, True), ("channel", None, False),
-                                               ("channel", None, True), ("tensor", None, False)])
-def test_gptq_beats_rtn_on_output_error(gran, gs, act_order):
+@pytest.mark.parametrize("gran,gs,act_order,static", [("group", 32, False, False), ("group", 32, True, False),
+                                                      ("group", 32, True, True), ("channel", None, False, False),
+                                                      ("channel", None, True, False), ("tensor", None, False, False)])
+def test_gptq_beats_rtn_on_output_error(gran, gs, act_order, static):
     x = _correlated_inputs()
     w = torch.randn(64, 128)
     H = 2 * x.t() @ x / len(x)
-    qw, _ = gptq_quantize_weight(w, H, bits=3, granularity=gran, group_size=gs, act_order=act_order)
+    qw, _ = gptq_quantize_weight(w, H, bits=3, granularity=gran, group_size=gs, act_order=act_order,
+                                 static_groups=static)
     rtn = quantize_weight(w, 3, True, gran, gs)
     err = lambda wq: ((x @ (wq - w).t()) ** 2).mean().item()  # noqa: E731
     assert err(qw.dequantize()) < 0.7 * err(rtn.dequantize())
     assert qw.q.min() >= 0 and qw.q.max() <= 7
-    if act_order and gran == "group":
+    if act_order and gran == "group" and not static:
         assert (qw.g_idx[1:] < qw.g_idx[:-1]).any(), "act-order should permute the groups"
         assert sorted(torch.bincount(qw.g_idx.long()).tolist()) == [32] * 4
 
@@ -203,6 +205,8 @@ def test_gptq_rejects_bad_inputs():
         gptq_quantize_weight(torch.randn(8, 16), torch.eye(8))
     with pytest.raises(ValueError, match="damp"):
         gptq_quantize_weight(torch.randn(8, 16), torch.eye(16), damp=2.0)
+    with pytest.raises(ValueError, match="block_size"):
+        gptq_quantize_weight(torch.randn(8, 16), torch.eye(16), block_size=0)
 
 
 # ---- AWQ -----------------------------------------------------------------------------------------------
@@ -256,13 +260,48 @@ def test_gptq_and_awq_beat_rtn_on_a_model(bits):
     assert kls["gptq"] < kls["rtn"] and kls["awq"] < kls["rtn"], kls
 
 
-def test_include_head_quantizes_the_tied_matrix():
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_include_head_unties_and_quantizes_only_the_output_projection(method):
     model = tiny_llama()
     emb = model.model.embed_tokens.weight.detach().clone()
-    results = rtn_quantize_model(model, 4, 64, include_head=True)
-    assert "lm_head" in results
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert not torch.equal(model.model.embed_tokens.weight, emb)
+    fn = {"rtn": lambda m: rtn_quantize_model(m, 4, 64, include_head=True),
+          "gptq": lambda m: gptq_quantize_model(m, calib_ids(4, 16), 4, 64, include_head=True, progress=False),
+          "awq": lambda m: awq_quantize_model(m, calib_ids(4, 16), 4, 64, include_head=True, progress=False)}[method]
+    results = fn(model)
+    assert "lm_head" in results and len(results) == 2 * 7 + 1
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
+    torch.testing.assert_close(model.model.embed_tokens.weight, emb, rtol=0, atol=0)  # the lookup stays float
+    torch.testing.assert_close(model.lm_head.weight, results["lm_head"].dequantize(), rtol=0, atol=1e-6)
+
+
+def test_sequential_groups_follow_the_forward_pass():
+    from labkit.quant.walk import block_inputs, find_linears, run_block, sequential_groups
+    model = tiny_llama()
+    inputs = block_inputs(model, calib_ids(4, 16), batch_size=2)
+    assert len(inputs) == 2
+    block = model.model.layers[0]
+    groups = sequential_groups(block, find_linears(block), inputs)
+    assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    # running the cached inputs block by block reproduces the full model's hidden states
+    hidden = model(input_ids=calib_ids(4, 16)[:2], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(run_block(model.model.layers[0], inputs)[0][0][0], hidden[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_gptq_static_groups_keep_groups_contiguous(true_sequential):
+    model = tiny_llama()
+    results = gptq_quantize_model(model, calib_ids(8, 32), 4, 64, act_order=True, static_groups=True,
+                                  true_sequential=true_sequential, progress=False)
+    for qw in results.values():
+        assert torch.equal(qw.g_idx, torch.arange(qw.q.shape[1], dtype=torch.int32) // 64)
+
+
+def test_gptq_static_groups_use_the_original_weights_ranges():
+    x = _correlated_inputs(seed=2)
+    w = torch.randn(32, 128)
+    qw, _ = gptq_quantize_weight(w, 2 * x.t() @ x / len(x), 4, group_size=64, act_order=True, static_groups=True)
+    torch.testing.assert_close(qw.scale, quantize_weight(w, 4, group_size=64).scale)
 
 
 @pytest.mark.parametrize("act_order,gs", [(False, 64), (True, 64), (False, None)])

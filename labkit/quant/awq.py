@@ -24,7 +24,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .primitives import QuantizedWeight, quantize_weight, resolve_group_size
-from .walk import Conv1D, capture_inputs, find_blocks, find_linears, get_weight, output_head, run_calibration, set_weight
+from .walk import (Conv1D, block_inputs, capture_inputs, find_blocks, find_linears, get_weight, run_block, run_calibration,
+                   set_weight, untie_output_head)
 
 # (previous op, the linears it feeds) per block, by attribute path. The previous op absorbs 1/s.
 SCALE_GROUPS = {
@@ -134,18 +135,22 @@ def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: in
                        n_tokens: int = 2048, batch_size: int = 8, progress: bool = True) -> dict[str, QuantizedWeight]:
     """AWQ in place: per block, search and fold scales, search clipping, then RTN-quantize everything.
 
-    The output head (tied to the embedding in the course model) cannot absorb scales without changing
-    the embedding, so with include_head it gets the clipping search and RTN only.
+    With include_head the output head is untied from the embedding (walk.untie_output_head) and gets the
+    clipping search and RTN only: the reference code leaves lm_head alone, and its input (the final norm)
+    is shared with nothing else, so scales could be folded there too, but we keep to the paper.
+    Each block is run on cached inputs (walk.block_inputs), the outputs of the blocks before it with
+    their scales folded in but not yet quantized, as in the reference implementation.
     """
     qargs = dict(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
     _, blocks = find_blocks(model)
     clip_ratios: dict[str, torch.Tensor] = {}
     names = {m: n for n, m in model.named_modules()}
+    block_in = block_inputs(model, calib, batch_size)
     for block in tqdm(blocks, desc=f"AWQ {bits}-bit", disable=not progress):
         groups = scale_groups(block)
         linears = find_linears(block, names[block] + ".")
-        with capture_inputs(linears, stop_after=block) as inputs:
-            run_calibration(model, calib, batch_size)
+        with capture_inputs(linears) as inputs:
+            run_block(block, block_in)
         feats = {name: _sample(xs, n_tokens) for name, xs in inputs.items()}
         searched = []
         for prev, lins in groups:  # 1) search every group's scales on the captured (unscaled) inputs
@@ -160,9 +165,10 @@ def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: in
             for name, m in linears.items():
                 if not name.endswith(NO_CLIP):
                     clip_ratios[name] = search_clip(feats[name], get_weight(m).float(), qargs, n_grid)
+        block_in = run_block(block, block_in)  # scaling kept the block's function: these feed the next block
     targets = {name: m for block in blocks for name, m in find_linears(block, names[block] + ".").items()}
     if include_head:
-        head_name, head = output_head(model)
+        head_name, head = untie_output_head(model)
         if clip:
             with capture_inputs({head_name: head}) as inputs:
                 run_calibration(model, calib, batch_size)

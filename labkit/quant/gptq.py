@@ -11,16 +11,29 @@ column j with error e_j, the optimal change to the remaining columns is -e_j / [
 - damping: H += damp * mean(diag H) * I, because X X^T from a few thousand tokens is ill-conditioned;
 - lazy batches: updates inside a block of 128 columns are applied immediately, the rest of the matrix
   is updated once per block (a matmul instead of 128 rank-1 updates);
-- groups: a fresh (scale, zero) every group_size columns, fitted to the *already updated* weights;
+- groups: a fresh (scale, zero) every group_size columns, fitted to the *already updated* weights
+  when the group starts (the reference code fits them to the weights as of the last lazy update;
+  with block_size == group_size, the default, that is the same thing);
 - act-order (desc_act): quantize columns with the largest H_jj (the most active inputs) first, while
-  the most freedom remains to compensate their error. g_idx records each column's group afterwards.
+  the most freedom remains to compensate their error. Groups then follow the quantization order and
+  g_idx records each column's group (non-monotonic). static_groups instead fits every group's
+  (scale, zero) to the original weights up front, so groups stay contiguous (g_idx = col // group_size,
+  the same fast kernels as without act-order): GPTQModel's static_groups, llm-compressor's
+  actorder="weight"/"static" (its default);
+- true sequential: inside a block, quantize the linears in forward order, group by group (q/k/v, then
+  o, then gate/up, then down), so each group's Hessian sees the inputs the quantized earlier groups
+  produce, as the paper's code and GPTQModel do.
+
+Per-channel quantization fits one (scale, zero) per row to the whole row before the first column, as
+the reference does; dead inputs (H_jj = 0, never active in calibration) get H_jj = 1 and weight 0.
 """
 import torch
 from tqdm.auto import tqdm
 
 from .primitives import (QuantizedWeight, check_bits, check_weight, dequantize_values, quantize_values,
                          resolve_group_size, scale_zero_from_range)
-from .walk import find_blocks, get_weight, hooked, quantizable_layers, run_calibration, set_weight
+from .walk import (block_inputs, find_blocks, find_linears, get_weight, hooked, run_block, run_calibration,
+                   sequential_groups, set_weight, untie_output_head)
 
 
 class Hessian:
@@ -48,7 +61,8 @@ def _params(w: torch.Tensor, bits: int, symmetric: bool, per_tensor: bool):
 @torch.no_grad()
 def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int = 4, symmetric: bool = True,
                          granularity: str = "group", group_size: int | None = 128, act_order: bool = False,
-                         damp: float = 0.01, block_size: int = 128) -> tuple[QuantizedWeight, float]:
+                         damp: float = 0.01, block_size: int = 128,
+                         static_groups: bool = False) -> tuple[QuantizedWeight, float]:
     """GPTQ one weight [out, in] given its input Hessian [in, in]. Returns (codes, squared-error proxy)."""
     check_bits(bits)
     W = check_weight(w).detach().float().clone()
@@ -57,6 +71,8 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int = 4, symmet
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match in_features {n}")
     if not 0 <= damp < 1:
         raise ValueError(f"damp is a fraction of the mean diagonal, 0 <= damp < 1; got {damp}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer (columns per lazy update), got {block_size!r}")
     gs = resolve_group_size(n, granularity, group_size)
     H = H.detach().float().clone()
     dead = torch.diag(H) == 0           # inputs that were always zero: weight irrelevant, make H invertible
@@ -64,15 +80,22 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int = 4, symmet
     W[:, dead] = 0
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
+    static = static_groups and 0 < gs < n
+    if static:  # every group's (scale, zero) from the original weights, before any column moves
+        g = W.reshape(out_f, n // gs, gs)
+        static_scale, static_zero = scale_zero_from_range(g.amin(-1), g.amax(-1), bits, symmetric)
+        group_at = (perm // gs).tolist()  # the original group of the column quantized at each step
+        scales, zeros = [static_scale], [static_zero]
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     codes = torch.zeros(out_f, n, dtype=torch.int32, device=W.device)
-    scales, zeros = [], []
     if gs in (0, n):  # one (scale, zero) per row or per tensor, fitted once up front
         scale, zero = _params(W, bits, symmetric, per_tensor=gs == 0)
-        scales.append(scale), zeros.append(zero)
+        scales, zeros = [scale], [zero]
+    elif not static:
+        scales, zeros = [], []
     loss = 0.0
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -80,7 +103,10 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int = 4, symmet
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
-            if 0 < gs < n and col % gs == 0:  # new group: fit it to the weights as updated so far
+            if static:
+                group = group_at[col]
+                scale, zero = static_scale[:, group:group + 1], static_zero[:, group:group + 1]
+            elif 0 < gs < n and col % gs == 0:  # new group: fit it to the weights as updated so far
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
                 scale, zero = _params(upcoming, bits, symmetric, per_tensor=False)
                 scales.append(scale), zeros.append(zero)
@@ -94,8 +120,10 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int = 4, symmet
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]          # lazy update of everything after the block
 
     invperm = torch.argsort(perm)
-    group_of_position = torch.zeros(n, dtype=torch.int32, device=W.device) if gs in (0, n) else \
-        (torch.arange(n, device=W.device) // gs).to(torch.int32)
+    if gs in (0, n):
+        group_of_position = torch.zeros(n, dtype=torch.int32, device=W.device)
+    else:  # static: each column keeps its original group; dynamic: groups follow the quantization order
+        group_of_position = ((perm if static else torch.arange(n, device=W.device)) // gs).to(torch.int32)
     qw = QuantizedWeight(q=codes[:, invperm], scale=torch.cat(scales, 1), zero=torch.cat(zeros, 1),
                          g_idx=group_of_position[invperm], bits=bits, group_size=gs, symmetric=symmetric)
     return qw, loss
@@ -104,29 +132,48 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int = 4, symmet
 @torch.no_grad()
 def gptq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: int | None = 128,
                         granularity: str = "group", symmetric: bool = True, act_order: bool = False,
-                        damp: float = 0.01, block_size: int = 128, include_head: bool = False,
-                        batch_size: int = 8, progress: bool = True) -> dict[str, QuantizedWeight]:
+                        static_groups: bool = False, true_sequential: bool = True, damp: float = 0.01,
+                        block_size: int = 128, include_head: bool = False, batch_size: int = 8,
+                        progress: bool = True) -> dict[str, QuantizedWeight]:
     """GPTQ every linear of the decoder blocks in place (fake-quantized floats), block by block.
 
-    Block k's Hessians come from calibration text run through blocks 0..k-1 *already quantized*, so
-    later blocks also correct errors made earlier. calib: token ids [n_samples, seq_len].
+    The calibration text's hidden states are captured once at the first block; each block is then run
+    on the outputs of the blocks already *quantized*, so later blocks also correct errors made earlier.
+    With true_sequential, that also holds inside a block (see sequential_groups). With include_head the
+    output head is untied from the embedding (untie_output_head) and quantized last, from the inputs
+    the quantized model gives it. calib: token ids [n_samples, seq_len].
     """
-    _, blocks = find_blocks(model)
+    blocks_name, blocks = find_blocks(model)
     results = {}
-    stages = quantizable_layers(model, include_head)
-    bar = tqdm(total=sum(len(l) for _, l in stages), desc=f"GPTQ {bits}-bit", disable=not progress)
-    for block_idx, linears in stages:
-        device = next(iter(linears.values())).weight.device
-        hessians = {name: Hessian(get_weight(m).shape[1], device) for name, m in linears.items()}
-        stop = blocks[block_idx] if block_idx is not None else None
-        with hooked(linears, lambda name, x: hessians[name].add(x), stop_after=stop):
-            run_calibration(model, calib, batch_size)
+    qargs = dict(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size, act_order=act_order,
+                 damp=damp, block_size=block_size, static_groups=static_groups)
+
+    def quantize(linears: dict, hessians: dict, label) -> None:
         for name, layer in linears.items():
-            qw, _ = gptq_quantize_weight(get_weight(layer), hessians[name].H, bits, symmetric, granularity,
-                                         group_size, act_order, damp, block_size)
+            qw, _ = gptq_quantize_weight(get_weight(layer), hessians[name].H, **qargs)
             set_weight(layer, qw.dequantize())
             results[name] = qw
-            bar.set_postfix_str(name.split(".", 2)[-1] if block_idx is None else name.split(".")[-1])
+            bar.set_postfix_str(label(name))
             bar.update()
+
+    n_linears = sum(len(find_linears(b)) for b in blocks) + int(include_head)
+    bar = tqdm(total=n_linears, desc=f"GPTQ {bits}-bit", disable=not progress)
+    inputs = block_inputs(model, calib, batch_size)
+    for i, block in enumerate(blocks):
+        linears = find_linears(block, f"{blocks_name}.{i}.")
+        groups = sequential_groups(block, linears, inputs) if true_sequential else [list(linears)]
+        for group in groups:
+            subset = {name: linears[name] for name in group}
+            hessians = {name: Hessian(get_weight(m).shape[1], get_weight(m).device) for name, m in subset.items()}
+            with hooked(subset, lambda name, x: hessians[name].add(x), stop_after=subset[group[-1]]):
+                run_block(block, inputs)  # stops right after the group's last linear: that is all we need
+            quantize(subset, hessians, lambda name: name.split(".", 2)[-1])
+        inputs = run_block(block, inputs)  # the quantized block's outputs feed the next block
+    if include_head:
+        name, head = untie_output_head(model)
+        hessians = {name: Hessian(get_weight(head).shape[1], get_weight(head).device)}
+        with hooked({name: head}, lambda n, x: hessians[n].add(x), stop_after=head):
+            run_calibration(model, calib, batch_size)
+        quantize({name: head}, hessians, lambda n: n)
     bar.close()
     return results

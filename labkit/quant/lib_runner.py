@@ -2,7 +2,7 @@
 
     .venv-quant/bin/python -m labkit.quant.lib_runner TASK --out DIR [--bits 4 --group-size 128 ...]
 
-TASK: gptqmodel-gptq | gptqmodel-awq | llmcompressor-gptq | torchao-int8 | load-export
+TASK: gptqmodel-gptq | gptqmodel-awq | llmcompressor-gptq | llmcompressor-awq | torchao-int8 | load-export
 Prints one JSON line (prefixed RESULT:) with what it measured. It uses labkit's own calibration and
 evaluation code, so numbers are comparable with labkit's methods measured in the main environment.
 Started by labkit.quant.libs (subprocess): the libraries pin versions the main venv must not get.
@@ -32,7 +32,7 @@ def _calib(tok, a):
 
 
 def _metrics(model, ref, tok, a) -> dict:
-    ids = heldout_ids(tok, a.eval_tokens)
+    ids = heldout_ids(tok, a.eval_tokens or None)  # 0 = the whole held-out split
     return evaluate_lm(model, ids, reference=ref)
 
 
@@ -45,6 +45,10 @@ def gptqmodel_quantize(a, method: str) -> dict:
     if method == "awq":
         from gptqmodel.quantization import METHOD
         kw.update(quant_method=METHOD.AWQ, desc_act=False)
+    else:  # say every choice, so both sides of a comparison are known to match: GPTQModel 7 defaults to
+        # act_group_aware (a group-preserving reordering) when desc_act is off, and to true_sequential
+        kw.update(static_groups=a.static_groups, act_group_aware=False, true_sequential=a.true_sequential,
+                  damp_auto_increment=0.0015)
     qcfg = QuantizeConfig(**kw)
     model = GPTQModel.load(path, qcfg, device="cpu", dtype=torch.float16)  # fp16 like labkit's export
     t0 = time.perf_counter()
@@ -73,8 +77,16 @@ def llmcompressor_gptq(a) -> dict:
         "num_bits": a.bits, "type": "int", "symmetric": True,
         "strategy": "group" if a.group_size > 0 else "channel",
         **({"group_size": a.group_size} if a.group_size > 0 else {}),
-        "actorder": "static" if a.act_order else None}}}}
-    recipe = GPTQModifier(config_groups=scheme["config_groups"], ignore=["lm_head"], dampening_frac=a.damp)
+        }}}}
+    # llm-compressor 0.14 only has act-order with static groups ("static", an alias of "weight"), and
+    # picks it by default: say it explicitly. Its sequential pipeline calibrates a whole decoder layer, then
+    # quantizes all its linears (no true-sequential inside a layer).
+    if a.act_order and not a.static_groups:
+        raise ValueError("llm-compressor 0.14 supports act-order only with static groups (--static-groups)")
+    if a.true_sequential:
+        raise ValueError("llm-compressor 0.14 calibrates each decoder layer in one pass: no --true-sequential")
+    recipe = GPTQModifier(config_groups=scheme["config_groups"], ignore=["lm_head"], dampening_frac=a.damp,
+                          block_size=128, actorder="static" if a.act_order else None)
     t0 = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
             max_seq_length=a.seq_len, batch_size=1)
@@ -85,6 +97,38 @@ def llmcompressor_gptq(a) -> dict:
         model.save_pretrained(a.out, save_compressed=True)
         tok.save_pretrained(a.out)
         out["path"] = a.out
+    return out
+
+
+def llmcompressor_awq(a) -> dict:
+    """AWQ scale search (AWQModifier) then min-max rounding (QuantizationModifier), llm-compressor's recipe.
+
+    llm-compressor 0.14 pins its cached activations in page-locked memory before the grid search, to
+    speed up host->GPU copies; without an accelerator torch refuses (`pin_memory` needs one). Pinning
+    changes no number, so on a CPU-only machine we skip it: IntermediatesCache.pin_memory becomes a no-op.
+    """
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    ref, tok = load_model(a.model, device="cpu")
+    model = copy.deepcopy(ref)
+    calib = _calib(tok, a)
+    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    weights = {"num_bits": a.bits, "type": "int", "symmetric": True,
+               "strategy": "group" if a.group_size > 0 else "channel",
+               **({"group_size": a.group_size} if a.group_size > 0 else {})}
+    recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                                                  ignore=["lm_head"])]
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
+            max_seq_length=a.seq_len, batch_size=1)
+    seconds = time.perf_counter() - t0
+    out = _metrics(model, ref, tok, a)
+    out.update(quant_seconds=seconds, library=f"llmcompressor {_version('llmcompressor')}", method="awq")
     return out
 
 
@@ -138,7 +182,8 @@ def _version(pkg):
 
 
 TASKS = {"gptqmodel-gptq": lambda a: gptqmodel_quantize(a, "gptq"), "gptqmodel-awq": lambda a: gptqmodel_quantize(a, "awq"),
-         "llmcompressor-gptq": llmcompressor_gptq, "torchao-int8": torchao_int8, "load-export": load_export}
+         "llmcompressor-gptq": llmcompressor_gptq,
+         "llmcompressor-awq": llmcompressor_awq, "torchao-int8": torchao_int8, "load-export": load_export}
 
 
 def main(argv=None):
@@ -149,6 +194,8 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--static-groups", action="store_true")
+    ap.add_argument("--true-sequential", action="store_true")
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--n-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)

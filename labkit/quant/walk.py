@@ -104,13 +104,100 @@ def run_calibration(model, calib: torch.Tensor, batch_size: int = 8, desc: str |
             pass
 
 
+@torch.no_grad()
+def block_inputs(model, calib: torch.Tensor, batch_size: int = 8) -> list[tuple[tuple, dict]]:
+    """What the first decoder block receives, (args, kwargs) per calibration batch.
+
+    Layer-wise quantizers then run one block at a time on these, feeding each block's outputs to the
+    next, instead of re-running the whole model from the embedding for every block.
+    """
+    _, blocks = find_blocks(model)
+    seen = []
+
+    def grab(mod, args, kwargs):
+        seen.append((args, kwargs))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        run_calibration(model, calib, batch_size)
+    finally:
+        handle.remove()
+    return seen
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Run one block on every cached input; return its outputs packaged as the next block's inputs.
+
+    A hook that stops the pass early (hooked(stop_after=...)) is fine: that batch then yields nothing.
+    """
+    outs = []
+    for args, kwargs in inputs:
+        try:
+            y = block(*args, **kwargs)
+        except _Stop:
+            continue
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        outs.append(((y, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": y}))
+    return outs
+
+
+@torch.no_grad()
+def sequential_groups(block: nn.Module, linears: dict[str, nn.Module], inputs) -> list[list[str]]:
+    """The block's linears in the order its forward pass calls them, those reading the same input together.
+
+    In a Llama block: [q, k, v], [o], [gate, up], [down]. "True sequential" GPTQ quantizes one group at a
+    time, so o_proj's Hessian is computed from the outputs of the already-quantized q/k/v, and so on.
+    """
+    calls = []
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, args[0])))
+               for name, m in linears.items()]
+    try:
+        run_block(block, inputs[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    groups, last_x, done = [], None, set()
+    for name, x in calls:
+        if name in done:
+            continue
+        if groups and x is last_x:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        done.add(name)
+        last_x = x
+    groups += [[n] for n in linears if n not in done]  # never called on this input: still quantize it
+    return groups
+
+
+@torch.no_grad()
+def untie_output_head(model) -> tuple[str, nn.Module]:
+    """Give the output head its own copy of a weight tied to the input embedding; return (name, head).
+
+    Quantizing the head then changes only the output projection: the embedding lookup keeps its float
+    weights (one row per token read, so it costs no compute), as GPTQModel and llm-compressor do for
+    lm_head. The price is storing both matrices.
+    """
+    head = output_head(model)
+    if head is None:
+        raise ValueError("this model has no output embedding layer to quantize")
+    name, layer = head
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and emb.weight is layer.weight:
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    return name, layer
+
+
 def quantizable_layers(model, include_head: bool = False) -> list[tuple[int | None, dict[str, nn.Module]]]:
-    """[(block index, {full name: linear})] in forward order; the output head (block None) last if asked."""
+    """[(block index, {full name: linear})] in forward order; the output head (block None, untied) last if asked."""
     blocks_name, blocks = find_blocks(model)
     out = [(i, find_linears(block, f"{blocks_name}.{i}.")) for i, block in enumerate(blocks)]
     if include_head:
-        head = output_head(model)
-        if head is None:
-            raise ValueError("this model has no output embedding layer to quantize")
-        out.append((None, {head[0]: head[1]}))
+        name, head = untie_output_head(model)
+        out.append((None, {name: head}))
     return out
