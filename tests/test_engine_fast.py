@@ -1,0 +1,67 @@
+"""labkit.engine.fast_layers: the fused/pre-packed layer computes what the model's own modules compute, and
+anything it does not recognise (a packed QuantLinear) still runs through its own module."""
+import copy
+
+import pytest
+import torch
+
+from labkit import load_model
+from labkit.engine import LLM, SamplingParams
+from labkit.engine.fast_layers import FastLayer, RotaryTable, fast_rms_norm, fused_linear, prepacked_linear
+from labkit.quant import pack_model, rtn_quantize_model
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return load_model(device="cpu")
+
+
+def test_fused_linear_equals_separate_linears_with_and_without_bias():
+    torch.manual_seed(0)
+    parts = [torch.nn.Linear(32, 48, bias=True), torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(32, 8)]
+    x = torch.randn(5, 32)
+    outs = fused_linear(parts)(x)
+    assert [o.shape[-1] for o in outs] == [48, 16, 8]
+    for out, part in zip(outs, parts):
+        torch.testing.assert_close(out, part(x), rtol=1e-5, atol=1e-5)
+
+
+def test_prepacked_linear_matches_or_declines():
+    w, b, x = torch.randn(64, 32), torch.randn(64), torch.randn(7, 32)
+    run = prepacked_linear(w, b)
+    if run is not None:      # a torch build with oneDNN: must agree with F.linear
+        torch.testing.assert_close(run(x), torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    assert prepacked_linear(w.double()) is None        # only float32 is pre-packed
+
+
+def test_layer_pieces_match_the_model_modules(model_tok):
+    model, _ = model_tok
+    layer = model.model.layers[0]
+    fast = FastLayer(layer)
+    x = torch.randn(6, model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.input_norm(x), layer.input_layernorm(x), rtol=1e-5, atol=1e-5)
+        q, k, v = fast.qkv(x)
+        for got, proj in [(q, layer.self_attn.q_proj), (k, layer.self_attn.k_proj), (v, layer.self_attn.v_proj)]:
+            torch.testing.assert_close(got, proj(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast.mlp(x), layer.mlp(x), rtol=1e-4, atol=1e-4)
+        pos = torch.tensor([0, 5, 17, 511])
+        cos, sin = RotaryTable(model.model.rotary_emb, 512, torch.float32, "cpu")(x, pos)
+        ref_cos, ref_sin = model.model.rotary_emb(x, pos[None])
+        torch.testing.assert_close(cos, ref_cos[0])
+        torch.testing.assert_close(sin, ref_sin[0])
+    assert fast_rms_norm(torch.nn.LayerNorm(4)).__class__ is torch.nn.LayerNorm   # unknown norms are kept
+
+
+def test_engine_runs_packed_quantlinear_models_through_their_own_modules(model_tok):
+    model, tok = model_tok
+    qmodel = copy.deepcopy(model)
+    pack_model(qmodel, rtn_quantize_model(qmodel, bits=4, group_size=128))
+    assert type(qmodel.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+    prompt = "It is a truth universally acknowledged"
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ref = qmodel.generate(**ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                              pad_token_id=tok.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+    out = LLM(qmodel, tokenizer=tok).generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == ref
