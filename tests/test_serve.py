@@ -212,7 +212,8 @@ def test_metrics_use_vllm_names_and_count(server):
     assert m["vllm:request_success_total{length}"] - m0.get("vllm:request_success_total{length}", 0) == n
     assert m["http_requests_total"] > m0["http_requests_total"]
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                 "vllm:prompt_tokens_total", "vllm:time_per_output_token_seconds_count"):
+                 "vllm:prompt_tokens_total", "vllm:time_per_output_token_seconds_count",
+                 "vllm:request_time_per_output_token_seconds_count", "vllm:inter_token_latency_seconds_count"):
         assert name in m
 
 
@@ -287,6 +288,41 @@ def test_sigterm_exits_promptly_when_idle():
     srv = ServerProcess(threads=1, drain_timeout=600).start()
     code = srv.stop(timeout=60)            # SIGKILL (-9) if it sat out its 600 s drain budget with nothing to do
     assert code in (0, -signal.SIGTERM), code
+
+
+def vllm_venv() -> tuple[bool, str]:
+    from labkit.engine.vllm_runner import vllm_available
+    return vllm_available()
+
+
+@pytest.mark.skipif(not vllm_venv()[0], reason=vllm_venv()[1])
+def test_backend_vllm_serves_the_same_api(offline):
+    """`labkit serve --backend vllm` hands over to vLLM's own OpenAI server (from .venv-vllm): the same
+    greedy text as labkit's engine, the `openai` client and our load generator work against it unchanged,
+    and every vLLM metric our Grafana dashboard and alert rules query exists in real vLLM's /metrics."""
+    import pathlib
+
+    import yaml
+    with ServerProcess(backend="vllm", max_num_seqs=4, startup_timeout=600) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "course", "prompt": PROMPT, "max_tokens": 12,
+                                                          "temperature": 0, "ignore_eos": True}, timeout=120).json()
+        assert r["choices"][0]["text"] == greedy(offline, PROMPT, 12, ignore_eos=True).text
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        pieces = [ch.choices[0].text for ch in client.completions.create(model="course", prompt=PROMPT, max_tokens=12,
+                                                                         temperature=0, stream=True)]
+        assert "".join(pieces) == r["choices"][0]["text"]
+        res = asyncio.run(run_load(srv.url, workload(8, seed=3, min_tokens=4, max_tokens=8), concurrency=4)).summary()
+        assert res["ok"] == 8 and res["errors"] == 0
+        from prometheus_client.parser import text_string_to_metric_families
+        exported = {s.name for f in text_string_to_metric_families(httpx.get(srv.url + "/metrics").text)
+                    for s in f.samples}
+    mon = pathlib.Path(__file__).resolve().parent.parent / "monitoring"
+    dash = json.loads((mon / "grafana" / "dashboards" / "llm-serving.json").read_text())
+    rules = yaml.safe_load((mon / "alert_rules.yml").read_text())
+    queries = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    queries += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = set(re.findall(r"\b(vllm:[a-z0-9_]+)", " ".join(queries)))
+    assert used and not used - exported, f"not exported by vLLM: {sorted(used - exported)}"
 
 
 def test_percentile_matches_numpy():

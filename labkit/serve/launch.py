@@ -49,6 +49,8 @@ class ServerProcess:
             if value is not True:
                 self.args.append(str(value))
         self.startup_timeout = startup_timeout
+        # vLLM's OpenAI server (--backend vllm) has /health but no /ready
+        self.ready_path = "/health" if options.get("backend") == "vllm" else "/ready"
         self.proc: subprocess.Popen | None = None
         self.log = tempfile.NamedTemporaryFile("w+", prefix="labkit-serve-", suffix=".log", delete=False)
 
@@ -66,7 +68,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} during startup:\n{self.output()}")
             try:
-                if httpx.get(self.url + "/ready", timeout=1.0).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=1.0).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

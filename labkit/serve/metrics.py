@@ -9,7 +9,7 @@ import time
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                generate_latest)
 
-disable_created_metrics()   # no *_created series: vLLM does not export them and they double the output
+disable_created_metrics()   # no *_created series: they double the output and no dashboard reads them
 
 # vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), so the dashboard's quantiles mean the same thing
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -54,7 +54,10 @@ class ServerMetrics:
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prefill tokens processed")
         self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens")
         self.ttft = hist("vllm:time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS)
-        self.tpot = hist("vllm:time_per_output_token_seconds", "Time per output token", TPOT_BUCKETS)
+        self.tpot = hist("vllm:request_time_per_output_token_seconds", "Time per output token of each request",
+                         TPOT_BUCKETS)
+        self.tpot_old = hist("vllm:time_per_output_token_seconds",
+                             "Time per output token (older vLLM's name; vLLM 0.32 no longer exports it)", TPOT_BUCKETS)
         self.itl = hist("vllm:inter_token_latency_seconds", "Inter-token latency (vLLM >= 0.11 name)",
                         TPOT_BUCKETS)
         self.e2e = hist("vllm:e2e_request_latency_seconds", "End-to-end request latency", E2E_BUCKETS)
