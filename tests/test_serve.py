@@ -234,6 +234,13 @@ def test_api_key_and_queue_limit():
             openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", max_retries=0)
         assert good.models.list().data[0].id == "course"
+        # the load generator's own HTTP client: an error response (Content-Length body) is an error, with its
+        # status; the same keep-alive connection then serves the next request
+        payloads = workload(2, seed=4, min_tokens=2, max_tokens=3)
+        bad = asyncio.run(run_load(srv.url, payloads, concurrency=1, api_key="wrong")).records
+        assert [r.ok for r in bad] == [False, False] and all(r.error.startswith("HTTP 401") for r in bad)
+        ok = asyncio.run(run_load(srv.url, payloads, concurrency=1, api_key="sekret")).summary()
+        assert ok["ok"] == 2 and ok["errors"] == 0
 
         async def burst(n=8):     # n requests at once; the server holds at most 1 running + 1 waiting
             async with httpx.AsyncClient(headers={"Authorization": "Bearer sekret"}, timeout=120) as http:
