@@ -11,7 +11,7 @@ from labkit.quant import (QuantLinear, awq_quantize_model, export_gptq, fake_qua
                           gptq_quantize_weight, load_gptq, pack_model, pack_rows, quantization_error,
                           quantize_asymmetric, quantize_symmetric, quantize_weight, rtn_quantize_model, unpack_rows)
 from labkit.quant import checks
-from labkit.quant.awq import fold_scales, scale_groups, search_scale
+from labkit.quant.awq import _outputs_error, fold_scales, input_stats, scale_groups, search_clip, search_scale
 from labkit.quant.gptq import Hessian
 from labkit.quant.packing import dequantize_gptq, pack_gptq
 from labkit.quant.ptq import dynamic_int8, static_int8
@@ -226,10 +226,23 @@ def test_awq_scale_search_beats_plain_rtn():
     x = _correlated_inputs(seed=1)
     w = torch.randn(64, 128)
     qargs = dict(bits=3, symmetric=True, granularity="group", group_size=32)
-    s, alpha = search_scale(x, [w], qargs)
+    s, alpha = search_scale(*input_stats(x), [w], qargs)
     err = lambda wq: ((x @ (wq - w).t()) ** 2).mean().item()  # noqa: E731
     awq = quantize_weight(w * s, **qargs).dequantize() / s
     assert alpha > 0 and err(awq) < 0.9 * err(quantize_weight(w, **qargs).dequantize())
+
+
+def test_awq_errors_from_the_gram_matrix_equal_errors_on_the_tokens():
+    x, w = _correlated_inputs(n=300, seed=4), torch.randn(16, 128)
+    wq = quantize_weight(w, 3, group_size=32).dequantize()
+    _, G = input_stats(x)
+    torch.testing.assert_close(torch.tensor(_outputs_error(G, [w], [wq])), ((x @ (wq - w).t()) ** 2).mean(),
+                               rtol=1e-4, atol=0)
+    qargs = dict(bits=3, symmetric=True, granularity="group", group_size=32)
+    ratio = search_clip(G, w, qargs)
+    clipped = quantize_weight(w, clip_ratio=ratio, **qargs).dequantize()
+    assert ratio.shape == (16, 4) and (ratio <= 1).all() and (ratio > 0.5).all()
+    assert _outputs_error(G, [w], [clipped]) <= _outputs_error(G, [w], [wq]) + 1e-9
 
 
 def test_awq_rejects_unknown_architecture():

@@ -73,15 +73,25 @@ def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], s: torch.Tensor)
         set_weight(layer, get_weight(layer) * s[None, :])
 
 
-def _outputs_error(x, weights, quantized):
-    return sum(((x @ (wq - w).t()) ** 2).mean() for w, wq in zip(weights, quantized)).item()
+def input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean |x| per channel, Gram matrix G = X^T X / n) of inputs x [tokens, in].
+
+    The mean squared output error of a weight change D is mean_tokens ||D x||^2 = sum(D G * D): with G
+    computed once, each candidate in the searches costs out x in x in instead of out x tokens x in, so
+    they can afford every calibration token."""
+    x = x.float()
+    return x.abs().mean(0), x.t() @ x / len(x)
+
+
+def _outputs_error(G, weights, quantized):
+    """Mean squared error over tokens and output channels of the linears sharing the input with Gram G."""
+    return sum((((wq - w) @ G) * (wq - w)).sum(1).mean() for w, wq in zip(weights, quantized)).item()
 
 
 @torch.no_grad()
-def search_scale(x: torch.Tensor, weights: list[torch.Tensor], qargs: dict, n_grid: int = 20,
+def search_scale(x_mean: torch.Tensor, G: torch.Tensor, weights: list[torch.Tensor], qargs: dict, n_grid: int = 20,
                  duo_scaling: bool = False) -> tuple[torch.Tensor, float]:
-    """Grid-search alpha; returns (s [in], alpha). x: [tokens, in] inputs shared by `weights` ([out_i, in])."""
-    x_mean = x.abs().mean(0)
+    """Grid-search alpha; returns (s [in], alpha). x_mean, G: input_stats of the input shared by `weights`."""
     w_all = torch.cat(weights, 0)
     w_mean = (w_all.abs() / w_all.abs().amax(1, keepdim=True).clamp(min=1e-6)).mean(0)
     best = (float("inf"), torch.ones_like(x_mean), 0.0)
@@ -92,28 +102,28 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], qargs: dict, n_gr
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
         quantized = [quantize_weight(w * s, **qargs).dequantize() / s for w in weights]
-        err = _outputs_error(x, weights, quantized)
+        err = _outputs_error(G, weights, quantized)
         if err < best[0]:
             best = (err, s, alpha)
     return best[1], best[2]
 
 
 @torch.no_grad()
-def search_clip(x: torch.Tensor, w: torch.Tensor, qargs: dict, n_grid: int = 20, max_shrink: float = 0.5,
-                n_tokens: int = 512) -> torch.Tensor | float:
+def search_clip(G: torch.Tensor, w: torch.Tensor, qargs: dict, n_grid: int = 20,
+                max_shrink: float = 0.5) -> torch.Tensor | float:
     """Per (output row, group) clip ratio in (1 - max_shrink, 1] minimising that group's share of the output error.
 
-    Like the reference code, this uses 512 tokens: the search costs out x tokens x in per ratio."""
-    x = _sample([x], n_tokens)
+    A group's error only involves its own inputs: d G_gg d^T with G_gg the group's diagonal block of the
+    Gram matrix. (The reference code uses 512 tokens to keep the search affordable; with G, all of them.)"""
     out_f, in_f = w.shape
     gs = resolve_group_size(in_f, qargs["granularity"], qargs["group_size"]) or in_f
-    xg = x.reshape(x.shape[0], in_f // gs, gs).transpose(0, 1)  # [groups, tokens, gs]
+    Gg = torch.stack([G[i:i + gs, i:i + gs] for i in range(0, in_f, gs)])  # [groups, gs, gs]
     best_err = torch.full((out_f, in_f // gs), float("inf"))
     best_ratio = torch.ones(out_f, in_f // gs)
     for i in range(int(max_shrink * n_grid)):
         ratio = 1 - i / n_grid
         diff = (quantize_weight(w, clip_ratio=ratio, **qargs).dequantize() - w).reshape(out_f, in_f // gs, gs)
-        err = torch.bmm(xg, diff.permute(1, 2, 0)).pow(2).mean(1).t()  # each group's output error, [out, groups]
+        err = (torch.bmm(diff.transpose(0, 1), Gg) * diff.transpose(0, 1)).sum(-1).t()  # [out, groups]
         better = err < best_err
         best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
     if qargs["granularity"] == "tensor":  # one range for the whole tensor: one ratio
@@ -121,9 +131,9 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, qargs: dict, n_grid: int = 20,
     return best_ratio
 
 
-def _sample(xs: list[torch.Tensor], n_tokens: int) -> torch.Tensor:
+def _sample(xs: list[torch.Tensor], n_tokens: int | None) -> torch.Tensor:
     x = torch.cat(xs).float()
-    if len(x) > n_tokens:
+    if n_tokens is not None and len(x) > n_tokens:
         x = x[torch.linspace(0, len(x) - 1, n_tokens).long()]
     return x
 
@@ -132,7 +142,7 @@ def _sample(xs: list[torch.Tensor], n_tokens: int) -> torch.Tensor:
 def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: int | None = 128,
                        granularity: str = "group", symmetric: bool = True, n_grid: int = 20,
                        duo_scaling: bool = False, clip: bool = True, include_head: bool = False,
-                       n_tokens: int = 2048, batch_size: int = 8, progress: bool = True) -> dict[str, QuantizedWeight]:
+                       n_tokens: int | None = None, batch_size: int = 8, progress: bool = True) -> dict[str, QuantizedWeight]:
     """AWQ in place: per block, search and fold scales, search clipping, then RTN-quantize everything.
 
     With include_head the output head is untied from the embedding (walk.untie_output_head) and gets the
@@ -151,20 +161,28 @@ def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: in
         linears = find_linears(block, names[block] + ".")
         with capture_inputs(linears) as inputs:
             run_block(block, block_in)
-        feats = {name: _sample(xs, n_tokens) for name, xs in inputs.items()}
+        stats = {}  # name -> (x_mean, G); linears reading the same input share them
+        for prev, lins in groups:
+            shared = input_stats(_sample(inputs[names[next(iter(lins.values()))]], n_tokens))
+            stats.update({names[m]: shared for m in lins.values()})
+        for name, xs in inputs.items():
+            if name not in stats:
+                stats[name] = input_stats(_sample(xs, n_tokens))
+        del inputs
         searched = []
         for prev, lins in groups:  # 1) search every group's scales on the captured (unscaled) inputs
-            first = names[next(iter(lins.values()))]
-            s, _ = search_scale(feats[first], [get_weight(m).float() for m in lins.values()], qargs, n_grid, duo_scaling)
+            x_mean, G = stats[names[next(iter(lins.values()))]]
+            s, _ = search_scale(x_mean, G, [get_weight(m).float() for m in lins.values()], qargs, n_grid, duo_scaling)
             searched.append((prev, lins, s))
         for prev, lins, s in searched:  # 2) fold them in; the inputs those linears see shrink by s
             fold_scales(prev, lins, s.to(get_weight(next(iter(lins.values()))).dtype))
-            for m in lins.values():
-                feats[names[m]] = feats[names[m]] / s
+            x_mean, G = stats[names[next(iter(lins.values()))]]
+            scaled = (x_mean / s, G / (s[:, None] * s[None, :]))
+            stats.update({names[m]: scaled for m in lins.values()})
         if clip:  # 3) clipping search on the scaled weights
             for name, m in linears.items():
                 if not name.endswith(NO_CLIP):
-                    clip_ratios[name] = search_clip(feats[name], get_weight(m).float(), qargs, n_grid)
+                    clip_ratios[name] = search_clip(stats[name][1], get_weight(m).float(), qargs, n_grid)
         block_in = run_block(block, block_in)  # scaling kept the block's function: these feed the next block
     targets = {name: m for block in blocks for name, m in find_linears(block, names[block] + ".").items()}
     if include_head:
@@ -172,7 +190,8 @@ def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: in
         if clip:
             with capture_inputs({head_name: head}) as inputs:
                 run_calibration(model, calib, batch_size)
-            clip_ratios[head_name] = search_clip(_sample(inputs[head_name], n_tokens), get_weight(head).float(), qargs, n_grid)
+            G = input_stats(_sample(inputs[head_name], n_tokens))[1]
+            clip_ratios[head_name] = search_clip(G, get_weight(head).float(), qargs, n_grid)
         targets[head_name] = head
     results = {}
     for name, layer in targets.items():  # 4) round to nearest, with the searched clipping

@@ -136,8 +136,9 @@ def torchao_int8(a) -> dict:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     from labkit.evaluate import saved_bytes
     from labkit.timing import decode_tokens_per_second
+    from labkit.quant.reference import ReferenceLogits
     ref, tok = load_model(a.model, device="cpu")
-    blocks = ref.model.layers if hasattr(ref, "model") and hasattr(ref.model, "layers") else None
+    ref_logits = ReferenceLogits(ref)  # both configs are compared with the same fp32 logits: compute them once
     out = {}
     for name, config in (("int8_dynamic", Int8DynamicActivationInt8WeightConfig()), ("int8_weight_only", Int8WeightOnlyConfig())):
         model = copy.deepcopy(ref)
@@ -145,11 +146,12 @@ def torchao_int8(a) -> dict:
         # only the decoder blocks' linears, like labkit's torch.ao variants (the head is tied to the embedding)
         quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
         seconds = time.perf_counter() - t0
-        r = _metrics(model, ref, tok, a)
+        r = _metrics(model, ref_logits, tok, a)
         r.update(quant_seconds=seconds, disk_bytes=saved_bytes(model),
-                 decode_tok_s=decode_tokens_per_second(model, tok, new_tokens=32, runs=2))
+                 decode_tok_s=decode_tokens_per_second(model, tok, new_tokens=a.decode_tokens, runs=2))
         out[name] = r
-    out["fp32"] = {"disk_bytes": saved_bytes(ref), "decode_tok_s": decode_tokens_per_second(ref, tok, new_tokens=32, runs=2)}
+    out["fp32"] = {"disk_bytes": saved_bytes(ref),
+                   "decode_tok_s": decode_tokens_per_second(ref, tok, new_tokens=a.decode_tokens, runs=2)}
     out["library"] = f"torchao {_version('torchao')}"
     return out
 
@@ -202,6 +204,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--decode-tokens", type=int, default=32)
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     result = TASKS[a.task](a)
