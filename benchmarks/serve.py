@@ -12,7 +12,6 @@ Writes results/serve.json. Targets (checked here, reported as pass/fail, never a
 import argparse
 import asyncio
 import json
-import os
 import resource
 import statistics
 import sys
@@ -48,15 +47,6 @@ def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
         time.sleep(0.2)
 
 
-def process_cpu_s(pid: int) -> float | None:
-    """user + system CPU seconds of a process, all threads (Linux /proc; None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def loadavg() -> float | None:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -84,12 +74,13 @@ class Offline:
                 "step_ms": wall / steps * 1e3, "step_cpu_ms": cpu / steps * 1e3, "cpu_us_per_token": cpu / tokens * 1e6}
 
 
-def server_run(url: str, pid: int, payloads: list[dict], concurrency: int) -> dict:
+def server_run(srv: ServerProcess, payloads: list[dict], concurrency: int) -> dict:
     """One load level, with where the time went: engine steps (wall vs CPU of the engine thread, from
     /metrics), the server process's CPU and the load generator's own CPU, per generated token."""
-    before, srv_cpu0, cli0 = scrape(url), process_cpu_s(pid), resource.getrusage(resource.RUSAGE_SELF)
+    url = srv.url
+    before, srv_cpu0, cli0 = scrape(url), srv.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
     res = asyncio.run(run_load(url, payloads, concurrency))
-    after, srv_cpu1, cli1 = scrape(url), process_cpu_s(pid), resource.getrusage(resource.RUSAGE_SELF)
+    after, srv_cpu1, cli1 = scrape(url), srv.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
     s = res.summary()
     tokens = max(1, s["output_tokens"])
 
@@ -136,12 +127,11 @@ def main(argv=None) -> dict:
     levels, repeats, offline_runs, result = [], [], [], {"load_before": loadavg()}
     with ServerProcess(args.model, max_num_seqs=args.max_num_seqs, max_waiting=4 * args.disconnect_requests + 256,
                        threads=args.threads) as srv:
-        pid = srv.proc.pid
         asyncio.run(run_load(srv.url, payloads[:8], 4))          # warm up the server
         for c in args.concurrency:
             if c == top:
                 break
-            s = server_run(srv.url, pid, payloads[:min(len(payloads), max(8 * c, c))], c)
+            s = server_run(srv, payloads[:min(len(payloads), max(8 * c, c))], c)
             s["kv_blocks_used_after"] = wait_idle(srv.url)["labkit:kv_blocks_used"]
             levels.append(s)
             print(f"  {c:3d} clients: {s['throughput_tok_s']:7.0f} tok/s  TTFT p50 {s['ttft_p50_s'] * 1e3:6.0f} ms "
@@ -151,7 +141,7 @@ def main(argv=None) -> dict:
         # processes hits both; each server run is compared with the offline runs just before and after it
         offline_runs.append(offline.run())
         for r in range(args.repeats):
-            s = server_run(srv.url, pid, payloads, top)
+            s = server_run(srv, payloads, top)
             s["kv_blocks_used_after"] = wait_idle(srv.url)["labkit:kv_blocks_used"]
             offline_runs.append(offline.run())
             around = (offline_runs[-2]["throughput_tok_s"] + offline_runs[-1]["throughput_tok_s"]) / 2

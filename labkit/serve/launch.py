@@ -76,6 +76,16 @@ class ServerProcess:
         self.stop()
         raise TimeoutError(f"server not ready after {self.startup_timeout}s:\n{self.output()}")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system, all threads) the server process has used so far; None where /proc is
+        missing (not Linux). Differences around a load test give the server's CPU per generated token."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
     def output(self) -> str:
         self.log.flush()
         with open(self.log.name) as f:
