@@ -176,15 +176,16 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
+                self._flush()          # rejections from add_request: answer now, not after a step or idle wait
                 if self.engine.has_unfinished_requests():
                     t0, c0 = time.perf_counter(), time.thread_time()
                     outputs = self.engine.step()
-                    now = time.perf_counter()
+                    now, cpu = time.perf_counter(), time.thread_time() - c0
                     self.steps += 1
                     self.step_wall += now - t0
-                    self.step_cpu += time.thread_time() - c0
+                    self.step_cpu += cpu
                     if self.metrics:
-                        self.metrics.engine_step(now - t0, time.thread_time() - c0)
+                        self.metrics.engine_step(now - t0, cpu)
                     for out in outputs:
                         self._record(out, now)
                 else:
