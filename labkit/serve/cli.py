@@ -151,7 +151,8 @@ def _draining_server_class():
                 time.sleep(0.05)
             # what is left of the budget bounds uvicorn's own wait for responses still being written
             self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())
-            uvicorn.Server.handle_exit(self, sig, frame)
+            if not self.should_exit:          # (a second signal has already started uvicorn's shutdown)
+                uvicorn.Server.handle_exit(self, sig, frame)
 
     return DrainingServer
 
