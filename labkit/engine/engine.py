@@ -161,8 +161,11 @@ class LLMEngine:
         if p.stop_token_ids and token in p.stop_token_ids:
             return "stop"
         if p.stop:
-            seq.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            if any(s in seq.text for s in p.stop):
+            # a stop string that ends at this token lies in the last few tokens (every token is at least one
+            # byte, a character at most four): decode that tail, not the whole output again at every step
+            window = 4 * max(len(s) for s in p.stop) + 4
+            tail = self.tokenizer.decode(seq.output_token_ids[-window:], skip_special_tokens=True)
+            if any(s in tail for s in p.stop):
                 return "stop"
         if seq.num_output_tokens >= p.max_tokens:
             return "length"

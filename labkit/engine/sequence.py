@@ -28,7 +28,6 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash of each *full* block
     num_cached_tokens: int = 0           # prompt tokens served by the prefix cache at the last admission
     finish_reason: str | None = None
-    text: str = ""                       # decoded output, kept only when `stop` strings must be checked
 
     @property
     def num_tokens(self) -> int:
