@@ -1,6 +1,6 @@
 """Quantization benchmark: every method and bit width on the course model, and labkit vs the libraries.
 
-    .venv/bin/python benchmarks/quant.py [--eval-tokens 0 --calib-samples 64 --libraries all --threads 1]
+    .venv/bin/python benchmarks/quant.py [--eval-tokens 0 --calib-samples 32 --libraries all --threads 1]
 
 Writes results/quant.json and prints two tables. (1) Every method, bit width and granularity, first
 with the decoder blocks quantized and the tied output/embedding matrix kept in float16 (what GPTQModel,
@@ -59,7 +59,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens to evaluate on; 0 = all")
-    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--no-head", action="store_true", help="skip the runs that also quantize the output head")
     ap.add_argument("--libraries", default="all", help="'all', 'none' or comma-separated library tasks")
@@ -135,7 +135,7 @@ def main(argv=None):
         print("libraries skipped: .venv-quant missing (make quant-libs)")
         tasks = []
     common = dict(model=a.model, bits=4, group_size=gs, n_samples=a.calib_samples, seq_len=a.seq_len,
-                  eval_tokens=a.eval_tokens, damp=0.01)
+                  eval_tokens=len(ids), damp=0.01)
 
     def library(task, settings, **options):
         try:

@@ -39,7 +39,7 @@ def run_library(task: str, timeout: int = 1200, **options) -> dict:
         flag = "--" + key.replace("_", "-")
         if value is True:
             args.append(flag)
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # 0 is a value (e.g. eval_tokens=0: all)
             args += [flag, str(value)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}
     t0 = time.perf_counter()

@@ -3,8 +3,10 @@
 `evaluate_lm(qmodel, ids, reference=ref)` runs the reference on every batch to get KL and top-1
 agreement, which doubles the cost of every evaluation. Wrapping the float model in ReferenceLogits
 keeps its logits (float16: ~16 KiB per token for an 8192-word vocabulary) after the first pass, so
-a table of ten quantized models costs eleven forward passes instead of twenty. float16 rounding moves a
-logit by ~1e-3 relative, which changes a KL of 1e-3 by well under 1%.
+a table of ten quantized models costs eleven forward passes instead of twenty. The price of float16
+is a floor under the comparison: on the course model (8k held-out tokens) the fp32 model measured
+against its own cached logits gives KL 8e-7 and top-1 agreement 0.9993 (near-ties flip), and INT8
+gives KL 4.71e-5 against 4.62e-5 with exact logits; 4-bit KLs (~1e-2) are unaffected.
 """
 from types import SimpleNamespace
 
