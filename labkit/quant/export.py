@@ -71,8 +71,11 @@ def gptq_state_dict(model: nn.Module, results: dict[str, QuantizedWeight]) -> di
 
 
 def export_gptq(model: nn.Module, results: dict[str, QuantizedWeight], out_dir, tokenizer=None,
-                damp: float = 0.01) -> Path:
+                damp: float = 0.01, true_sequential: bool = True, static_groups: bool = False) -> Path:
     """Write a GPTQ checkpoint directory (config.json, model.safetensors, quantize_config.json, tokenizer).
+
+    damp, true_sequential and static_groups only describe how the weights were made (the defaults are
+    gptq_quantize_model's); loaders do not need them, but a checkpoint should not misstate its recipe.
 
     Only the decoder blocks' linears may be quantized: the output head is tied to the embedding here and
     stays float16, as `lm_head: false` tells the loaders.
@@ -85,7 +88,8 @@ def export_gptq(model: nn.Module, results: dict[str, QuantizedWeight], out_dir, 
         raise ValueError("nothing to export: results is empty")
     fmt = _format(results)
     qconfig = {"quant_method": "gptq", "checkpoint_format": "gptq", **fmt, "damp_percent": damp,
-               "true_sequential": False, "static_groups": False, "lm_head": False, "pack_dtype": "int32"}
+               "true_sequential": true_sequential, "static_groups": static_groups, "lm_head": False,
+               "pack_dtype": "int32"}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(gptq_state_dict(model, results), out / "model.safetensors", metadata={"format": "pt"})
