@@ -65,19 +65,33 @@ def gptqmodel_quantize(a, method: str) -> dict:
     return out
 
 
-def llmcompressor_gptq(a) -> dict:
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+def _llmcompressor_weights(a) -> dict:
+    """The weight scheme both llm-compressor recipes use: symmetric int, per group or per channel."""
+    return {"num_bits": a.bits, "type": "int", "symmetric": True,
+            "strategy": "group" if a.group_size > 0 else "channel",
+            **({"group_size": a.group_size} if a.group_size > 0 else {})}
+
+
+def _llmcompressor_oneshot(a, recipe, method: str):
+    """Run llm-compressor's `oneshot` with `recipe` on a copy of the model and our calibration windows;
+    returns the metrics dict (timed, labelled) and the quantized model."""
     from datasets import Dataset
+    from llmcompressor import oneshot
     ref, tok = load_model(a.model, device="cpu")
     model = copy.deepcopy(ref)
     calib = _calib(tok, a)
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    scheme = {"config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": a.bits, "type": "int", "symmetric": True,
-        "strategy": "group" if a.group_size > 0 else "channel",
-        **({"group_size": a.group_size} if a.group_size > 0 else {}),
-        }}}}
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
+            max_seq_length=a.seq_len, batch_size=1)
+    seconds = time.perf_counter() - t0
+    out = _metrics(model, ref, tok, a)
+    out.update(quant_seconds=seconds, library=f"llmcompressor {_version('llmcompressor')}", method=method)
+    return out, model, tok
+
+
+def llmcompressor_gptq(a) -> dict:
+    from llmcompressor.modifiers.quantization import GPTQModifier
     # llm-compressor 0.14 only has act-order with static groups ("static", an alias of "weight"), and
     # picks it by default: say it explicitly. Its sequential pipeline calibrates a whole decoder layer, then
     # quantizes all its linears (no true-sequential inside a layer).
@@ -85,14 +99,10 @@ def llmcompressor_gptq(a) -> dict:
         raise ValueError("llm-compressor 0.14 supports act-order only with static groups (--static-groups)")
     if a.true_sequential:
         raise ValueError("llm-compressor 0.14 calibrates each decoder layer in one pass: no --true-sequential")
-    recipe = GPTQModifier(config_groups=scheme["config_groups"], ignore=["lm_head"], dampening_frac=a.damp,
-                          block_size=128, actorder="static" if a.act_order else None)
-    t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
-            max_seq_length=a.seq_len, batch_size=1)
-    seconds = time.perf_counter() - t0
-    out = _metrics(model, ref, tok, a)
-    out.update(quant_seconds=seconds, library=f"llmcompressor {_version('llmcompressor')}", method="gptq")
+    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": _llmcompressor_weights(a)}},
+                          ignore=["lm_head"], dampening_frac=a.damp, block_size=128,
+                          actorder="static" if a.act_order else None)
+    out, model, tok = _llmcompressor_oneshot(a, recipe, "gptq")
     if a.out:
         model.save_pretrained(a.out, save_compressed=True)
         tok.save_pretrained(a.out)
@@ -107,29 +117,14 @@ def llmcompressor_awq(a) -> dict:
     speed up host->GPU copies; without an accelerator torch refuses (`pin_memory` needs one). Pinning
     changes no number, so on a CPU-only machine we skip it: IntermediatesCache.pin_memory becomes a no-op.
     """
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.pipelines.cache import IntermediatesCache
     if not torch.accelerator.is_available():
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    ref, tok = load_model(a.model, device="cpu")
-    model = copy.deepcopy(ref)
-    calib = _calib(tok, a)
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    weights = {"num_bits": a.bits, "type": "int", "symmetric": True,
-               "strategy": "group" if a.group_size > 0 else "channel",
-               **({"group_size": a.group_size} if a.group_size > 0 else {})}
-    recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                                                  ignore=["lm_head"])]
-    t0 = time.perf_counter()
-    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(calib),
-            max_seq_length=a.seq_len, batch_size=1)
-    seconds = time.perf_counter() - t0
-    out = _metrics(model, ref, tok, a)
-    out.update(quant_seconds=seconds, library=f"llmcompressor {_version('llmcompressor')}", method="awq")
-    return out
+    groups = {"group_0": {"targets": ["Linear"], "weights": _llmcompressor_weights(a)}}
+    recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    return _llmcompressor_oneshot(a, recipe, "awq")[0]
 
 
 def torchao_int8(a) -> dict:
