@@ -16,7 +16,7 @@ import torch
 from ..device import pick_device
 from .block_manager import BlockManager
 from .kv_cache import KVShape, PagedKVCache, default_num_blocks, kv_bytes_per_token
-from .model_runner import ModelRunner, build_step_input, check_supported
+from .model_runner import ModelRunner, check_supported
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -133,10 +133,9 @@ class LLMEngine:
         if self.record_history:
             self.history.append([c.seq.request_id for c in chunks])
         completes = [c.completes for c in chunks]
-        inputs = build_step_input(
+        inputs = self.runner.prepare(
             [(c.seq.token_ids[c.seq.num_computed_tokens:c.seq.num_computed_tokens + c.num_tokens],
-              c.seq.num_computed_tokens, c.seq.block_table) for c in chunks],
-            completes, self.block_size, self.device)
+              c.seq.num_computed_tokens, c.seq.block_table) for c in chunks], completes)
         logits = self.runner.forward(inputs)
         sampling = [c.seq for c, done in zip(chunks, completes) if done]
         new_tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling], self.generator) \

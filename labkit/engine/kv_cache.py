@@ -47,17 +47,35 @@ def default_num_blocks(shape: KVShape, dtype: torch.dtype, block_size: int, max_
 
 
 class PagedKVCache:
-    """Per layer, one K and one V tensor of shape [kv_heads, num_blocks * block_size, head_dim]: slot
-    `block * block_size + offset` holds one token. Head-major, so one head's block is a contiguous
-    [block_size, head_dim] tile (cheap to gather). Zero-initialised so that masked-out slots can never
-    inject NaNs into attention."""
+    """Per layer, one K and one V tensor holding `num_blocks` blocks of `block_size` tokens each; the token
+    in slot `block * block_size + offset` has
+        its value at  v[head, block * block_size + offset, :]     ([kv_heads, slots, head_dim])
+        its key at    k[head, block, :, offset]                   ([kv_heads, num_blocks, head_dim, block_size])
+    Head-major, so one head's block is a contiguous tile (cheap to read); K is transposed within each block
+    so that decode attention can compute scores straight from it (see attention.py). Zero-initialised so
+    that masked-out slots can never inject NaNs into attention."""
 
     def __init__(self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device):
         self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
-        slots = num_blocks * block_size
-        self.k = [torch.zeros(shape.num_kv_heads, slots, shape.head_dim, dtype=dtype, device=device)
+        h, d = shape.num_kv_heads, shape.head_dim
+        self.k = [torch.zeros(h, num_blocks, d, block_size, dtype=dtype, device=device)
                   for _ in range(shape.num_layers)]
-        self.v = [torch.zeros_like(t) for t in self.k]
+        self.v = [torch.zeros(h, num_blocks * block_size, d, dtype=dtype, device=device)
+                  for _ in range(shape.num_layers)]
+
+    def write_index(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where tokens in `slots` [T] go: flat indices into one head of K ([T * head_dim], token-major) and
+        of V ([T]); computed once per step, used by every layer's `write`."""
+        d, bs = self.shape.head_dim, self.block_size
+        k_index = ((slots // bs) * (d * bs) + slots % bs)[:, None] + torch.arange(d, device=slots.device) * bs
+        return k_index.reshape(-1), slots
+
+    def write(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys and values k, v [T, kv_heads, head_dim] of `layer` at `index` (write_index)."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        h = k_cache.shape[0]
+        k_cache.view(h, -1).index_copy_(1, index[0], k.transpose(0, 1).reshape(h, -1).to(k_cache.dtype))
+        v_cache.index_copy_(1, index[1], v.transpose(0, 1).to(v_cache.dtype))
 
     @property
     def nbytes(self) -> int:
