@@ -50,7 +50,9 @@ def fused_linear(modules: list) -> Callable:
                           for m in modules])
     sizes = [m.out_features for m in modules]
     run = prepacked_linear(weight, bias) or (lambda x: F.linear(x, weight, bias))
-    return lambda x: run(x).split(sizes, dim=-1)
+    if len(modules) == 1:
+        return lambda x: (run(x),)
+    return lambda x: run(x).split_with_sizes(sizes, dim=-1)
 
 
 def fast_rms_norm(norm) -> Callable:
