@@ -25,16 +25,16 @@ import torch.nn.functional as F
 @dataclass
 class DecodeBatch:
     """Index tensors for one step's decode tokens; built once per step and shared by every layer
-    (each layer's cache has the same layout, so the same indices address it). Bags are ordered
-    (sequence, query head, ...) so the result is already [B, heads, head_dim]."""
+    (each layer's cache has the same layout, so the same indices address it). Everything is ordered
+    (head, sequence, ...): a sequence's rows are the same for every head, only the head's offset differs."""
     token_index: torch.Tensor    # [B] positions of the decode tokens in the step's flat batch
-    k_rows: torch.Tensor         # rows of k.view(-1, block_size): D per (sequence, head, block) bag
-    k_offsets: torch.Tensor      # [B * heads * max_blocks] start of each block's bag (past the end: empty bag)
-    k_owner: torch.Tensor        # [bags] the (sequence, head) whose query weights each non-empty bag
-    mask: torch.Tensor           # [B, 1, max_blocks * block_size] additive: -inf past a sequence's length
-    keys: torch.Tensor           # flat index into the [B, heads, max_keys] scores of every real key
-    v_rows: torch.Tensor         # rows of v.view(-1, head_dim): each real key of each (sequence, head)
-    v_offsets: torch.Tensor      # [B * heads] start of each (sequence, head) bag
+    k_rows: torch.Tensor         # rows of k.view(-1, block_size): head_dim per (head, sequence, block) bag
+    k_offsets: torch.Tensor      # [heads * B * max_blocks] start of each block's bag (past the end: empty bag)
+    k_owner: torch.Tensor        # [bags] the (head, sequence) whose query weights each non-empty bag
+    mask: torch.Tensor           # [1, B, max_blocks * block_size] additive: -inf past a sequence's length
+    keys: torch.Tensor           # flat index into the [heads, B, max_keys] scores of every real key
+    v_rows: torch.Tensor         # rows of v.view(-1, head_dim): each real key of each (head, sequence)
+    v_offsets: torch.Tensor      # [heads * B] start of each (head, sequence) bag
 
 
 def ragged(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,26 +48,30 @@ def ragged(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def build_decode_batch(token_index: list[int], context_lens: list[int], tables: list[list[int]], heads: int,
                        kv_heads: int, num_blocks: int, block_size: int, head_dim: int, device) -> DecodeBatch:
     """context_lens[b] = keys sequence b attends to (its new token included); tables[b] = its block table."""
-    B = len(context_lens)
-    max_blocks = -(-max(context_lens) // block_size)
+    B, bs, arange = len(context_lens), block_size, lambda n: torch.arange(n, device=device)  # noqa: E731
+    max_blocks = -(-max(context_lens) // bs)
     table = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables], device=device)
-    ctx = torch.tensor(context_lens, device=device).repeat_interleave(heads)           # per (sequence, head)
-    n_blocks = (ctx + block_size - 1) // block_size
-    seq = torch.arange(B * heads, device=device) // heads
-    kv_head = torch.arange(B * heads, device=device) % heads // (heads // kv_heads)    # query head -> KV head
-    # K: bag (sequence, head, block j) = the head_dim rows of that block; j past the sequence's end: empty bag
-    owner, j, starts = ragged(n_blocks)
-    first_row = (kv_head[owner] * num_blocks + table[seq[owner], j]) * head_dim
-    k_rows = (first_row[:, None] + torch.arange(head_dim, device=device)).reshape(-1)
-    k_offsets = head_dim * (starts[:, None] + torch.minimum(torch.arange(max_blocks, device=device), n_blocks[:, None]))
-    # V: bag (sequence, head) = the slots of its real keys
-    owner_v, key, starts_v = ragged(ctx)
-    slot = table[seq[owner_v], key // block_size] * block_size + key % block_size
-    max_keys = max_blocks * block_size
-    mask = torch.zeros(B, 1, max_keys, device=device).masked_fill(
-        torch.arange(max_keys, device=device) >= ctx[::heads, None, None], float("-inf"))
-    return DecodeBatch(torch.tensor(token_index, device=device), k_rows, k_offsets.reshape(-1), owner, mask,
-                       owner_v * max_keys + key, kv_head[owner_v] * (num_blocks * block_size) + slot, starts_v)
+    ctx = torch.tensor(context_lens, device=device)
+    n_blocks = (ctx + bs - 1) // bs
+    kv_head = (arange(heads) // (heads // kv_heads))[:, None]          # query head -> its KV head, [heads, 1]
+    head = arange(heads)[:, None]
+    # K: bag (head, sequence, block j) = the head_dim rows of that block; j past the sequence's end: empty bag
+    seq, j, starts = ragged(n_blocks)                                   # every (sequence, block) pair
+    first_row = (kv_head * num_blocks + table[seq, j]) * head_dim       # [heads, pairs]
+    k_rows = (first_row[..., None] + arange(head_dim)).reshape(-1)
+    k_offsets = head_dim * (head[..., None] * seq.numel() + starts[:, None]
+                            + torch.minimum(arange(max_blocks), n_blocks[:, None]))    # [heads, B, max_blocks]
+    # V: bag (head, sequence) = the slots of its real keys
+    seq_v, key, starts_v = ragged(ctx)                                  # every (sequence, key) pair
+    slot = table[seq_v, key // bs] * bs + key % bs
+    max_keys = max_blocks * bs
+    mask = torch.zeros(1, B, max_keys, device=device).masked_fill(arange(max_keys) >= ctx[:, None], float("-inf"))
+    return DecodeBatch(
+        token_index=torch.tensor(token_index, device=device), k_rows=k_rows, k_offsets=k_offsets.reshape(-1),
+        k_owner=(head * B + seq).reshape(-1), mask=mask,
+        keys=(head * (B * max_keys) + seq_v * max_keys + key).reshape(-1),
+        v_rows=(kv_head * (num_blocks * bs) + slot).reshape(-1),
+        v_offsets=(head * seq_v.numel() + starts_v).reshape(-1))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
@@ -75,14 +79,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """q [B, heads, head_dim] (one query per sequence) -> [B, heads, head_dim], reading the cache in place."""
     B, heads, dim = q.shape
     block_size = k_cache.shape[-1]
-    q_rows = (q * scale).reshape(B * heads, dim)
+    q_rows = (q.transpose(0, 1) * scale).reshape(heads * B, dim)
     weights = q_rows.index_select(0, batch.k_owner).reshape(-1).to(k_cache.dtype)
     scores = F.embedding_bag(batch.k_rows, k_cache.view(-1, block_size), batch.k_offsets, mode="sum",
-                             per_sample_weights=weights)                 # [B * heads * max_blocks, block_size]
-    probs = (scores.view(B, heads, -1).float() + batch.mask).softmax(dim=-1)
+                             per_sample_weights=weights)                 # [heads * B * max_blocks, block_size]
+    probs = (scores.view(heads, B, -1).float() + batch.mask).softmax(dim=-1)
     out = F.embedding_bag(batch.v_rows, v_cache.view(-1, dim), batch.v_offsets, mode="sum",
                           per_sample_weights=probs.view(-1).index_select(0, batch.keys).to(v_cache.dtype))
-    return out.view(B, heads, dim)
+    return out.view(heads, B, dim).transpose(0, 1)
 
 
 @dataclass
