@@ -1,6 +1,7 @@
 """Serving benchmark: the labkit server under 1..64 concurrent streaming clients vs the offline engine.
 
     python benchmarks/serve.py [--requests 256] [--concurrency 1 8 32 64] [--repeats 3] [--disconnect-requests 1000]
+                               [--engine-mode process|thread]
 
 Writes results/serve.json. Targets (checked here, reported as pass/fail, never as wall-clock asserts):
   - at the highest concurrency: zero failed or lost requests;
@@ -11,6 +12,7 @@ Writes results/serve.json. Targets (checked here, reported as pass/fail, never a
 """
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import statistics
@@ -78,11 +80,15 @@ def server_run(srv: ServerProcess, payloads: list[dict], concurrency: int) -> di
     """One load level, with where the time went: engine steps (wall vs CPU of the engine thread, from
     /metrics), the server process's CPU and the load generator's own CPU, per generated token."""
     url = srv.url
-    before, srv_cpu0, cli0 = scrape(url), srv.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+    roles = ("server", "engine")
+    before, cli0 = scrape(url), resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = {r: srv.cpu_seconds(r) for r in roles}
     res = asyncio.run(run_load(url, payloads, concurrency))
-    after, srv_cpu1, cli1 = scrape(url), srv.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+    after, cli1 = scrape(url), resource.getrusage(resource.RUSAGE_SELF)
+    cpu1 = {r: srv.cpu_seconds(r) for r in roles}
     s = res.summary()
     tokens = max(1, s["output_tokens"])
+    cpu = {r: None if cpu0[r] is None or cpu1[r] is None else (cpu1[r] - cpu0[r]) / tokens * 1e6 for r in roles}
 
     def delta(name):
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -93,7 +99,9 @@ def server_run(srv: ServerProcess, payloads: list[dict], concurrency: int) -> di
         "step_ms": delta("labkit:engine_step_seconds_total") / steps * 1e3,
         "step_cpu_ms": delta("labkit:engine_step_cpu_seconds_total") / steps * 1e3,
         "engine_busy_frac": delta("labkit:engine_step_seconds_total") / s["wall_s"],
-        "server_cpu_us_per_token": None if srv_cpu0 is None else (srv_cpu1 - srv_cpu0) / tokens * 1e6,
+        # the HTTP process (with the engine thread in it in thread mode), the engine process (process mode)
+        "http_process_cpu_us_per_token": cpu["server"], "engine_process_cpu_us_per_token": cpu["engine"],
+        "server_cpu_us_per_token": None if cpu["server"] is None else cpu["server"] + (cpu["engine"] or 0.0),
         "client_cpu_us_per_token": (cli1.ru_utime + cli1.ru_stime - cli0.ru_utime - cli0.ru_stime) / tokens * 1e6,
     }
     return s
@@ -114,6 +122,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for both the server and the offline engine (default on CPU: 1, steadier on "
                          "a shared 2-core machine: the other core runs HTTP and the clients)")
+    ap.add_argument("--engine-mode", nargs="+", default=["process"], choices=("process", "thread"),
+                    help="the server's engine in its own process (default) or in a thread of the HTTP process; "
+                         "with both (`process thread`), one server of each, their top-level runs interleaved with "
+                         "the offline runs; the targets are judged on the first")
     args = ap.parse_args(argv)
     import torch
     if args.threads is None and not torch.cuda.is_available():
@@ -124,10 +136,16 @@ def main(argv=None) -> dict:
     top = max(args.concurrency)
     payloads = workload(max(args.requests, top), seed=0, min_tokens=args.min_tokens, max_tokens=args.max_tokens)
     offline = Offline(payloads, args.max_num_seqs, args.model)
-    levels, repeats, offline_runs, result = [], [], [], {"load_before": loadavg()}
-    with ServerProcess(args.model, max_num_seqs=args.max_num_seqs, max_waiting=4 * args.disconnect_requests + 256,
-                       threads=args.threads) as srv:
-        asyncio.run(run_load(srv.url, payloads[:8], 4))          # warm up the server
+    levels, offline_runs, result = [], [], {"load_before": loadavg()}
+    modes = list(dict.fromkeys(args.engine_mode))
+    runs: dict[str, list] = {m: [] for m in modes}
+    with contextlib.ExitStack() as stack:
+        servers = {m: stack.enter_context(ServerProcess(args.model, max_num_seqs=args.max_num_seqs,
+                                                        max_waiting=4 * args.disconnect_requests + 256,
+                                                        threads=args.threads, engine_mode=m)) for m in modes}
+        srv = servers[modes[0]]
+        for other in servers.values():
+            asyncio.run(run_load(other.url, payloads[:8], 4))          # warm up the server
         for c in args.concurrency:
             if c == top:
                 break
@@ -141,19 +159,30 @@ def main(argv=None) -> dict:
         # processes hits both; each server run is compared with the offline runs just before and after it
         offline_runs.append(offline.run())
         for r in range(args.repeats):
-            s = server_run(srv, payloads, top)
-            s["kv_blocks_used_after"] = wait_idle(srv.url)["labkit:kv_blocks_used"]
-            offline_runs.append(offline.run())
-            around = (offline_runs[-2]["throughput_tok_s"] + offline_runs[-1]["throughput_tok_s"]) / 2
-            s["ratio_vs_offline"] = s["throughput_tok_s"] / around
-            repeats.append(s)
-            p = s["profile"]
-            print(f"  {top:3d} clients, run {r + 1}: {s['throughput_tok_s']:7.0f} tok/s vs offline {around:.0f} tok/s "
-                  f"-> {s['ratio_vs_offline']:.2f}x; engine step {p['step_ms']:.1f} ms wall / {p['step_cpu_ms']:.1f} "
-                  f"ms CPU (offline {offline_runs[-1]['step_ms']:.1f} / {offline_runs[-1]['step_cpu_ms']:.1f}); "
-                  f"errors {s['errors']}", flush=True)
+            for mode in modes:
+                s = server_run(servers[mode], payloads, top)
+                s["kv_blocks_used_after"] = wait_idle(servers[mode].url)["labkit:kv_blocks_used"]
+                offline_runs.append(offline.run())
+                around = (offline_runs[-2]["throughput_tok_s"] + offline_runs[-1]["throughput_tok_s"]) / 2
+                s["ratio_vs_offline"] = s["throughput_tok_s"] / around
+                runs[mode].append(s)
+                p = s["profile"]
+                print(f"  {top:3d} clients, {mode:7s} run {r + 1}: {s['throughput_tok_s']:7.0f} tok/s vs offline "
+                      f"{around:.0f} tok/s -> {s['ratio_vs_offline']:.2f}x; engine step {p['step_ms']:.1f} ms wall / "
+                      f"{p['step_cpu_ms']:.1f} ms CPU (offline {offline_runs[-1]['step_ms']:.1f} / "
+                      f"{offline_runs[-1]['step_cpu_ms']:.1f}); errors {s['errors']}", flush=True)
+        repeats = runs[modes[0]]
         median = statistics.median(s["ratio_vs_offline"] for s in repeats)
         levels.append(min(repeats, key=lambda s: abs(s["ratio_vs_offline"] - median)))   # the median run
+        result["engine_modes"] = {m: {"throughput_ratio_median": statistics.median(s["ratio_vs_offline"] for s in rs),
+                                      "throughput_ratio_runs": [s["ratio_vs_offline"] for s in rs],
+                                      "step_ms": statistics.median(s["profile"]["step_ms"] for s in rs),
+                                      "step_cpu_ms": statistics.median(s["profile"]["step_cpu_ms"] for s in rs),
+                                      "engine_process_cpu_us_per_token": statistics.median(
+                                          s["profile"]["engine_process_cpu_us_per_token"] or 0.0 for s in rs) or None,
+                                      "server_cpu_us_per_token": statistics.median(
+                                          s["profile"]["server_cpu_us_per_token"] or 0.0 for s in rs) or None}
+                                  for m, rs in runs.items()}
         if args.disconnect_requests:
             n = args.disconnect_requests
             leak_payloads = workload(n, seed=1, min_tokens=4, max_tokens=24)
@@ -165,7 +194,8 @@ def main(argv=None) -> dict:
                                          "active_requests_after": after["labkit:active_requests"]}
             print(f"  disconnect test: {result['disconnect_test']}", flush=True)
         final = wait_idle(srv.url)
-        exit_code = srv.stop()
+        exit_codes = [server.stop() for server in servers.values()]
+        exit_code = exit_codes[0]
     result["load_after"] = loadavg()
 
     at_top = levels[-1]
@@ -180,24 +210,27 @@ def main(argv=None) -> dict:
         "disconnects_leak_nothing": None if dt is None else
         (dt["kv_blocks_used_after"] == 0 and dt["active_requests_after"] == 0 and dt["errors"] == 0),
         "graceful_exit_code": exit_code,          # uvicorn re-raises SIGTERM after a clean drain: -15 is fine
-        "graceful_exit_ok": exit_code in (0, -15),
+        "graceful_exit_ok": all(code in (0, -15) for code in exit_codes),
     }
     # CPU per generated token does not depend on how busy the machine is (wall-clock throughput does):
     # it says what the server costs on top of the engine, and what the load generator itself costs
     engine_us = prof["step_cpu_ms"] * 1e3 / prof["tokens_per_step"]
     cpu = {"offline_us_per_token": off_cpu,
            "server_engine_step_us_per_token": engine_us,
-           "server_process_us_per_token": prof["server_cpu_us_per_token"],
+           "engine_process_us_per_token": prof["engine_process_cpu_us_per_token"],   # None in thread mode
+           "http_process_us_per_token": prof["http_process_cpu_us_per_token"],
+           "server_process_us_per_token": prof["server_cpu_us_per_token"],             # both together
            "client_us_per_token": prof["client_cpu_us_per_token"],
-           # the throughput ratio the server would reach if its engine thread had a core to itself (the event
+           # the throughput ratio the server would reach if its engine had a core to itself (the event
            # loop and the clients on another): a derived figure, reported next to the measured one
            "engine_cpu_ratio": off_cpu / engine_us}
     result.update({"workload": {"requests": len(payloads), "min_tokens": args.min_tokens,
                                 "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
-                                "torch_threads": args.threads, "repeats": args.repeats},
+                                "torch_threads": args.threads, "repeats": args.repeats,
+                                "engine_mode": modes[0]},
                    "offline": {**max(offline_runs, key=lambda o: o["throughput_tok_s"]), "runs": offline_runs},
                    "levels": levels, "top_level_runs": repeats, "cpu_per_token": cpu, "targets": targets})
-    print(json.dumps({"cpu_per_token": cpu, **targets}, indent=2))
+    print(json.dumps({"cpu_per_token": cpu, "engine_modes": result["engine_modes"], **targets}, indent=2))
     print("wrote", save_result("serve", result))
     return result
 

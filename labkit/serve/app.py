@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server around labkit's continuous-batching engine.
 
-    app = create_app(LLMEngine(model, tokenizer), tokenizer, model_name="course")
-    uvicorn.run(app)            # or: labkit serve
+    app = create_app(LLMEngine(model, tokenizer), tokenizer, model_name="course")   # engine in a thread
+    uvicorn.run(app)            # or: labkit serve  (engine in its own process: EngineProcess(args))
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with `"stream": true`),
 GET /v1/models, POST /generate (the course seed's original endpoint), GET /health (the process is
@@ -53,11 +53,13 @@ class Server:
         from labkit.engine import SamplingParams  # imported here so the protocol tests need no engine
         self.SamplingParams = SamplingParams
         self.tokenizer, self.model_name, self.api_key, self.max_waiting = tokenizer, model_name, api_key, max_waiting
-        self.context_length = context_length or engine.max_context
-        self.vocab_size = engine.model.config.vocab_size
-        self.max_running = engine.scheduler.max_num_seqs
         self.metrics = ServerMetrics(model_name)
-        self.loop = AsyncEngine(engine, self.metrics)
+        # an LLMEngine is driven by a thread of this process; an EngineProcess drives one in its own process
+        self.loop = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
+        self.loop.metrics = self.metrics
+        self.context_length = context_length or self.loop.max_context
+        self.vocab_size = self.loop.vocab_size
+        self.max_running = self.loop.max_num_seqs
         self.draining = False
 
     # ---- request -> (prompt ids, sampling params) ------------------------------------------------

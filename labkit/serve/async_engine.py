@@ -6,6 +6,11 @@ request 64 waits for the 63 before it to finish *completely*.) `step()` is block
 runs in its own thread; PyTorch releases the GIL inside its kernels, so the event loop keeps serving
 HTTP meanwhile. The thread is the only code that touches the engine: handlers send ("add", ...) and
 ("abort", ...) commands, and get StepOutputs back on a per-request asyncio.Queue.
+
+But the Python *around* the kernels (scheduler, block tables, sampling bookkeeping) needs the GIL, and so
+does the event loop (HTTP, JSON, detokenizing, SSE): under load the two take turns on one lock. So
+`labkit serve` runs the engine in its own process by default (engine_process.py, same interface);
+this in-process thread is `--engine-mode thread`, kept to measure the difference and for GIL-free setups.
 """
 import asyncio
 import queue
@@ -32,6 +37,13 @@ def _put_all(items) -> None:
         out.put_nowait(item)
 
 
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class EngineDead(RuntimeError):
     pass
 
@@ -45,17 +57,26 @@ class AsyncEngine:
     """
 
     def __init__(self, engine, metrics=None, idle_wait: float = 0.05):
-        self.engine, self.metrics, self.idle_wait = engine, metrics, idle_wait
+        self.engine, self.idle_wait = engine, idle_wait
+        self._setup(metrics, engine.stats(), max_context=engine.max_context,
+                    vocab_size=engine.model.config.vocab_size, max_num_seqs=engine.scheduler.max_num_seqs,
+                    num_blocks=engine.block_manager.num_blocks)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._tracked: dict[str, _Tracked] = {}
-        self._outbox: list = []     # (tracked, item) to deliver at the end of this loop turn
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats = engine.stats()
+
+    def _setup(self, metrics, stats, **limits) -> None:
+        """State shared with EngineProcess (engine_process.py): the requests in flight and the counters."""
+        self.metrics = metrics
+        self.max_context, self.vocab_size = limits["max_context"], limits["vocab_size"]
+        self.max_num_seqs, self.num_blocks = limits["max_num_seqs"], limits["num_blocks"]
+        self._tracked: dict[str, _Tracked] = {}
+        self._outbox: list = []     # (tracked, item) to deliver at the end of this loop turn
+        self.stats = stats
         self.steps = 0
         self.step_wall = 0.0    # seconds inside engine.step() ...
-        self.step_cpu = 0.0     # ... of which this thread was on a CPU (the rest: waiting for the GIL or a core)
+        self.step_cpu = 0.0     # ... of which the engine thread was on a CPU (the rest: waiting for the GIL or a core)
         self.tokens = 0         # tokens handed out
         self.error: BaseException | None = None
 
@@ -112,6 +133,9 @@ class AsyncEngine:
             by_loop.setdefault(t.loop, []).append((t.out, item))
         self._outbox = []
         for loop, items in by_loop.items():
+            if _running_loop() is loop:      # EngineProcess: already on the event loop
+                _put_all(items)
+                continue
             try:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:   # the event loop is closed (server shutting down): nobody is listening

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
     ap.add_argument("--backend", default="labkit", choices=("labkit", "vllm"))
+    ap.add_argument("--engine-mode", default="process", choices=("process", "thread"),
+                    help="process (default): the engine runs in its own process, apart from the HTTP event loop "
+                         "(no shared GIL; engine_process.py); thread: a background thread of the HTTP process")
     ap.add_argument("--log-level", default="warning")
     return ap
 
@@ -84,6 +87,24 @@ def load_for_serving(args):
     return load_model(args.model, device=args.device, dtype=dtype)
 
 
+def build_engine(args):
+    """The model and LLMEngine the CLI arguments describe (in the engine process, or in this one)."""
+    from labkit.engine import LLMEngine
+    model, tokenizer = load_for_serving(args)
+    return LLMEngine(model, tokenizer, block_size=args.block_size or 16, num_blocks=args.num_blocks,
+                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def load_serving_tokenizer(args):
+    """The tokenizer load_for_serving would return, without loading the model (for the HTTP process)."""
+    from pathlib import Path
+
+    from labkit.model import load_tokenizer
+    if args.quantized and (Path(args.quantized) / "tokenizer_config.json").exists():
+        return load_tokenizer(args.quantized)
+    return load_tokenizer(args.model)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "block_size", "port"):
@@ -98,22 +119,32 @@ def main(argv=None) -> int:
         cmd = vllm_command(args, python)
         os.execv(cmd[0], cmd)
 
+    if args.engine_mode == "process":      # start the engine process first: it loads the model meanwhile
+        from .engine_process import EngineProcess
+        engine = EngineProcess(args)
+
     import uvicorn
 
-    from labkit.engine import LLMEngine
-
     from .app import create_app
-    model, tokenizer = load_for_serving(args)
-    engine = LLMEngine(model, tokenizer, block_size=args.block_size or 16, num_blocks=args.num_blocks,
-                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.engine_mode == "process":
+        tokenizer = load_serving_tokenizer(args)
+        engine.wait_ready()
+    else:
+        engine = build_engine(args)
+        tokenizer = engine.tokenizer
     app = create_app(engine, tokenizer, model_name=args.served_model_name or args.model or "course",
                      api_key=args.api_key, max_waiting=args.max_waiting)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.drain_timeout)
     server = DrainingServer(config, app, args.drain_timeout)
+    loop = app.state.server.loop
     print(f"labkit serve: {config.host}:{config.port} model={app.state.server.model_name} "
-          f"kv_blocks={engine.block_manager.num_blocks} max_num_seqs={args.max_num_seqs}", flush=True)
-    server.run()
+          f"kv_blocks={loop.num_blocks} max_num_seqs={args.max_num_seqs} engine={args.engine_mode}"
+          + (f" (pid {engine.pid})" if args.engine_mode == "process" else ""), flush=True)
+    try:
+        server.run()
+    finally:
+        loop.stop()       # normally done already (lifespan shutdown); this covers a failed startup
     return 0
 
 

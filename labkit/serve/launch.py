@@ -76,15 +76,40 @@ class ServerProcess:
         self.stop()
         raise TimeoutError(f"server not ready after {self.startup_timeout}s:\n{self.output()}")
 
-    def cpu_seconds(self) -> float | None:
-        """CPU time (user + system, all threads) the server process has used so far; None where /proc is
-        missing (not Linux). Differences around a load test give the server's CPU per generated token."""
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError, AttributeError):
-            return None
+    def processes(self) -> dict[int, str]:
+        """{pid: role} for the server and its child processes: "server" (HTTP), "engine" (the engine process,
+        --engine-mode process) or "helper" (multiprocessing's resource tracker). Linux (/proc); else {}."""
+        if self.proc is None:
+            return {}
+        found, todo = {}, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            found[pid] = ("server" if pid == self.proc.pid else
+                          "engine" if b"spawn_main" in cmdline else "helper")
+        return found
+
+    def cpu_seconds(self, role: str | None = None) -> float | None:
+        """CPU time (user + system, all threads) the server's processes have used so far, or only those with
+        `role` (see processes()); None where /proc is missing (not Linux). Differences around a load test
+        give the server's CPU per generated token."""
+        total = None
+        for pid, r in self.processes().items():
+            if role not in (None, r):
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total = (total or 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                continue
+        return total
 
     def output(self) -> str:
         self.log.flush()

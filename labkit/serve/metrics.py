@@ -1,7 +1,8 @@
 """Prometheus metrics under vLLM's names, so vLLM's Grafana dashboard and alert rules work unchanged.
 
-Latency histograms are observed in the engine thread the moment a token leaves `engine.step()`, not
-when the HTTP layer gets round to sending it; gauges are refreshed after every step. Each app gets its
+Latency histograms are observed the moment a step's tokens reach the HTTP process (with the engine in
+its own process; with --engine-mode thread, when they leave `engine.step()`), not when the HTTP layer
+gets round to sending them; gauges are refreshed after every step. Each app gets its
 own registry, so several servers (or tests) can live in one process.
 """
 import time
@@ -48,8 +49,8 @@ class ServerMetrics:
         self.steps = counter("labkit:engine_steps", "engine.step() calls (tokens per step = batch size at work)")
         self.step_seconds = counter("labkit:engine_step_seconds", "Wall time inside engine.step()")
         self.step_cpu_seconds = counter("labkit:engine_step_cpu_seconds",
-                                        "CPU time of the engine thread inside step(); the gap to wall time is "
-                                        "time spent waiting for the GIL or a core")
+                                        "CPU time of the engine's thread inside step(); the gap to wall time is "
+                                        "time spent waiting for a core (or, with --engine-mode thread, the GIL)")
         self.preemptions = counter("vllm:num_preemptions", "Preemptions (sequences evicted and recomputed)")
         self.prompt_tokens = counter("vllm:prompt_tokens", "Prefill tokens processed")
         self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens")

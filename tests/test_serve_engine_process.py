@@ -1,0 +1,128 @@
+"""The engine in its own process (labkit serve's default, engine_process.py): what must hold when the
+engine and the HTTP server are two processes. The common API behaviour (same text as offline, disconnects
+free KV blocks, drain on SIGTERM...) is tested in test_serve.py, which runs this default mode; the
+in-process thread (--engine-mode thread) is checked here against the same offline output."""
+import concurrent.futures
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from labkit.serve.launch import ServerProcess
+
+PROMPT = "It is a truth universally acknowledged"
+
+
+def gone(pid: int) -> bool:
+    """Not running: no such process, or a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pids, timeout: float = 20.0) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not all(gone(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if not gone(p)]
+
+
+def engine_pid(srv: ServerProcess) -> int:
+    engines = [pid for pid, role in srv.processes().items() if role == "engine"]
+    assert len(engines) == 1, srv.processes()
+    return engines[0]
+
+
+def greedy_text(n: int) -> str:
+    from labkit.engine import LLM, SamplingParams
+    out = LLM(None, max_num_seqs=4).generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    return out[0].outputs[0].text
+
+
+def test_the_engine_runs_in_its_own_process():
+    with ServerProcess(threads=1) as srv:
+        roles = srv.processes()
+        assert list(roles.values()).count("engine") == 1 and roles[srv.proc.pid] == "server"
+        pid = engine_pid(srv)
+        # the tokens are computed in the child: its CPU time grows with the work, the HTTP process's much less
+        cpu0, http0 = srv.cpu_seconds("engine"), srv.cpu_seconds("server")
+        body = {"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+        assert httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["usage"]["completion_tokens"] == 200
+        assert srv.cpu_seconds("engine") - cpu0 > srv.cpu_seconds("server") - http0
+        assert engine_pid(srv) == pid
+
+
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_both_engine_modes_match_offline_and_free_blocks(mode):
+    want = greedy_text(24)
+    with ServerProcess(threads=1, engine_mode=mode) as srv:
+        assert srv.output().count(f"engine={mode}") == 1
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                                                          "ignore_eos": True}, timeout=60).json()
+        assert r["choices"][0]["text"] == want
+        with httpx.stream("POST", srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 400,
+                                                                    "ignore_eos": True, "stream": True}) as resp:
+            for i, _ in enumerate(resp.iter_lines()):
+                if i >= 4:
+                    break                               # hang up mid-stream
+        from labkit.serve.metrics import parse_metrics
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            m = parse_metrics(httpx.get(srv.url + "/metrics").text)
+            if m["labkit:kv_blocks_used"] == 0 and m["labkit:active_requests"] == 0:
+                break
+            time.sleep(0.1)
+        assert m["labkit:kv_blocks_used"] == 0 and m["labkit:active_requests"] == 0
+        assert m["vllm:request_success_total"] >= 2      # the completed request and the aborted stream
+
+
+def test_engine_process_death_fails_clients_and_probes():
+    """kill -9 the engine process mid-request: a running stream ends with an error event, a waiting
+    non-streaming request gets a 503, /health and /ready report it, new requests are refused with 503."""
+    srv = ServerProcess(threads=1, max_num_seqs=4).start()
+    try:
+        body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, \
+                httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")       # tokens are flowing
+            in_flight = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=60)
+            time.sleep(0.3)
+            os.kill(engine_pid(srv), signal.SIGKILL)
+            data = [line[6:] for line in lines if line.startswith("data: ")]
+            assert data[-1] != "[DONE]"
+            err = json.loads(data[-1])["error"]
+            assert "engine process" in err["message"] and err["type"] == "server_error"
+            refused = in_flight.result()
+        assert refused.status_code == 503 and "engine" in refused.json()["error"]["message"]
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and "exit code -9" in health.json()["error"]
+        assert httpx.get(srv.url + "/ready").status_code == 503
+        again = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+        assert again.status_code == 503 and "not running" in again.json()["error"]["message"]
+    finally:
+        code = srv.stop()
+    assert code in (0, -signal.SIGTERM), srv.output()
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_no_orphan_processes_when_the_server_stops(how):
+    """SIGTERM: the server stops its engine process after the drain. SIGKILL (no chance to clean up): the
+    engine process dies with it (PR_SET_PDEATHSIG), and multiprocessing's helper follows."""
+    srv = ServerProcess(threads=1).start()
+    pids = list(srv.processes())
+    assert len(pids) >= 2
+    srv.proc.send_signal(how)
+    srv.proc.wait(60)
+    assert wait_gone(pids) == [], {p: open(f"/proc/{p}/cmdline").read() for p in pids if not gone(p)}
+
+
+def test_a_model_that_fails_to_load_fails_startup_with_the_reason(tmp_path):
+    with pytest.raises(RuntimeError, match="during startup") as err:
+        ServerProcess(model=str(tmp_path / "no-such-model"), startup_timeout=120).start()
+    assert "no-such-model" in str(err.value)
