@@ -52,7 +52,8 @@ def test_cache_write_puts_keys_transposed_within_blocks():
 def test_decode_attention_equals_dense_attention(lengths):
     cache, tables, dense = filled_cache(lengths)
     q = torch.randn(len(lengths), HEADS, DIM)
-    batch = build_decode_batch(list(range(len(lengths))), lengths, tables, HEADS, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, "cpu")
+    batch = build_decode_batch(list(range(len(lengths))), lengths, tables, HEADS, KV_HEADS, NUM_BLOCKS, BLOCK, DIM,
+                               "cpu")
     out = decode_attention(q, cache.k[0], cache.v[0], batch, 0.3)
     for b, (k, v) in enumerate(dense):
         torch.testing.assert_close(out[b], dense_attention(q[b:b + 1], k, v, 0.3)[0], rtol=1e-5, atol=1e-5)
@@ -95,3 +96,19 @@ def test_engine_on_a_grouped_query_llama_equals_transformers():
             done.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert mixed_steps > 0
     assert [done[str(i)] for i in range(len(prompts))] == ref
+
+
+def test_a_half_precision_cache_under_a_float32_model_gives_the_same_greedy_tokens():
+    from labkit import load_model
+    model, tok = load_model(device="cpu")
+    prompts = ["It is a truth universally acknowledged", "Mr. Darcy"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = LLMEngine(model, tok, kv_cache_dtype=dtype)
+        assert engine.cache.k[0].dtype == dtype
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        outs[dtype] = engine.run_to_completion()
+    # bfloat16 keys and values round the attention a little; the first tokens of each answer still agree
+    assert all(outs[torch.bfloat16][k][:4] == outs[torch.float32][k][:4] for k in outs[torch.float32])

@@ -86,7 +86,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     probs = (scores.view(heads, B, -1).float() + batch.mask).softmax(dim=-1)
     out = F.embedding_bag(batch.v_rows, v_cache.view(-1, dim), batch.v_offsets, mode="sum",
                           per_sample_weights=probs.view(-1).index_select(0, batch.keys).to(v_cache.dtype))
-    return out.view(heads, B, dim).transpose(0, 1)
+    return out.view(heads, B, dim).transpose(0, 1).to(q.dtype)
 
 
 @dataclass
@@ -130,9 +130,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = heads // kv_heads          # grouped-query attention: each KV head serves `group` query heads
     # index_select copies whole blocks (one memcpy per block and head)
     k = k_cache.index_select(1, blocks).view(kv_heads, 1, B, -1, dim, block_size).transpose(3, 4)
-    k_t = k.expand(kv_heads, group, B, dim, k.shape[4], block_size).reshape(heads * B, dim, -1)  # [., dim, keys]
+    k_t = k.expand(kv_heads, group, B, dim, k.shape[4], block_size).reshape(heads * B, dim, -1).to(q.dtype)
     v = v_cache.view(kv_heads, -1, block_size * dim).index_select(1, blocks).view(kv_heads, 1, B, -1, dim)
-    v = v.expand(kv_heads, group, B, v.shape[3], dim).reshape(heads * B, -1, dim)
+    v = v.expand(kv_heads, group, B, v.shape[3], dim).reshape(heads * B, -1, dim).to(q.dtype)   # [., keys, dim]
     padded = q.new_zeros(B * max_q, heads, dim)
     padded[batch.pad_index] = q
     qh = (padded * scale).view(B, max_q, heads, dim).permute(2, 0, 1, 3).reshape(heads * B, max_q, dim)
