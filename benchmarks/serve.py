@@ -1,7 +1,7 @@
 """Serving benchmark: the labkit server under 1..64 concurrent streaming clients vs the offline engine.
 
     python benchmarks/serve.py [--requests 256] [--concurrency 1 8 32 64] [--repeats 3] [--disconnect-requests 1000]
-                               [--engine-mode process|thread]
+                               [--engine-mode process [thread]]
 
 Writes results/serve.json. Targets (checked here, reported as pass/fail, never as wall-clock asserts):
   - at the highest concurrency: zero failed or lost requests;
@@ -9,11 +9,16 @@ Writes results/serve.json. Targets (checked here, reported as pass/fail, never a
     are alternated (--repeats), each server run is compared with the offline runs around it, median reported;
   - KV blocks in use back to 0 after the run;
   - N requests with random client disconnects leak nothing (no blocks, no active requests left).
+Next to each ratio: how many cores *other* programs used meanwhile (from /proc/stat); on a 2-core machine
+one busy neighbour is enough to cap the server (engine + HTTP + clients) below the offline engine.
+`--engine-mode process thread` also runs a server with the engine in a thread of the HTTP process (one GIL
+for both), its runs interleaved with the same offline runs, to show what the separate process is worth.
 """
 import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -56,6 +61,23 @@ def loadavg() -> float | None:
         return None
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes on this machine have used since boot (/proc/stat), None where unavailable.
+    Around a run, minus our own processes' CPU, it says how many cores *other* programs took meanwhile: the
+    comparison is only as good as the machine is quiet (one busy neighbour on 2 cores leaves the server's
+    engine, HTTP process and clients about one core between them, the offline engine a whole one)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]       # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def other_cores(busy0, busy1, own_cpu: float, wall: float) -> float | None:
+    return None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - own_cpu) / wall)
+
+
 class Offline:
     """The offline engine (LLM.generate) on the same workload, built once and run as often as asked."""
 
@@ -68,12 +90,13 @@ class Offline:
 
     def run(self) -> dict:
         engine = self.llm.engine
-        steps0, cpu0, start = engine.num_steps, time.process_time(), time.perf_counter()
+        busy0, steps0, cpu0, start = machine_busy_seconds(), engine.num_steps, time.process_time(), time.perf_counter()
         outs = self.llm.generate(self.prompts, self.params)
         wall, cpu, steps = time.perf_counter() - start, time.process_time() - cpu0, engine.num_steps - steps0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return {"output_tokens": tokens, "wall_s": wall, "throughput_tok_s": tokens / wall, "steps": steps,
-                "step_ms": wall / steps * 1e3, "step_cpu_ms": cpu / steps * 1e3, "cpu_us_per_token": cpu / tokens * 1e6}
+                "step_ms": wall / steps * 1e3, "step_cpu_ms": cpu / steps * 1e3, "cpu_us_per_token": cpu / tokens * 1e6,
+                "other_cores": other_cores(busy0, machine_busy_seconds(), cpu, wall)}
 
 
 def server_run(srv: ServerProcess, payloads: list[dict], concurrency: int) -> dict:
@@ -82,13 +105,15 @@ def server_run(srv: ServerProcess, payloads: list[dict], concurrency: int) -> di
     url = srv.url
     roles = ("server", "engine")
     before, cli0 = scrape(url), resource.getrusage(resource.RUSAGE_SELF)
-    cpu0 = {r: srv.cpu_seconds(r) for r in roles}
+    cpu0, busy0 = {r: srv.cpu_seconds(r) for r in roles}, machine_busy_seconds()
     res = asyncio.run(run_load(url, payloads, concurrency))
+    busy1, cpu1 = machine_busy_seconds(), {r: srv.cpu_seconds(r) for r in roles}
     after, cli1 = scrape(url), resource.getrusage(resource.RUSAGE_SELF)
-    cpu1 = {r: srv.cpu_seconds(r) for r in roles}
     s = res.summary()
     tokens = max(1, s["output_tokens"])
-    cpu = {r: None if cpu0[r] is None or cpu1[r] is None else (cpu1[r] - cpu0[r]) / tokens * 1e6 for r in roles}
+    own = {r: None if cpu0[r] is None or cpu1[r] is None else cpu1[r] - cpu0[r] for r in roles}
+    cpu = {r: None if own[r] is None else own[r] / tokens * 1e6 for r in roles}
+    client = cli1.ru_utime + cli1.ru_stime - cli0.ru_utime - cli0.ru_stime
 
     def delta(name):
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -102,7 +127,8 @@ def server_run(srv: ServerProcess, payloads: list[dict], concurrency: int) -> di
         # the HTTP process (with the engine thread in it in thread mode), the engine process (process mode)
         "http_process_cpu_us_per_token": cpu["server"], "engine_process_cpu_us_per_token": cpu["engine"],
         "server_cpu_us_per_token": None if cpu["server"] is None else cpu["server"] + (cpu["engine"] or 0.0),
-        "client_cpu_us_per_token": (cli1.ru_utime + cli1.ru_stime - cli0.ru_utime - cli0.ru_stime) / tokens * 1e6,
+        "client_cpu_us_per_token": client / tokens * 1e6,
+        "other_cores": other_cores(busy0, busy1, client + sum(v or 0.0 for v in own.values()), s["wall_s"]),
     }
     return s
 
@@ -167,10 +193,15 @@ def main(argv=None) -> dict:
                 s["ratio_vs_offline"] = s["throughput_tok_s"] / around
                 runs[mode].append(s)
                 p = s["profile"]
+                others = [x for x in (p["other_cores"], offline_runs[-2]["other_cores"],
+                                      offline_runs[-1]["other_cores"]) if x is not None]
+                s["other_cores_max"] = max(others) if others else None     # the busiest of the three runs
+                other = "?" if s["other_cores_max"] is None else f"{s['other_cores_max']:.2f}"
                 print(f"  {top:3d} clients, {mode:7s} run {r + 1}: {s['throughput_tok_s']:7.0f} tok/s vs offline "
                       f"{around:.0f} tok/s -> {s['ratio_vs_offline']:.2f}x; engine step {p['step_ms']:.1f} ms wall / "
                       f"{p['step_cpu_ms']:.1f} ms CPU (offline {offline_runs[-1]['step_ms']:.1f} / "
-                      f"{offline_runs[-1]['step_cpu_ms']:.1f}); errors {s['errors']}", flush=True)
+                      f"{offline_runs[-1]['step_cpu_ms']:.1f}); other programs {other} cores; "
+                      f"errors {s['errors']}", flush=True)
         repeats = runs[modes[0]]
         median = statistics.median(s["ratio_vs_offline"] for s in repeats)
         levels.append(min(repeats, key=lambda s: abs(s["ratio_vs_offline"] - median)))   # the median run
@@ -205,6 +236,8 @@ def main(argv=None) -> dict:
     targets = {
         "zero_errors_at_top": all(s["errors"] == 0 and s["ok"] == s["requests"] for s in repeats),
         "throughput_ratio_vs_offline": median, "throughput_ratio_runs": [s["ratio_vs_offline"] for s in repeats],
+        # cores other programs used during each run (and the offline runs around it): read the ratios with it
+        "throughput_ratio_other_cores": [s["other_cores_max"] for s in repeats],
         "throughput_ratio_ok": median >= 0.8,
         "kv_blocks_zero_after": final["labkit:kv_blocks_used"] == 0,
         "disconnects_leak_nothing": None if dt is None else
