@@ -58,13 +58,19 @@ def test_the_engine_runs_in_its_own_process():
 
 
 @pytest.mark.parametrize("mode", ["process", "thread"])
-def test_both_engine_modes_match_offline_and_free_blocks(mode):
+def test_both_engine_modes_match_offline_reject_and_free_blocks(mode):
     want = greedy_text(24)
-    with ServerProcess(threads=1, engine_mode=mode) as srv:
+    # 30 blocks of 16 tokens: a request can fit the 512-token context and still not fit the KV cache, which
+    # only the engine's add_request knows: its refusal must come back as the same clear 400
+    with ServerProcess(threads=1, engine_mode=mode, num_blocks=30, block_size=16) as srv:
         assert srv.output().count(f"engine={mode}") == 1
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0,
                                                           "ignore_eos": True}, timeout=60).json()
         assert r["choices"][0]["text"] == want
+        for stream in (False, True):
+            big = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 495,
+                                                                "stream": stream}, timeout=60)
+            assert big.status_code == 400 and "KV cache" in big.json()["error"]["message"], big.text
         with httpx.stream("POST", srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 400,
                                                                     "ignore_eos": True, "stream": True}) as resp:
             for i, _ in enumerate(resp.iter_lines()):
@@ -126,3 +132,23 @@ def test_a_model_that_fails_to_load_fails_startup_with_the_reason(tmp_path):
     with pytest.raises(RuntimeError, match="during startup") as err:
         ServerProcess(model=str(tmp_path / "no-such-model"), startup_timeout=120).start()
     assert "no-such-model" in str(err.value)
+
+
+def test_ctrl_c_to_the_process_group_still_drains():
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, the engine process included: it must
+    ignore it, so the server can drain (the in-flight stream completes) before stopping the engine."""
+    srv = ServerProcess(threads=1, drain_timeout=60).start()
+    pids = list(srv.processes())
+    try:
+        with httpx.stream("POST", srv.url + "/v1/completions",
+                          json={"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True,
+                                "stream_options": {"include_usage": True}}, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            os.killpg(srv.proc.pid, signal.SIGINT)
+            data = [line[6:] for line in [first, *lines] if line.startswith("data: ")]
+        assert data[-1] == "[DONE]" and json.loads(data[-2])["usage"]["completion_tokens"] == 300
+        assert srv.proc.wait(30) == 130 and "Traceback" not in srv.output()
+        assert wait_gone(pids) == []
+    finally:
+        srv.stop()

@@ -143,6 +143,8 @@ def main(argv=None) -> int:
           + (f" (pid {engine.pid})" if args.engine_mode == "process" else ""), flush=True)
     try:
         server.run()
+    except KeyboardInterrupt:   # Ctrl-C: uvicorn re-raises SIGINT after its clean shutdown; no traceback for that
+        return 130
     finally:
         loop.stop()       # normally done already (lifespan shutdown); this covers a failed startup
     return 0
