@@ -30,6 +30,8 @@ import threading
 import time
 import traceback
 
+from labkit.engine import StepOutput
+
 from .async_engine import AsyncEngine, EngineDead, _Tracked
 
 
@@ -52,6 +54,8 @@ class EngineProcess(AsyncEngine):
         out_child.close()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._metrics = metrics
+        self._tracked: dict = {}        # (the rest of the state comes with the child's "ready" message)
+        self.error: BaseException | None = None
 
     def wait_ready(self, timeout: float = 600.0) -> "EngineProcess":
         """Block until the child has built its engine; raise with its traceback if it could not."""
@@ -111,7 +115,8 @@ class EngineProcess(AsyncEngine):
             pass
         self.process.join(timeout)
         self._kill()
-        self._fail_all(EngineDead("server is shutting down"))
+        if self._tracked:
+            self._fail_all(EngineDead("server is shutting down"))
 
     # ---- plumbing ----------------------------------------------------------------------------------
     def _send(self, msg) -> None:
@@ -135,7 +140,6 @@ class EngineProcess(AsyncEngine):
             self.metrics.update_engine_stats(self.stats, len(self._tracked))
 
     def _handle(self, outputs, rejected, stats, wall, cpu) -> None:
-        from labkit.engine import StepOutput
         now = time.perf_counter()
         self.stats = stats
         for rid, err in rejected:            # add_request refused it (too long...): the handler raises it
