@@ -81,8 +81,13 @@ class EngineProcess(AsyncEngine):
 
     # ---- called from the event loop ---------------------------------------------------------------
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._out.fileno(), self._on_readable)
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_reader(self._out.fileno(), self._on_readable)
+        except NotImplementedError:    # Windows' proactor event loop
+            raise RuntimeError("--engine-mode process needs an event loop that can watch a pipe (Linux, macOS); "
+                               "use --engine-mode thread here") from None
+        self._loop = loop
 
     @property
     def alive(self) -> bool:
