@@ -10,6 +10,7 @@ stops sending traffic, new requests get 503 + Retry-After (not `connection refus
 """
 import argparse
 import os
+import signal
 import sys
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -147,7 +148,9 @@ def main(argv=None) -> int:
         return 130
     finally:
         loop.stop()       # normally done already (lifespan shutdown); this covers a failed startup
-    return 0
+    # where SIGINT was ignored when we started (a background job of a non-interactive shell), uvicorn's re-raise
+    # does nothing: a drained Ctrl-C still exits 128 + SIGINT, as a shell expects
+    return 130 if signal.SIGINT in server.exit_signals else 0
 
 
 def _draining_server_class():
@@ -170,8 +173,10 @@ def _draining_server_class():
             super().__init__(config)
             self.labkit_app, self.drain_timeout = app, drain_timeout
             self.drain_started: float | None = None
+            self.exit_signals: list[int] = []
 
         def handle_exit(self, sig, frame):
+            self.exit_signals.append(sig)
             if self.drain_started is not None or self.should_exit:
                 return super().handle_exit(sig, frame)
             self.drain_started = time.monotonic()
