@@ -5,7 +5,9 @@
     block_manager.py  paged KV bookkeeping: blocks, block tables, prefix caching
     sequence.py       a request inside the engine
     scheduler.py      continuous batching: who runs this step, preemption when blocks run out
-    model_runner.py   one forward pass over a flat batch of prefill and decode tokens, paged attention
+    attention.py      paged attention in plain PyTorch: decode reads the blocks in place, prefill gathers them
+    fast_layers.py    fused, pre-packed projections and norms for the runner
+    model_runner.py   one forward pass over a flat batch of prefill and decode tokens
     engine.py         LLMEngine: add_request / step / abort_request / stats
     llm.py            LLM(...).generate(prompts, SamplingParams(...)), shaped like vLLM's
     baselines.py      what the engine is compared with: no cache, HF generate, static batching
