@@ -81,10 +81,9 @@ def load_for_serving(args):
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.quantized:   # a GPTQ checkpoint (labkit.quant.export_gptq or GPTQModel), run by QuantLinear
-        from labkit.model import load_tokenizer
         from labkit.quant import load_gptq
-        model, tokenizer = load_gptq(args.quantized, device=args.device, dtype=dtype)
-        return model, tokenizer or load_tokenizer(args.model)
+        model, _ = load_gptq(args.quantized, device=args.device, dtype=dtype)
+        return model, load_serving_tokenizer(args)
     return load_model(args.model, device=args.device, dtype=dtype)
 
 
@@ -97,7 +96,8 @@ def build_engine(args):
 
 
 def load_serving_tokenizer(args):
-    """The tokenizer load_for_serving would return, without loading the model (for the HTTP process)."""
+    """The tokenizer to serve with: a quantized checkpoint's own where it ships one, else the model's. Loads no
+    weights, so the HTTP process can use it while the engine process loads the model."""
     from pathlib import Path
 
     from labkit.model import load_tokenizer
