@@ -44,6 +44,12 @@ def _running_loop():
         return None
 
 
+def engine_limits(engine) -> dict:
+    """What the HTTP layer checks requests against (and reports), read from an LLMEngine once."""
+    return {"max_context": engine.max_context, "vocab_size": engine.model.config.vocab_size,
+            "max_num_seqs": engine.scheduler.max_num_seqs, "num_blocks": engine.block_manager.num_blocks}
+
+
 class EngineDead(RuntimeError):
     pass
 
@@ -58,19 +64,17 @@ class AsyncEngine:
 
     def __init__(self, engine, metrics=None, idle_wait: float = 0.05):
         self.engine, self.idle_wait = engine, idle_wait
-        self._setup(metrics, engine.stats(), max_context=engine.max_context,
-                    vocab_size=engine.model.config.vocab_size, max_num_seqs=engine.scheduler.max_num_seqs,
-                    num_blocks=engine.block_manager.num_blocks)
+        self._setup(metrics, engine.stats(), **engine_limits(engine))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _setup(self, metrics, stats, **limits) -> None:
+    def _setup(self, metrics, stats, max_context: int, vocab_size: int, max_num_seqs: int, num_blocks: int) -> None:
         """State shared with EngineProcess (engine_process.py): the requests in flight and the counters."""
         self.metrics = metrics
-        self.max_context, self.vocab_size = limits["max_context"], limits["vocab_size"]
-        self.max_num_seqs, self.num_blocks = limits["max_num_seqs"], limits["num_blocks"]
+        self.max_context, self.vocab_size, self.max_num_seqs, self.num_blocks = \
+            max_context, vocab_size, max_num_seqs, num_blocks
         self._tracked: dict[str, _Tracked] = {}
         self._outbox: list = []     # (tracked, item) to deliver at the end of this loop turn
         self.stats = stats

@@ -32,7 +32,7 @@ import traceback
 
 from labkit.engine import StepOutput
 
-from .async_engine import AsyncEngine, EngineDead, _Tracked
+from .async_engine import AsyncEngine, EngineDead, _Tracked, engine_limits
 
 
 class EngineProcess(AsyncEngine):
@@ -200,10 +200,7 @@ def _child_main(args, cmd, out, parent_pid: int) -> None:
     try:
         from .cli import build_engine
         engine = build_engine(args)
-        out.send(("ready", {"stats": engine.stats(), "max_context": engine.max_context,
-                            "vocab_size": engine.model.config.vocab_size,
-                            "max_num_seqs": engine.scheduler.max_num_seqs,
-                            "num_blocks": engine.block_manager.num_blocks}))
+        out.send(("ready", {"stats": engine.stats(), **engine_limits(engine)}))
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         # a thread drains the command pipe as commands come, so the parent's send() never waits for a step
         threading.Thread(target=_receive, args=(cmd, inbox), name="labkit-engine-commands", daemon=True).start()
