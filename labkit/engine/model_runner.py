@@ -63,7 +63,8 @@ class ModelRunner:
         prefill gathers (so a long prompt does not make every decode token pay for padded queries)."""
         bs = self.block_size
         ids, pos, slots, logits_index = [], [], [], []
-        decode, prefill = ([], [], []), ([], [], [], [])
+        dec_index, dec_context, dec_tables = [], [], []                    # decode: one token per sequence
+        pre_index, pre_starts, pre_lengths, pre_tables = [], [], [], []    # prefill: a prompt or a chunk of one
         for (tokens, start, table), samples in zip(chunks, sample_flags):
             first = len(ids)
             for j, t in enumerate(tokens):
@@ -73,20 +74,21 @@ class ModelRunner:
             if samples:
                 logits_index.append(len(ids) - 1)
             if len(tokens) == 1:
-                for part, value in zip(decode, (first, start + 1, table)):
-                    part.append(value)
+                dec_index.append(first)
+                dec_context.append(start + 1)
+                dec_tables.append(table)
             else:
-                for part, value in zip(prefill, (range(first, first + len(tokens)), start, len(tokens), table)):
-                    part.append(value)
+                pre_index += range(first, first + len(tokens))
+                pre_starts.append(start)
+                pre_lengths.append(len(tokens))
+                pre_tables.append(table)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         s = self.shape
-        return StepInput(
-            t(ids), t(pos), self.cache.write_index(t(slots)),
-            build_decode_batch(*decode, self.num_heads, s.num_kv_heads, self.cache.num_blocks, bs, s.head_dim,
-                               self.device) if decode[0] else None,
-            build_prefill_batch([i for r in prefill[0] for i in r], *prefill[1:], bs, self.device)
-            if prefill[0] else None,
-            t(logits_index))
+        decode = build_decode_batch(dec_index, dec_context, dec_tables, self.num_heads, s.num_kv_heads,
+                                    self.cache.num_blocks, bs, s.head_dim, self.device) if dec_index else None
+        prefill = build_prefill_batch(pre_index, pre_starts, pre_lengths, pre_tables, bs, self.device) \
+            if pre_index else None
+        return StepInput(t(ids), t(pos), self.cache.write_index(t(slots)), decode, prefill, t(logits_index))
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
