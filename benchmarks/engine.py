@@ -9,6 +9,7 @@ within the run (never absolute times), so they mean the same on a laptop and on 
   - labkit's engine throughput >= vLLM's on this CPU for the course model (reported as a ratio, met or not),
     judged against vLLM as it runs by default (torch.compile); eager vLLM is reported beside it.
 """
+
 import argparse
 import os
 import statistics
@@ -33,30 +34,56 @@ from labkit.timing import time_it  # noqa: E402
 def median_run(runs: list[dict]) -> dict:
     """The run with the median wall time, plus every run's throughput (to see the spread)."""
     runs = sorted(runs, key=lambda r: r["wall_s"])
-    return {**{k: v for k, v in runs[len(runs) // 2].items() if k != "token_ids"},
-            "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+    return {
+        **{k: v for k, v in runs[len(runs) // 2].items() if k != "token_ids"},
+        "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
+    }
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="None = the course model; or a Llama-family hub id / path")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default=None, help="None = the course model; or a Llama-family hub id / path"
+    )
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--max-num-seqs", type=int, default=32, help="continuous max running = static batch size")
-    ap.add_argument("--long-fraction", type=float, default=0.2,
-                    help="share of long (192-256 token) answers in the mixed workload; it sets static batching's "
-                         "padded work, hence the ceiling of continuous/static (recorded as static_padded_work)")
+    ap.add_argument(
+        "--max-num-seqs", type=int, default=32, help="continuous max running = static batch size"
+    )
+    ap.add_argument(
+        "--long-fraction",
+        type=float,
+        default=0.2,
+        help="share of long (192-256 token) answers in the mixed workload; it sets static batching's "
+        "padded work, hence the ceiling of continuous/static (recorded as static_padded_work)",
+    )
     ap.add_argument("--decode-tokens", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for labkit on a CPU (default 1: vLLM's CPU worker also computes on one core, "
-                         "reserving the other for its frontend; 0 = torch's default)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="paired runs: static and continuous alternate, then labkit and vLLM alternate; each ratio is "
-                         "the median of the per-pair ratios, so a run disturbed by another job does not decide")
-    ap.add_argument("--vllm-mode", choices=("compiled", "eager", "both"), default="both",
-                    help="vLLM with torch.compile (its default; ~1 min more start-up on a CPU), eager, or both; the "
-                         "target is judged against compiled when it ran")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for labkit on a CPU (default 1: vLLM's CPU worker also computes on one core, "
+        "reserving the other for its frontend; 0 = torch's default)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="paired runs: static and continuous alternate, then labkit and vLLM alternate; each ratio is "
+        "the median of the per-pair ratios, so a run disturbed by another job does not decide",
+    )
+    ap.add_argument(
+        "--vllm-mode",
+        choices=("compiled", "eager", "both"),
+        default="both",
+        help="vLLM with torch.compile (its default; ~1 min more start-up on a CPU), eager, or both; the "
+        "target is judged against compiled when it ran",
+    )
     ap.add_argument("--skip-vllm", action="store_true")
-    ap.add_argument("--skip-hf", action="store_true", help="skip the slow one-request-at-a-time HF baseline")
+    ap.add_argument(
+        "--skip-hf", action="store_true", help="skip the slow one-request-at-a-time HF baseline"
+    )
     args = ap.parse_args(argv)
     if min(args.requests, args.max_num_seqs, args.decode_tokens, args.repeats) < 1:
         ap.error("--requests, --max-num-seqs, --decode-tokens and --repeats must be >= 1")
@@ -65,8 +92,14 @@ def main(argv=None):
 
     model, tok = load_model(args.model)
     device = next(model.parameters()).device
-    out = {"model": args.model or "course", "device": str(device), "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "requests": args.requests, "max_num_seqs": args.max_num_seqs}
+    out = {
+        "model": args.model or "course",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "requests": args.requests,
+        "max_num_seqs": args.max_num_seqs,
+    }
     print(f"model {out['model']} on {device}, {out['threads']} torch threads")
 
     # 1. KV cache vs none: same greedy tokens, timed end to end
@@ -75,15 +108,26 @@ def main(argv=None):
     assert generate_no_cache(model, prompt, 16) == reference_greedy_with_cache(model, prompt, 16)
     no_cache = time_it(lambda: generate_no_cache(model, prompt, n), warmup=0, runs=1).median
     cached = time_it(lambda: reference_greedy_with_cache(model, prompt, n), warmup=1, runs=3).median
-    out["kv_cache"] = {"tokens": n, "no_cache_s": no_cache, "cache_s": cached, "speedup": no_cache / cached}
-    print(f"decode {n} tokens: no cache {no_cache:.2f} s, cache {cached:.2f} s -> {no_cache / cached:.1f}x")
+    out["kv_cache"] = {
+        "tokens": n,
+        "no_cache_s": no_cache,
+        "cache_s": cached,
+        "speedup": no_cache / cached,
+    }
+    print(
+        f"decode {n} tokens: no cache {no_cache:.2f} s, cache {cached:.2f} s -> {no_cache / cached:.1f}x"
+    )
 
     # 2. the mixed workload through every engine
     workload = mixed_workload(args.requests, seed=0, long_fraction=args.long_fraction)
     prompts, lengths = [p for p, _ in workload], [k for _, k in workload]
     tokens = sum(lengths)
-    out["workload"] = {"seed": 0, "long_fraction": args.long_fraction, "output_tokens": tokens,
-                       "output_lengths": lengths}
+    out["workload"] = {
+        "seed": 0,
+        "long_fraction": args.long_fraction,
+        "output_tokens": tokens,
+        "output_lengths": lengths,
+    }
     engine = LLMEngine(model, tok, max_num_seqs=args.max_num_seqs)
     run_engine(engine, workload[:4], tag="warmup")
     systems = {}
@@ -96,33 +140,50 @@ def main(argv=None):
     static_runs, cont_runs = [], []
     for r in range(args.repeats):
         t, steps = time.perf_counter(), engine.num_steps
-        static_out = static_batch_generate(model, tok, prompts, lengths, batch_size=args.max_num_seqs, engine=engine)
+        static_out = static_batch_generate(
+            model, tok, prompts, lengths, batch_size=args.max_num_seqs, engine=engine
+        )
         static_runs.append(time.perf_counter() - t)
         out["static_steps"], steps = engine.num_steps - steps, engine.num_steps
         cont_runs.append(run_engine(engine, workload, tag=f"cont{r}"))
         out["continuous_steps"] = engine.num_steps - steps
     wall = statistics.median(static_runs)
-    systems["labkit_static"] = {"wall_s": wall, "tokens_per_s": tokens / wall,
-                                "runs_tokens_per_s": [tokens / w for w in static_runs]}
+    systems["labkit_static"] = {
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "runs_tokens_per_s": [tokens / w for w in static_runs],
+    }
     systems["labkit_continuous"] = median_run(cont_runs)
-    pair_ratios = {"continuous_vs_static": [c["tokens_per_s"] * w / tokens for c, w in zip(cont_runs, static_runs)]}
+    pair_ratios = {
+        "continuous_vs_static": [
+            c["tokens_per_s"] * w / tokens for c, w in zip(cont_runs, static_runs)
+        ]
+    }
     # Work, not time: static batching computes every slot of a batch until its longest member ends. If a step
     # cost exactly "per token", continuous/static could not beat (static tokens computed / useful tokens).
-    batches = [lengths[i:i + args.max_num_seqs] for i in range(0, len(lengths), args.max_num_seqs)]
+    batches = [
+        lengths[i : i + args.max_num_seqs] for i in range(0, len(lengths), args.max_num_seqs)
+    ]
     static_slots = sum(len(b) * max(b) for b in batches)
     # ... and the other side of it: continuous batching's steps are smaller (its tail runs the few long requests
     # alone), and a small batch uses the core less efficiently than static's always-full one
-    out["static_work"] = {"decode_slots_computed": static_slots, "useful_tokens": tokens,
-                          "padded_work_ratio": static_slots / tokens,
-                          "static_tokens_per_step": static_slots / out["static_steps"],
-                          "continuous_tokens_per_step": tokens / out["continuous_steps"]}
+    out["static_work"] = {
+        "decode_slots_computed": static_slots,
+        "useful_tokens": tokens,
+        "padded_work_ratio": static_slots / tokens,
+        "static_tokens_per_step": static_slots / out["static_steps"],
+        "continuous_tokens_per_step": tokens / out["continuous_steps"],
+    }
     check = LLMEngine(model, tok, max_num_seqs=args.max_num_seqs)
     from labkit.engine import SamplingParams
+
     for i, (p, k) in enumerate(workload):
         check.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=k, ignore_eos=True))
     labkit_ids = check.run_to_completion()
     labkit_ids = [labkit_ids[str(i)] for i in range(len(workload))]
-    out["static_equals_continuous"] = sum(a == b for a, b in zip(static_out, labkit_ids)) / len(workload)
+    out["static_equals_continuous"] = sum(a == b for a, b in zip(static_out, labkit_ids)) / len(
+        workload
+    )
 
     ok, why = vllm_available()
     if args.skip_vllm or not ok:
@@ -132,42 +193,66 @@ def main(argv=None):
         # vLLM stays up in its own process; its runs alternate with labkit's (paired measurements). "compiled" is
         # vLLM's default (torch.compile of the model at start-up); "eager" skips that, like labkit.
         try:
-            for mode in (["compiled", "eager"] if args.vllm_mode == "both" else [args.vllm_mode]):
-                with PairedRunner("vllm", workload, args.model, max_num_seqs=args.max_num_seqs,
-                                  enforce_eager=mode == "eager") as vllm:
-                    pairs = [(run_engine(engine, workload, tag=f"pair-{mode}{r}"), vllm.run())
-                             for r in range(args.repeats)]
+            for mode in ["compiled", "eager"] if args.vllm_mode == "both" else [args.vllm_mode]:
+                with PairedRunner(
+                    "vllm",
+                    workload,
+                    args.model,
+                    max_num_seqs=args.max_num_seqs,
+                    enforce_eager=mode == "eager",
+                ) as vllm:
+                    pairs = [
+                        (run_engine(engine, workload, tag=f"pair-{mode}{r}"), vllm.run())
+                        for r in range(args.repeats)
+                    ]
                 ids = pairs[0][1]["token_ids"]
                 v = {**median_run([b for _, b in pairs]), **vllm.info}
-                v["same_tokens_as_labkit"] = sum(a == b for a, b in zip(ids, labkit_ids)) / len(workload)
+                v["same_tokens_as_labkit"] = sum(a == b for a, b in zip(ids, labkit_ids)) / len(
+                    workload
+                )
                 systems[f"vllm_{mode}"] = v
                 systems[f"labkit_continuous_paired_with_{mode}"] = median_run([a for a, _ in pairs])
-                pair_ratios[f"labkit_vs_vllm_{mode}"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs]
+                pair_ratios[f"labkit_vs_vllm_{mode}"] = [
+                    a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs
+                ]
         except Exception as err:  # report, do not hide: the record says why vLLM is missing
             out["vllm_skipped"] = f"vLLM run failed: {err}"[:2000]
             print(out["vllm_skipped"])
     out["systems"] = systems
     for name, s in systems.items():
-        lat = "" if "latency_mean_s" not in s else \
-            f"  latency mean {s['latency_mean_s']:.2f} s p90 {s['latency_p90_s']:.2f} s"
+        lat = (
+            ""
+            if "latency_mean_s" not in s
+            else f"  latency mean {s['latency_mean_s']:.2f} s p90 {s['latency_p90_s']:.2f} s"
+        )
         print(f"{name:42s} {s['tokens_per_s']:8.0f} tokens/s  ({s['wall_s']:.2f} s){lat}")
 
     # each target ratio = the median of per-pair ratios (runs that met the same machine load)
-    ratios = {"kv_cache_speedup": out["kv_cache"]["speedup"],
-              "continuous_vs_static": statistics.median(pair_ratios["continuous_vs_static"]),
-              "static_padded_work": out["static_work"]["padded_work_ratio"]}
-    targets = {"kv_cache_speedup_ge_5x": ratios["kv_cache_speedup"] >= 5,
-               "continuous_vs_static_ge_3x": ratios["continuous_vs_static"] >= 3}
+    ratios = {
+        "kv_cache_speedup": out["kv_cache"]["speedup"],
+        "continuous_vs_static": statistics.median(pair_ratios["continuous_vs_static"]),
+        "static_padded_work": out["static_work"]["padded_work_ratio"],
+    }
+    targets = {
+        "kv_cache_speedup_ge_5x": ratios["kv_cache_speedup"] >= 5,
+        "continuous_vs_static_ge_3x": ratios["continuous_vs_static"] >= 3,
+    }
     for mode in ("compiled", "eager"):
         if f"labkit_vs_vllm_{mode}" in pair_ratios:
-            ratios[f"labkit_vs_vllm_{mode}"] = statistics.median(pair_ratios[f"labkit_vs_vllm_{mode}"])
-    main_mode = "compiled" if "labkit_vs_vllm_compiled" in ratios else "eager"   # vLLM's default decides
+            ratios[f"labkit_vs_vllm_{mode}"] = statistics.median(
+                pair_ratios[f"labkit_vs_vllm_{mode}"]
+            )
+    main_mode = (
+        "compiled" if "labkit_vs_vllm_compiled" in ratios else "eager"
+    )  # vLLM's default decides
     if f"labkit_vs_vllm_{main_mode}" in ratios:
         targets[f"labkit_ge_vllm_{main_mode}"] = ratios[f"labkit_vs_vllm_{main_mode}"] >= 1
     out["pair_ratios"] = pair_ratios
     cont = systems["labkit_continuous"]["tokens_per_s"]
     if "hf_generate_sequential" in systems:
-        ratios["continuous_vs_hf_sequential"] = cont / systems["hf_generate_sequential"]["tokens_per_s"]
+        ratios["continuous_vs_hf_sequential"] = (
+            cont / systems["hf_generate_sequential"]["tokens_per_s"]
+        )
     out["ratios"], out["targets_met"] = ratios, targets
     for k, v in ratios.items():
         print(f"{k:30s} {v:6.2f}x")

@@ -14,6 +14,7 @@ one busy neighbour is enough to cap the server (engine + HTTP + clients) below t
 `--engine-mode process thread` also runs a server with the engine in a thread of the HTTP process (one GIL
 for both), its runs interleaved with the same offline runs, to show what the separate process is worth.
 """
+
 import argparse
 import asyncio
 import contextlib
@@ -37,6 +38,7 @@ from labkit.serve.loadgen import run_load, workload  # noqa: E402
 def scrape(url: str) -> dict[str, float]:
     """The server's /metrics as {series: value} (labels dropped: one model per server)."""
     from prometheus_client.parser import text_string_to_metric_families
+
     values = {}
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for s in family.samples:
@@ -49,7 +51,9 @@ def wait_idle(url: str, timeout: float = 30.0) -> dict[str, float]:
     deadline = time.time() + timeout
     while True:
         m = scrape(url)
-        if (m["labkit:active_requests"] == 0 and m["labkit:kv_blocks_used"] == 0) or time.time() > deadline:
+        if (
+            m["labkit:active_requests"] == 0 and m["labkit:kv_blocks_used"] == 0
+        ) or time.time() > deadline:
             return m
         time.sleep(0.2)
 
@@ -70,7 +74,7 @@ def machine_busy_seconds() -> float | None:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
-    busy = sum(fields[:8]) - fields[3] - fields[4]       # all but idle and iowait
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
     return busy / os.sysconf("SC_CLK_TCK")
 
 
@@ -83,20 +87,40 @@ class Offline:
 
     def __init__(self, payloads: list[dict], max_num_seqs: int, model: str | None):
         from labkit.engine import LLM, SamplingParams
+
         self.llm = LLM(model, max_num_seqs=max_num_seqs)
-        self.params = [SamplingParams(temperature=0.0, max_tokens=p["max_tokens"], ignore_eos=True) for p in payloads]
+        self.params = [
+            SamplingParams(temperature=0.0, max_tokens=p["max_tokens"], ignore_eos=True)
+            for p in payloads
+        ]
         self.prompts = [p["prompt"] for p in payloads]
-        self.llm.generate(self.prompts[:4], self.params[:4])                       # warm up
+        self.llm.generate(self.prompts[:4], self.params[:4])  # warm up
 
     def run(self) -> dict:
         engine = self.llm.engine
-        busy0, steps0, cpu0, start = machine_busy_seconds(), engine.num_steps, time.process_time(), time.perf_counter()
+        busy0, steps0, cpu0, start = (
+            machine_busy_seconds(),
+            engine.num_steps,
+            time.process_time(),
+            time.perf_counter(),
+        )
         outs = self.llm.generate(self.prompts, self.params)
-        wall, cpu, steps = time.perf_counter() - start, time.process_time() - cpu0, engine.num_steps - steps0
+        wall, cpu, steps = (
+            time.perf_counter() - start,
+            time.process_time() - cpu0,
+            engine.num_steps - steps0,
+        )
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        return {"output_tokens": tokens, "wall_s": wall, "throughput_tok_s": tokens / wall, "steps": steps,
-                "step_ms": wall / steps * 1e3, "step_cpu_ms": cpu / steps * 1e3, "cpu_us_per_token": cpu / tokens * 1e6,
-                "other_cores": other_cores(busy0, machine_busy_seconds(), cpu, wall)}
+        return {
+            "output_tokens": tokens,
+            "wall_s": wall,
+            "throughput_tok_s": tokens / wall,
+            "steps": steps,
+            "step_ms": wall / steps * 1e3,
+            "step_cpu_ms": cpu / steps * 1e3,
+            "cpu_us_per_token": cpu / tokens * 1e6,
+            "other_cores": other_cores(busy0, machine_busy_seconds(), cpu, wall),
+        }
 
 
 def server_run(srv: ServerProcess, payloads: list[dict], concurrency: int) -> dict:
@@ -120,67 +144,109 @@ def server_run(srv: ServerProcess, payloads: list[dict], concurrency: int) -> di
 
     steps = max(1.0, delta("labkit:engine_steps_total"))
     s["profile"] = {
-        "engine_steps": steps, "tokens_per_step": tokens / steps,
+        "engine_steps": steps,
+        "tokens_per_step": tokens / steps,
         "step_ms": delta("labkit:engine_step_seconds_total") / steps * 1e3,
         "step_cpu_ms": delta("labkit:engine_step_cpu_seconds_total") / steps * 1e3,
         "engine_busy_frac": delta("labkit:engine_step_seconds_total") / s["wall_s"],
         # the HTTP process (with the engine thread in it in thread mode), the engine process (process mode)
-        "http_process_cpu_us_per_token": cpu["server"], "engine_process_cpu_us_per_token": cpu["engine"],
-        "server_cpu_us_per_token": None if cpu["server"] is None else cpu["server"] + (cpu["engine"] or 0.0),
+        "http_process_cpu_us_per_token": cpu["server"],
+        "engine_process_cpu_us_per_token": cpu["engine"],
+        "server_cpu_us_per_token": None
+        if cpu["server"] is None
+        else cpu["server"] + (cpu["engine"] or 0.0),
         "client_cpu_us_per_token": client / tokens * 1e6,
-        "other_cores": other_cores(busy0, busy1, client + sum(v or 0.0 for v in own.values()), s["wall_s"]),
+        "other_cores": other_cores(
+            busy0, busy1, client + sum(v or 0.0 for v in own.values()), s["wall_s"]
+        ),
     }
     return s
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None)
-    ap.add_argument("--requests", type=int, default=256, help="requests at the highest concurrency (and the "
-                    "offline comparison); a level with c clients sends min(requests, 8 c)")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=256,
+        help="requests at the highest concurrency (and the "
+        "offline comparison); a level with c clients sends min(requests, 8 c)",
+    )
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    ap.add_argument("--repeats", type=int, default=3, help="offline / server runs alternated at the top level; "
-                    "the ratio reported is the median of the repeats")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="offline / server runs alternated at the top level; "
+        "the ratio reported is the median of the repeats",
+    )
     ap.add_argument("--min-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--disconnect-requests", type=int, default=1000, help="0 to skip the leak test")
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for both the server and the offline engine (default on CPU: 1, steadier on "
-                         "a shared 2-core machine: the other core runs HTTP and the clients)")
-    ap.add_argument("--engine-mode", nargs="+", default=["process"], choices=("process", "thread"),
-                    help="the server's engine in its own process (default) or in a thread of the HTTP process; "
-                         "with both (`process thread`), one server of each, their top-level runs interleaved with "
-                         "the offline runs; the targets are judged on the first")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for both the server and the offline engine (default on CPU: 1, steadier on "
+        "a shared 2-core machine: the other core runs HTTP and the clients)",
+    )
+    ap.add_argument(
+        "--engine-mode",
+        nargs="+",
+        default=["process"],
+        choices=("process", "thread"),
+        help="the server's engine in its own process (default) or in a thread of the HTTP process; "
+        "with both (`process thread`), one server of each, their top-level runs interleaved with "
+        "the offline runs; the targets are judged on the first",
+    )
     args = ap.parse_args(argv)
     import torch
+
     if args.threads is None and not torch.cuda.is_available():
         args.threads = 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
     top = max(args.concurrency)
-    payloads = workload(max(args.requests, top), seed=0, min_tokens=args.min_tokens, max_tokens=args.max_tokens)
+    payloads = workload(
+        max(args.requests, top), seed=0, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+    )
     offline = Offline(payloads, args.max_num_seqs, args.model)
     levels, offline_runs, result = [], [], {"load_before": loadavg()}
     modes = list(dict.fromkeys(args.engine_mode))
     runs: dict[str, list] = {m: [] for m in modes}
     with contextlib.ExitStack() as stack:
-        servers = {m: stack.enter_context(ServerProcess(args.model, max_num_seqs=args.max_num_seqs,
-                                                        max_waiting=4 * args.disconnect_requests + 256,
-                                                        threads=args.threads, engine_mode=m)) for m in modes}
+        servers = {
+            m: stack.enter_context(
+                ServerProcess(
+                    args.model,
+                    max_num_seqs=args.max_num_seqs,
+                    max_waiting=4 * args.disconnect_requests + 256,
+                    threads=args.threads,
+                    engine_mode=m,
+                )
+            )
+            for m in modes
+        }
         srv = servers[modes[0]]
         for other in servers.values():
-            asyncio.run(run_load(other.url, payloads[:8], 4))          # warm up the server
+            asyncio.run(run_load(other.url, payloads[:8], 4))  # warm up the server
         for c in args.concurrency:
             if c == top:
                 break
-            s = server_run(srv, payloads[:min(len(payloads), max(8 * c, c))], c)
+            s = server_run(srv, payloads[: min(len(payloads), max(8 * c, c))], c)
             s["kv_blocks_used_after"] = wait_idle(srv.url)["labkit:kv_blocks_used"]
             levels.append(s)
-            print(f"  {c:3d} clients: {s['throughput_tok_s']:7.0f} tok/s  TTFT p50 {s['ttft_p50_s'] * 1e3:6.0f} ms "
-                  f"p99 {s['ttft_p99_s'] * 1e3:6.0f} ms  TPOT p50 {s['tpot_p50_s'] * 1e3:5.1f} ms  "
-                  f"errors {s['errors']}", flush=True)
+            print(
+                f"  {c:3d} clients: {s['throughput_tok_s']:7.0f} tok/s  TTFT p50 {s['ttft_p50_s'] * 1e3:6.0f} ms "
+                f"p99 {s['ttft_p99_s'] * 1e3:6.0f} ms  TPOT p50 {s['tpot_p50_s'] * 1e3:5.1f} ms  "
+                f"errors {s['errors']}",
+                flush=True,
+            )
         # the comparison: offline and server alternated on the same workload, so a burst of load from other
         # processes hits both; each server run is compared with the offline runs just before and after it
         offline_runs.append(offline.run())
@@ -189,40 +255,69 @@ def main(argv=None) -> dict:
                 s = server_run(servers[mode], payloads, top)
                 s["kv_blocks_used_after"] = wait_idle(servers[mode].url)["labkit:kv_blocks_used"]
                 offline_runs.append(offline.run())
-                around = (offline_runs[-2]["throughput_tok_s"] + offline_runs[-1]["throughput_tok_s"]) / 2
+                around = (
+                    offline_runs[-2]["throughput_tok_s"] + offline_runs[-1]["throughput_tok_s"]
+                ) / 2
                 s["ratio_vs_offline"] = s["throughput_tok_s"] / around
                 runs[mode].append(s)
                 p = s["profile"]
-                others = [x for x in (p["other_cores"], offline_runs[-2]["other_cores"],
-                                      offline_runs[-1]["other_cores"]) if x is not None]
-                s["other_cores_max"] = max(others) if others else None     # the busiest of the three runs
+                others = [
+                    x
+                    for x in (
+                        p["other_cores"],
+                        offline_runs[-2]["other_cores"],
+                        offline_runs[-1]["other_cores"],
+                    )
+                    if x is not None
+                ]
+                s["other_cores_max"] = (
+                    max(others) if others else None
+                )  # the busiest of the three runs
                 other = "?" if s["other_cores_max"] is None else f"{s['other_cores_max']:.2f}"
-                print(f"  {top:3d} clients, {mode:7s} run {r + 1}: {s['throughput_tok_s']:7.0f} tok/s vs offline "
-                      f"{around:.0f} tok/s -> {s['ratio_vs_offline']:.2f}x; engine step {p['step_ms']:.1f} ms wall / "
-                      f"{p['step_cpu_ms']:.1f} ms CPU (offline {offline_runs[-1]['step_ms']:.1f} / "
-                      f"{offline_runs[-1]['step_cpu_ms']:.1f}); other programs {other} cores; "
-                      f"errors {s['errors']}", flush=True)
+                print(
+                    f"  {top:3d} clients, {mode:7s} run {r + 1}: {s['throughput_tok_s']:7.0f} tok/s vs offline "
+                    f"{around:.0f} tok/s -> {s['ratio_vs_offline']:.2f}x; engine step {p['step_ms']:.1f} ms wall / "
+                    f"{p['step_cpu_ms']:.1f} ms CPU (offline {offline_runs[-1]['step_ms']:.1f} / "
+                    f"{offline_runs[-1]['step_cpu_ms']:.1f}); other programs {other} cores; "
+                    f"errors {s['errors']}",
+                    flush=True,
+                )
         repeats = runs[modes[0]]
         median = statistics.median(s["ratio_vs_offline"] for s in repeats)
-        levels.append(min(repeats, key=lambda s: abs(s["ratio_vs_offline"] - median)))   # the median run
-        result["engine_modes"] = {m: {"throughput_ratio_median": statistics.median(s["ratio_vs_offline"] for s in rs),
-                                      "throughput_ratio_runs": [s["ratio_vs_offline"] for s in rs],
-                                      "step_ms": statistics.median(s["profile"]["step_ms"] for s in rs),
-                                      "step_cpu_ms": statistics.median(s["profile"]["step_cpu_ms"] for s in rs),
-                                      "engine_process_cpu_us_per_token": statistics.median(
-                                          s["profile"]["engine_process_cpu_us_per_token"] or 0.0 for s in rs) or None,
-                                      "server_cpu_us_per_token": statistics.median(
-                                          s["profile"]["server_cpu_us_per_token"] or 0.0 for s in rs) or None}
-                                  for m, rs in runs.items()}
+        levels.append(
+            min(repeats, key=lambda s: abs(s["ratio_vs_offline"] - median))
+        )  # the median run
+        result["engine_modes"] = {
+            m: {
+                "throughput_ratio_median": statistics.median(s["ratio_vs_offline"] for s in rs),
+                "throughput_ratio_runs": [s["ratio_vs_offline"] for s in rs],
+                "step_ms": statistics.median(s["profile"]["step_ms"] for s in rs),
+                "step_cpu_ms": statistics.median(s["profile"]["step_cpu_ms"] for s in rs),
+                "engine_process_cpu_us_per_token": statistics.median(
+                    s["profile"]["engine_process_cpu_us_per_token"] or 0.0 for s in rs
+                )
+                or None,
+                "server_cpu_us_per_token": statistics.median(
+                    s["profile"]["server_cpu_us_per_token"] or 0.0 for s in rs
+                )
+                or None,
+            }
+            for m, rs in runs.items()
+        }
         if args.disconnect_requests:
             n = args.disconnect_requests
             leak_payloads = workload(n, seed=1, min_tokens=4, max_tokens=24)
             res = asyncio.run(run_load(srv.url, leak_payloads, top, disconnect_prob=0.5, seed=1))
             after = wait_idle(srv.url)
             s = res.summary()
-            result["disconnect_test"] = {"requests": n, "disconnected": s["disconnected"], "completed": s["ok"],
-                                         "errors": s["errors"], "kv_blocks_used_after": after["labkit:kv_blocks_used"],
-                                         "active_requests_after": after["labkit:active_requests"]}
+            result["disconnect_test"] = {
+                "requests": n,
+                "disconnected": s["disconnected"],
+                "completed": s["ok"],
+                "errors": s["errors"],
+                "kv_blocks_used_after": after["labkit:kv_blocks_used"],
+                "active_requests_after": after["labkit:active_requests"],
+            }
             print(f"  disconnect test: {result['disconnect_test']}", flush=True)
         final = wait_idle(srv.url)
         exit_codes = [server.stop() for server in servers.values()]
@@ -235,35 +330,64 @@ def main(argv=None) -> dict:
     prof = at_top["profile"]
     targets = {
         "zero_errors_at_top": all(s["errors"] == 0 and s["ok"] == s["requests"] for s in repeats),
-        "throughput_ratio_vs_offline": median, "throughput_ratio_runs": [s["ratio_vs_offline"] for s in repeats],
+        "throughput_ratio_vs_offline": median,
+        "throughput_ratio_runs": [s["ratio_vs_offline"] for s in repeats],
         # cores other programs used during each run (and the offline runs around it): read the ratios with it
         "throughput_ratio_other_cores": [s["other_cores_max"] for s in repeats],
         "throughput_ratio_ok": median >= 0.8,
         "kv_blocks_zero_after": final["labkit:kv_blocks_used"] == 0,
-        "disconnects_leak_nothing": None if dt is None else
-        (dt["kv_blocks_used_after"] == 0 and dt["active_requests_after"] == 0 and dt["errors"] == 0),
-        "graceful_exit_code": exit_code,          # uvicorn re-raises SIGTERM after a clean drain: -15 is fine
+        "disconnects_leak_nothing": None
+        if dt is None
+        else (
+            dt["kv_blocks_used_after"] == 0
+            and dt["active_requests_after"] == 0
+            and dt["errors"] == 0
+        ),
+        "graceful_exit_code": exit_code,  # uvicorn re-raises SIGTERM after a clean drain: -15 is fine
         "graceful_exit_ok": all(code in (0, -15) for code in exit_codes),
     }
     # CPU per generated token does not depend on how busy the machine is (wall-clock throughput does):
     # it says what the server costs on top of the engine, and what the load generator itself costs
     engine_us = prof["step_cpu_ms"] * 1e3 / prof["tokens_per_step"]
-    cpu = {"offline_us_per_token": off_cpu,
-           "server_engine_step_us_per_token": engine_us,
-           "engine_process_us_per_token": prof["engine_process_cpu_us_per_token"],   # None in thread mode
-           "http_process_us_per_token": prof["http_process_cpu_us_per_token"],
-           "server_process_us_per_token": prof["server_cpu_us_per_token"],             # both together
-           "client_us_per_token": prof["client_cpu_us_per_token"],
-           # the throughput ratio the server would reach if its engine had a core to itself (the event
-           # loop and the clients on another): a derived figure, reported next to the measured one
-           "engine_cpu_ratio": off_cpu / engine_us}
-    result.update({"workload": {"requests": len(payloads), "min_tokens": args.min_tokens,
-                                "max_tokens": args.max_tokens, "max_num_seqs": args.max_num_seqs,
-                                "torch_threads": args.threads, "repeats": args.repeats,
-                                "engine_mode": modes[0]},
-                   "offline": {**max(offline_runs, key=lambda o: o["throughput_tok_s"]), "runs": offline_runs},
-                   "levels": levels, "top_level_runs": repeats, "cpu_per_token": cpu, "targets": targets})
-    print(json.dumps({"cpu_per_token": cpu, "engine_modes": result["engine_modes"], **targets}, indent=2))
+    cpu = {
+        "offline_us_per_token": off_cpu,
+        "server_engine_step_us_per_token": engine_us,
+        "engine_process_us_per_token": prof[
+            "engine_process_cpu_us_per_token"
+        ],  # None in thread mode
+        "http_process_us_per_token": prof["http_process_cpu_us_per_token"],
+        "server_process_us_per_token": prof["server_cpu_us_per_token"],  # both together
+        "client_us_per_token": prof["client_cpu_us_per_token"],
+        # the throughput ratio the server would reach if its engine had a core to itself (the event
+        # loop and the clients on another): a derived figure, reported next to the measured one
+        "engine_cpu_ratio": off_cpu / engine_us,
+    }
+    result.update(
+        {
+            "workload": {
+                "requests": len(payloads),
+                "min_tokens": args.min_tokens,
+                "max_tokens": args.max_tokens,
+                "max_num_seqs": args.max_num_seqs,
+                "torch_threads": args.threads,
+                "repeats": args.repeats,
+                "engine_mode": modes[0],
+            },
+            "offline": {
+                **max(offline_runs, key=lambda o: o["throughput_tok_s"]),
+                "runs": offline_runs,
+            },
+            "levels": levels,
+            "top_level_runs": repeats,
+            "cpu_per_token": cpu,
+            "targets": targets,
+        }
+    )
+    print(
+        json.dumps(
+            {"cpu_per_token": cpu, "engine_modes": result["engine_modes"], **targets}, indent=2
+        )
+    )
     print("wrote", save_result("serve", result))
     return result
 

@@ -2,6 +2,7 @@
 
 Each module is one idea; read them alongside the notebooks.
 """
+
 from .device import pick_device
 from .model import count_parameters, load_model, load_tokenizer
 

@@ -5,24 +5,31 @@ notebook should use: the student's own if it is right, otherwise labkit's refere
 It never raises, so an unsolved notebook still runs to the end (and CI can execute student copies).
 The same checks run in tests/ against the reference code, so they cannot drift from it.
 """
+
 import math
-from typing import Callable
+from collections.abc import Callable
 
 
 class ExerciseFailure(AssertionError):
     pass
 
 
-def run_check(name: str, student: Callable, reference: Callable, test: Callable[[Callable], None]) -> Callable:
+def run_check(
+    name: str, student: Callable, reference: Callable, test: Callable[[Callable], None]
+) -> Callable:
     """Run `test(student)`; print a verdict; return student if it passed, else reference."""
     try:
         test(student)
     except NotImplementedError:
-        print(f"[ ] {name}: not solved yet - using labkit's reference implementation so the notebook can go on.")
+        print(
+            f"[ ] {name}: not solved yet - using labkit's reference implementation so the notebook can go on."
+        )
         return reference
     except Exception as err:  # a wrong answer or a crash are both feedback for the student
-        print(f"[x] {name}: not right yet - {type(err).__name__}: {err}\n"
-              f"    Using labkit's reference implementation for the rest of the notebook.")
+        print(
+            f"[x] {name}: not right yet - {type(err).__name__}: {err}\n"
+            f"    Using labkit's reference implementation for the rest of the notebook."
+        )
         return reference
     print(f"[ok] {name}: correct!")
     return student
@@ -37,6 +44,7 @@ def expect_close(got, want, what: str, rel: float = 1e-4, abs_: float = 1e-6) ->
 
 # ---- notebook 00 -----------------------------------------------------------------------------
 
+
 def reference_perplexity_from_nll(total_nll: float, n_tokens: int) -> float:
     return math.exp(total_nll / n_tokens)
 
@@ -44,5 +52,10 @@ def reference_perplexity_from_nll(total_nll: float, n_tokens: int) -> float:
 def check_perplexity_from_nll(student: Callable) -> Callable:
     def test(fn):
         for nll, n in [(0.0, 10), (10 * math.log(8192), 10), (123.4, 50)]:
-            expect_close(fn(nll, n), reference_perplexity_from_nll(nll, n), f"perplexity_from_nll({nll:.1f}, {n})")
+            expect_close(
+                fn(nll, n),
+                reference_perplexity_from_nll(nll, n),
+                f"perplexity_from_nll({nll:.1f}, {n})",
+            )
+
     return run_check("perplexity_from_nll", student, reference_perplexity_from_nll, test)

@@ -1,4 +1,5 @@
 """The `labkit` command: small tasks around the course (`labkit --help`)."""
+
 import argparse
 import sys
 
@@ -8,13 +9,18 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="command", required=True)
     nb = sub.add_parser("notebooks", help="regenerate notebooks/ (student copies) from solutions/")
     nb.add_argument("--check", action="store_true", help="only report stale copies; exit 1 if any")
-    sub.add_parser("train", help="retrain the course model (see python -m labkit.train --help)", add_help=False)
+    sub.add_parser(
+        "train", help="retrain the course model (see python -m labkit.train --help)", add_help=False
+    )
     sub.add_parser("info", help="versions, device and the course model")
-    sub.add_parser("serve", help="OpenAI-compatible server (see labkit serve --help)", add_help=False)
+    sub.add_parser(
+        "serve", help="OpenAI-compatible server (see labkit serve --help)", add_help=False
+    )
     args, rest = ap.parse_known_args(argv)
 
     if args.command == "notebooks":
         from .exercises import generate
+
         stale = generate(check=args.check)
         for name in stale:
             print(("stale: " if args.check else "wrote: ") + name)
@@ -26,12 +32,15 @@ def main(argv=None):
         return 0
     if args.command == "train":
         from .train import main as train_main
+
         return train_main(rest)
     if args.command == "serve":
         from .serve.cli import main as serve_main
+
         return serve_main(rest)
     if args.command == "info":
         from .env import environment_report
+
         print(environment_report())
         return 0
 

@@ -4,19 +4,29 @@ Each novel is hard-wrapped at ~70 columns. We join every paragraph onto one line
 trained on hard-wrapped text spends its capacity predicting line breaks. The last 5% of each novel's
 paragraphs are held out for evaluation, so perplexity is always measured on text the model never saw.
 """
+
 import lzma
-from functools import lru_cache
+from functools import cache
 
 from .paths import CORPUS_DIR
 
-NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+NOVELS = (
+    "emma",
+    "mansfieldpark",
+    "northangerabbey",
+    "persuasion",
+    "prideprejudice",
+    "sensesensibility",
+)
 HELDOUT_FRACTION = 0.05
 
 
 def read_novel(name: str) -> str:
     path = CORPUS_DIR / f"{name}.txt.xz"
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; the corpus ships with the repository (data/corpus/)")
+        raise FileNotFoundError(
+            f"{path} is missing; the corpus ships with the repository (data/corpus/)"
+        )
     return lzma.decompress(path.read_bytes()).decode("utf-8")
 
 
@@ -30,7 +40,7 @@ def paragraphs(text: str) -> list[str]:
     return paras
 
 
-@lru_cache(maxsize=None)
+@cache
 def split_novel(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(train paragraphs, held-out paragraphs) for one novel: the held-out part is its last 5%."""
     paras = paragraphs(read_novel(name))

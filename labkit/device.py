@@ -1,15 +1,22 @@
 """Pick where tensors live: CUDA when present, else CPU; `LABKIT_DEVICE` or an argument overrides."""
+
 import os
 
 import torch
 
 
 def pick_device(override: str | None = None) -> torch.device:
-    choice = override or os.environ.get("LABKIT_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    choice = (
+        override
+        or os.environ.get("LABKIT_DEVICE")
+        or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     device = torch.device(choice)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {choice!r} requested but torch.cuda.is_available() is False "
-                         f"(torch {torch.__version__}); install a CUDA build of torch or use 'cpu'")
+        raise ValueError(
+            f"device {choice!r} requested but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}); install a CUDA build of torch or use 'cpu'"
+        )
     return device
 
 

@@ -4,6 +4,7 @@ Perplexity alone hides a lot: two models can have the same perplexity yet disagr
 So beside it we report the KL divergence KL(reference || model) per token and top-1 agreement (how
 often both models pick the same next token), the way llama.cpp and vLLM quantization reports do.
 """
+
 import math
 import tempfile
 from pathlib import Path
@@ -30,15 +31,24 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     step = min(stride, window - 1)
     spans, scored = [], 1  # token 0 has no left context, so it is never scored
     while scored < n_tokens:
-        end = min(scored + (step if spans else window - 1), n_tokens)  # the first window scores all it can
+        end = min(
+            scored + (step if spans else window - 1), n_tokens
+        )  # the first window scores all it can
         spans.append((max(0, end - window), end, scored))
         scored = end
     return spans
 
 
 @torch.no_grad()
-def evaluate_lm(model, ids: torch.Tensor, reference=None, window: int | None = None, stride: int | None = None,
-                batch_size: int = 8, progress: bool = False) -> dict:
+def evaluate_lm(
+    model,
+    ids: torch.Tensor,
+    reference=None,
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict:
     """Perplexity of `model` on a 1-D token stream; with `reference`, also mean KL and top-1 agreement.
 
     Windows of equal length are batched together, so this is fast on a CPU and a GPU alike.
@@ -48,20 +58,26 @@ def evaluate_lm(model, ids: torch.Tensor, reference=None, window: int | None = N
     window = window or min(512, context_length(model))
     stride = stride or window
     if window > context_length(model):
-        raise ValueError(f"window {window} exceeds the model's context length {context_length(model)}")
+        raise ValueError(
+            f"window {window} exceeds the model's context length {context_length(model)}"
+        )
     device = next(model.parameters()).device
     spans = windows(len(ids), window, stride)
     nll, kl, agree, count = 0.0, 0.0, 0, 0
-    groups = [spans[i:i + batch_size] for i in range(0, len(spans), batch_size)]
+    groups = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
     for group in tqdm(groups, desc="evaluating", disable=not progress, leave=False):
         # batch spans of the same length; a final shorter span goes on its own
         for same in _by_length(group):
             x = torch.stack([ids[b:e] for b, e, _ in same]).to(device)
             logp = F.log_softmax(model(input_ids=x).logits.float(), dim=-1)
-            ref_logp = F.log_softmax(reference(input_ids=x).logits.float(), dim=-1) if reference is not None else None
+            ref_logp = (
+                F.log_softmax(reference(input_ids=x).logits.float(), dim=-1)
+                if reference is not None
+                else None
+            )
             for row, (b, e, first) in enumerate(same):
                 pred = slice(first - b - 1, e - b - 1)  # logits at position t predict token t+1
-                targets = x[row, first - b:e - b]
+                targets = x[row, first - b : e - b]
                 lp = logp[row, pred]
                 nll -= lp.gather(-1, targets[:, None]).sum().item()
                 count += len(targets)

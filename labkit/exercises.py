@@ -12,6 +12,7 @@ NotImplementedError at the same indentation. Outputs are stripped from both copi
 check function (labkit.checks) catches the error, says so, and hands back labkit's reference
 implementation, so an unsolved student notebook still runs end to end.
 """
+
 import copy
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def _dump(nb) -> str:
     return nbformat.writes(nb) + "\n"
 
 
-def generate(solutions_dir: Path = SOLUTIONS_DIR, notebooks_dir: Path = NOTEBOOKS_DIR, check: bool = False) -> list[str]:
+def generate(
+    solutions_dir: Path = SOLUTIONS_DIR, notebooks_dir: Path = NOTEBOOKS_DIR, check: bool = False
+) -> list[str]:
     """Write (or, with check=True, only compare) every student notebook. Returns the stale ones' names."""
     stale = []
     notebooks_dir.mkdir(exist_ok=True)
@@ -83,6 +86,8 @@ def generate(solutions_dir: Path = SOLUTIONS_DIR, notebooks_dir: Path = NOTEBOOK
             stale.append(f"notebooks/{path.name}")
             if not check:
                 target.write_text(wanted)
-    orphans = {p.name for p in notebooks_dir.glob("*.ipynb")} - {p.name for p in solutions_dir.glob("*.ipynb")}
+    orphans = {p.name for p in notebooks_dir.glob("*.ipynb")} - {
+        p.name for p in solutions_dir.glob("*.ipynb")
+    }
     stale += [f"notebooks/{name} (no solution)" for name in sorted(orphans)]
     return stale

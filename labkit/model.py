@@ -4,6 +4,7 @@ Every notebook starts with `model, tokenizer = load_model(MODEL)`. `MODEL = None
 `LABKIT_MODEL` environment variable if set, else the course model in `course_model/`. A hub id such
 as "gpt2" or "facebook/opt-125m" needs a network the first time (then the HF cache serves it).
 """
+
 import os
 from pathlib import Path
 
@@ -21,8 +22,10 @@ def resolve_model_name(name: str | None = None) -> str:
     name = name or os.environ.get("LABKIT_MODEL") or COURSE_MODEL
     if name == COURSE_MODEL:
         if not (COURSE_MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(f"course model not found in {COURSE_MODEL_DIR}; it ships with the repository "
-                                    "(re-clone, or retrain with `python -m labkit.train`)")
+            raise FileNotFoundError(
+                f"course model not found in {COURSE_MODEL_DIR}; it ships with the repository "
+                "(re-clone, or retrain with `python -m labkit.train`)"
+            )
         return str(COURSE_MODEL_DIR)
     return name
 
@@ -34,7 +37,9 @@ def load_tokenizer(name: str | None = None):
     return tokenizer
 
 
-def load_model(name: str | None = None, device: str | None = None, dtype: torch.dtype = torch.float32):
+def load_model(
+    name: str | None = None, device: str | None = None, dtype: torch.dtype = torch.float32
+):
     """Return (model in eval mode, tokenizer). float32 by default: CPUs run it fastest and it is the
     reference every quantized variant is compared against."""
     path = resolve_model_name(name)
@@ -42,8 +47,10 @@ def load_model(name: str | None = None, device: str | None = None, dtype: torch.
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=is_local)
     except OSError as err:
-        raise OSError(f"could not load {path!r}: hub models need a network the first time "
-                      f"(or set MODEL = None for the offline course model). Original error: {err}") from err
+        raise OSError(
+            f"could not load {path!r}: hub models need a network the first time "
+            f"(or set MODEL = None for the offline course model). Original error: {err}"
+        ) from err
     model.to(pick_device(device)).eval()
     return model, load_tokenizer(path)
 

@@ -1,4 +1,5 @@
 """Where the course's shipped files live, so every module finds them the same way."""
+
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

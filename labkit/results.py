@@ -2,6 +2,7 @@
 
 Every file records when and where it was measured, so a number is never separated from its context.
 """
+
 import json
 import platform
 import time
@@ -16,7 +17,7 @@ def save_result(name: str, data: dict) -> str:
     record = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                   + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"),
         "torch": torch.__version__,
         **data,
     }

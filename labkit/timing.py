@@ -3,6 +3,7 @@
 The first call pays for lazy initialisation (kernel selection, memory allocation, caches); a single
 timing is noise. On a GPU, work is asynchronous, so we synchronise before reading the clock.
 """
+
 import statistics
 import time
 from dataclasses import dataclass
@@ -47,14 +48,25 @@ def time_it(fn, warmup: int = 1, runs: int = 5) -> Timing:
 
 
 @torch.no_grad()
-def decode_tokens_per_second(model, tokenizer, prompt: str = "It is a truth universally acknowledged",
-                             new_tokens: int = 64, warmup: int = 1, runs: int = 3) -> float:
+def decode_tokens_per_second(
+    model,
+    tokenizer,
+    prompt: str = "It is a truth universally acknowledged",
+    new_tokens: int = 64,
+    warmup: int = 1,
+    runs: int = 3,
+) -> float:
     """Greedy generation speed with Hugging Face `generate` (KV cache on), median of `runs`."""
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
 
     def run():
-        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id)
+        model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
     return new_tokens / time_it(run, warmup, runs).median

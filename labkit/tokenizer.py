@@ -3,6 +3,7 @@
 Byte-level BPE (as in GPT-2 and Llama 3) never produces an unknown token: any string round-trips.
 8k merges suit a 4 MB corpus (about 4.4 characters per token).
 """
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -17,7 +18,7 @@ CHAT_TEMPLATE = (
     "{% elif message['role'] == 'user' %}\"{{ message['content'] }}\" said the visitor.\n"
     "{% else %}\"{{ message['content'] }}\" replied Elizabeth.{{ eos_token }}\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}\"{% endif %}"
+    '{% if add_generation_prompt %}"{% endif %}'
 )
 
 

@@ -7,6 +7,7 @@ model is reproducible and so you can see that "pretraining" is just next-token p
 Training uses Hugging Face's `LlamaForCausalLM`, so the result is an ordinary model directory that
 `AutoModelForCausalLM`, vLLM, GPTQModel and llm-compressor all load.
 """
+
 import argparse
 import json
 import math
@@ -44,7 +45,9 @@ def token_stream(tokenizer, split: str) -> torch.Tensor:
     index = 0 if split == "train" else 1
     ids = []
     for name in NOVELS:
-        ids += tokenizer("\n".join(split_novel(name)[index]))["input_ids"] + [tokenizer.eos_token_id]
+        ids += tokenizer("\n".join(split_novel(name)[index]))["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -53,6 +56,7 @@ def add_residual_dropout(model: LlamaForCausalLM, p: float) -> None:
 
     HF's Llama has no residual dropout, so we add it with forward hooks; the saved model is unchanged.
     """
+
     def attn_hook(module, args, output):
         if not module.training:
             return output
@@ -84,7 +88,9 @@ def heldout_loss(model, stream: torch.Tensor, seq_len: int, max_windows: int = 6
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=Path("course_model"))
     ap.add_argument("--steps", type=int, default=1800)
     ap.add_argument("--batch", type=int, default=8)
@@ -106,8 +112,10 @@ def main(argv=None):
     train_text = "\n".join(p for n in NOVELS for p in split_novel(n)[0])
     tokenizer = train_tokenizer(train_text)
     train_ids, heldout_ids = token_stream(tokenizer, "train"), token_stream(tokenizer, "heldout")
-    print(f"tokens: train {len(train_ids):,}  held-out {len(heldout_ids):,}  "
-          f"chars/token {len(heldout_text) / len(heldout_ids):.2f}")
+    print(
+        f"tokens: train {len(train_ids):,}  held-out {len(heldout_ids):,}  "
+        f"chars/token {len(heldout_text) / len(heldout_ids):.2f}"
+    )
 
     tokenizer.save_pretrained(args.out)
     model = LlamaForCausalLM(course_config(tokenizer))
@@ -117,8 +125,11 @@ def main(argv=None):
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     gen = torch.Generator().manual_seed(args.seed)
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "train": [], "heldout": []}
     start = time.time()
@@ -126,7 +137,7 @@ def main(argv=None):
     bar = tqdm(range(args.steps), desc="training", mininterval=10)
     for step in bar:
         starts = torch.randint(0, len(train_ids) - args.seq_len - 1, (args.batch,), generator=gen)
-        batch = torch.stack([train_ids[s: s + args.seq_len] for s in starts])
+        batch = torch.stack([train_ids[s : s + args.seq_len] for s in starts])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         loss = model(input_ids=batch, labels=batch).loss
@@ -141,8 +152,11 @@ def main(argv=None):
             log["heldout"].append([step + 1, round(val, 4)])
             elapsed = time.time() - start
             tok_s = (step + 1) * args.batch * args.seq_len / elapsed
-            print(f"step {step + 1}: held-out loss {val:.3f} (ppl {math.exp(val):.1f}), {tok_s:,.0f} tok/s, "
-                  f"{elapsed / 60:.1f} min", flush=True)
+            print(
+                f"step {step + 1}: held-out loss {val:.3f} (ppl {math.exp(val):.1f}), {tok_s:,.0f} tok/s, "
+                f"{elapsed / 60:.1f} min",
+                flush=True,
+            )
             log["seconds"] = round(elapsed, 1)
             model.save_pretrained(args.out, safe_serialization=True)
             (args.out / "training_log.json").write_text(json.dumps(log))

@@ -10,4 +10,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def course():
     """The shipped course model and tokenizer, loaded once for the whole test session."""
     import labkit
+
     return labkit.load_model(device="cpu")

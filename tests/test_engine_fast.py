@@ -1,5 +1,6 @@
 """labkit.engine.fast_layers: the fused/pre-packed layer computes what the model's own modules compute, and
 anything it does not recognise (a packed QuantLinear) still runs through its own module."""
+
 import copy
 
 import pytest
@@ -7,7 +8,13 @@ import torch
 
 from labkit import load_model
 from labkit.engine import LLM, SamplingParams
-from labkit.engine.fast_layers import FastLayer, RotaryTable, fast_rms_norm, fused_linear, prepacked_linear
+from labkit.engine.fast_layers import (
+    FastLayer,
+    RotaryTable,
+    fast_rms_norm,
+    fused_linear,
+    prepacked_linear,
+)
 from labkit.quant import pack_model, rtn_quantize_model
 
 
@@ -18,7 +25,11 @@ def model_tok():
 
 def test_fused_linear_equals_separate_linears_with_and_without_bias():
     torch.manual_seed(0)
-    parts = [torch.nn.Linear(32, 48, bias=True), torch.nn.Linear(32, 16, bias=False), torch.nn.Linear(32, 8)]
+    parts = [
+        torch.nn.Linear(32, 48, bias=True),
+        torch.nn.Linear(32, 16, bias=False),
+        torch.nn.Linear(32, 8),
+    ]
     x = torch.randn(5, 32)
     outs = fused_linear(parts)(x)
     assert [o.shape[-1] for o in outs] == [48, 16, 8]
@@ -29,9 +40,11 @@ def test_fused_linear_equals_separate_linears_with_and_without_bias():
 def test_prepacked_linear_matches_or_declines():
     w, b, x = torch.randn(64, 32), torch.randn(64), torch.randn(7, 32)
     run = prepacked_linear(w, b)
-    if run is not None:      # a torch build with oneDNN: must agree with F.linear
-        torch.testing.assert_close(run(x), torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
-    assert prepacked_linear(w.double()) is None        # only float32 is pre-packed
+    if run is not None:  # a torch build with oneDNN: must agree with F.linear
+        torch.testing.assert_close(
+            run(x), torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4
+        )
+    assert prepacked_linear(w.double()) is None  # only float32 is pre-packed
 
 
 def test_layer_pieces_match_the_model_modules(model_tok):
@@ -40,9 +53,15 @@ def test_layer_pieces_match_the_model_modules(model_tok):
     fast = FastLayer(layer)
     x = torch.randn(6, model.config.hidden_size)
     with torch.no_grad():
-        torch.testing.assert_close(fast.input_norm(x), layer.input_layernorm(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            fast.input_norm(x), layer.input_layernorm(x), rtol=1e-5, atol=1e-5
+        )
         q, k, v = fast.qkv(x)
-        for got, proj in [(q, layer.self_attn.q_proj), (k, layer.self_attn.k_proj), (v, layer.self_attn.v_proj)]:
+        for got, proj in [
+            (q, layer.self_attn.q_proj),
+            (k, layer.self_attn.k_proj),
+            (v, layer.self_attn.v_proj),
+        ]:
             torch.testing.assert_close(got, proj(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(fast.mlp(x), layer.mlp(x), rtol=1e-4, atol=1e-4)
         pos = torch.tensor([0, 5, 17, 511])
@@ -50,7 +69,9 @@ def test_layer_pieces_match_the_model_modules(model_tok):
         ref_cos, ref_sin = model.model.rotary_emb(x, pos[None])
         torch.testing.assert_close(cos, ref_cos[0])
         torch.testing.assert_close(sin, ref_sin[0])
-    assert fast_rms_norm(torch.nn.LayerNorm(4)).__class__ is torch.nn.LayerNorm   # unknown norms are kept
+    assert (
+        fast_rms_norm(torch.nn.LayerNorm(4)).__class__ is torch.nn.LayerNorm
+    )  # unknown norms are kept
 
 
 def test_engine_runs_packed_quantlinear_models_through_their_own_modules(model_tok):
@@ -61,7 +82,14 @@ def test_engine_runs_packed_quantlinear_models_through_their_own_modules(model_t
     prompt = "It is a truth universally acknowledged"
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        ref = qmodel.generate(**ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                              pad_token_id=tok.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
-    out = LLM(qmodel, tokenizer=tok).generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        ref = qmodel.generate(
+            **ids,
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )[0, ids["input_ids"].shape[1] :].tolist()
+    out = LLM(qmodel, tokenizer=tok).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    )
     assert out[0].outputs[0].token_ids == ref

@@ -2,7 +2,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from labkit.evaluate import evaluate_lm, memory_bytes, windows
 
@@ -25,8 +26,11 @@ def test_windows_reject_bad_arguments():
 
 def test_perplexity_matches_hf_loss_on_one_window(course):
     model, tokenizer = course
-    ids = tokenizer("It is a truth universally acknowledged, that a single man in possession of a good "
-                    "fortune, must be in want of a wife.", return_tensors="pt")["input_ids"][0]
+    ids = tokenizer(
+        "It is a truth universally acknowledged, that a single man in possession of a good "
+        "fortune, must be in want of a wife.",
+        return_tensors="pt",
+    )["input_ids"][0]
     with torch.no_grad():
         loss = model(input_ids=ids[None], labels=ids[None]).loss.item()
     result = evaluate_lm(model, ids)
@@ -37,6 +41,7 @@ def test_perplexity_matches_hf_loss_on_one_window(course):
 def test_batching_does_not_change_the_answer_and_self_kl_is_zero(course):
     model, tokenizer = course
     from labkit.data import heldout_ids
+
     ids = heldout_ids(tokenizer, max_tokens=1500)
     one = evaluate_lm(model, ids, window=256, batch_size=1)
     many = evaluate_lm(model, ids, window=256, batch_size=8, reference=model)
@@ -47,8 +52,10 @@ def test_batching_does_not_change_the_answer_and_self_kl_is_zero(course):
 
 def test_kl_and_top1_see_a_perturbed_model(course):
     import copy
+
     model, tokenizer = course
     from labkit.data import heldout_ids
+
     noisy = copy.deepcopy(model)
     with torch.no_grad():
         for p in noisy.model.layers.parameters():

@@ -15,8 +15,14 @@ def test_solution_block_becomes_an_indented_stub():
         ns["f"](1)
 
 
-@pytest.mark.parametrize("bad", ["### BEGIN SOLUTION\nx", "x\n### END SOLUTION",
-                                 "### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "### BEGIN SOLUTION\nx",
+        "x\n### END SOLUTION",
+        "### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION",
+    ],
+)
 def test_unbalanced_markers_are_errors(bad):
     with pytest.raises(ValueError):
         strip_solutions(bad)
@@ -30,7 +36,13 @@ def test_student_notebooks_are_up_to_date():
 def test_stale_and_orphan_copies_are_detected(tmp_path):
     sol, stu = tmp_path / "solutions", tmp_path / "notebooks"
     sol.mkdir()
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION")])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                "def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION"
+            )
+        ]
+    )
     nbformat.write(nb, sol / "01_x.ipynb")
     assert "notebooks/01_x.ipynb" in generate(sol, stu, check=True)
     generate(sol, stu)
@@ -41,7 +53,10 @@ def test_stale_and_orphan_copies_are_detected(tmp_path):
 
 
 def test_every_solution_exercise_passes_its_own_check(capsys):
-    assert checks.check_perplexity_from_nll(checks.reference_perplexity_from_nll) is checks.reference_perplexity_from_nll
+    assert (
+        checks.check_perplexity_from_nll(checks.reference_perplexity_from_nll)
+        is checks.reference_perplexity_from_nll
+    )
     assert "[ok]" in capsys.readouterr().out
 
 

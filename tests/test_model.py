@@ -19,9 +19,14 @@ def test_course_model_is_a_llama_loaded_offline(course):
 
 def test_chat_template_renders_a_conversation(course):
     _, tokenizer = course
-    prompt = tokenizer.apply_chat_template([{"role": "system", "content": "A drawing-room."},
-                                            {"role": "user", "content": "Is he handsome?"}],
-                                           tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [
+            {"role": "system", "content": "A drawing-room."},
+            {"role": "user", "content": "Is he handsome?"},
+        ],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert "A drawing-room." in prompt and "Is he handsome?" in prompt
 
 
@@ -30,7 +35,9 @@ def test_sampling_is_reproducible_with_a_seed_and_greedy_is_deterministic(course
     a = generate_text(model, tokenizer, "Emma", max_new_tokens=12, temperature=0.9, seed=3)
     b = generate_text(model, tokenizer, "Emma", max_new_tokens=12, temperature=0.9, seed=3)
     assert a == b and len(a) > 0
-    assert generate_text(model, tokenizer, "Emma", 12, temperature=0) == generate_text(model, tokenizer, "Emma", 12, temperature=0)
+    assert generate_text(model, tokenizer, "Emma", 12, temperature=0) == generate_text(
+        model, tokenizer, "Emma", 12, temperature=0
+    )
 
 
 def test_prompt_longer_than_context_is_a_clear_error(course):

@@ -1,5 +1,6 @@
 """labkit's GPTQ export loads in the production library (GPTQModel, and transformers through it) with the
 same logits labkit computes. Needs .venv-quant (`make quant-libs`, part of `make test`); skips without it."""
+
 import copy
 
 import pytest
@@ -10,7 +11,9 @@ from labkit.data import calibration_batches
 from labkit.quant import export_gptq, gptq_quantize_model, load_gptq
 from labkit.quant.libs import libraries_available, run_library
 
-pytestmark = pytest.mark.skipif(not libraries_available(), reason=".venv-quant missing: run `make quant-libs`")
+pytestmark = pytest.mark.skipif(
+    not libraries_available(), reason=".venv-quant missing: run `make quant-libs`"
+)
 
 
 @pytest.fixture(scope="module")

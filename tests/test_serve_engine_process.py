@@ -2,6 +2,7 @@
 engine and the HTTP server are two processes. The common API behaviour (same text as offline, disconnects
 free KV blocks, drain on SIGTERM...) is tested in test_serve.py, which runs this default mode; the
 in-process thread (--engine-mode thread) is checked here against the same offline output."""
+
 import concurrent.futures
 import json
 import os
@@ -40,7 +41,10 @@ def engine_pid(srv: ServerProcess) -> int:
 
 def greedy_text(n: int) -> str:
     from labkit.engine import LLM, SamplingParams
-    out = LLM(None, max_num_seqs=4).generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+
+    out = LLM(None, max_num_seqs=4).generate(
+        [PROMPT], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    )
     return out[0].outputs[0].text
 
 
@@ -52,7 +56,12 @@ def test_the_engine_runs_in_its_own_process():
         # the tokens are computed in the child: its CPU time grows with the work, the HTTP process's much less
         cpu0, http0 = srv.cpu_seconds("engine"), srv.cpu_seconds("server")
         body = {"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "temperature": 0}
-        assert httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["usage"]["completion_tokens"] == 200
+        assert (
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["usage"][
+                "completion_tokens"
+            ]
+            == 200
+        )
         assert srv.cpu_seconds("engine") - cpu0 > srv.cpu_seconds("server") - http0
         assert engine_pid(srv) == pid
 
@@ -64,19 +73,29 @@ def test_both_engine_modes_match_offline_reject_and_free_blocks(mode):
     # only the engine's add_request knows: its refusal must come back as the same clear 400
     with ServerProcess(threads=1, engine_mode=mode, num_blocks=30, block_size=16) as srv:
         assert srv.output().count(f"engine={mode}") == 1
-        r = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0,
-                                                          "ignore_eos": True}, timeout=60).json()
+        r = httpx.post(
+            srv.url + "/v1/completions",
+            json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True},
+            timeout=60,
+        ).json()
         assert r["choices"][0]["text"] == want
         for stream in (False, True):
-            big = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 495,
-                                                                "stream": stream}, timeout=60)
+            big = httpx.post(
+                srv.url + "/v1/completions",
+                json={"prompt": PROMPT, "max_tokens": 495, "stream": stream},
+                timeout=60,
+            )
             assert big.status_code == 400 and "KV cache" in big.json()["error"]["message"], big.text
-        with httpx.stream("POST", srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 400,
-                                                                    "ignore_eos": True, "stream": True}) as resp:
+        with httpx.stream(
+            "POST",
+            srv.url + "/v1/completions",
+            json={"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True},
+        ) as resp:
             for i, _ in enumerate(resp.iter_lines()):
                 if i >= 4:
-                    break                               # hang up mid-stream
+                    break  # hang up mid-stream
         from labkit.serve.metrics import parse_metrics
+
         deadline = time.time() + 20
         while time.time() < deadline:
             m = parse_metrics(httpx.get(srv.url + "/metrics").text)
@@ -84,7 +103,7 @@ def test_both_engine_modes_match_offline_reject_and_free_blocks(mode):
                 break
             time.sleep(0.1)
         assert m["labkit:kv_blocks_used"] == 0 and m["labkit:active_requests"] == 0
-        assert m["vllm:request_success_total"] >= 2      # the completed request and the aborted stream
+        assert m["vllm:request_success_total"] >= 2  # the completed request and the aborted stream
 
 
 def test_engine_process_death_fails_clients_and_probes():
@@ -93,10 +112,14 @@ def test_engine_process_death_fails_clients_and_probes():
     srv = ServerProcess(threads=1, max_num_seqs=4).start()
     try:
         body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
-        with concurrent.futures.ThreadPoolExecutor(1) as pool, \
-                httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        with (
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+            httpx.stream(
+                "POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60
+            ) as r,
+        ):
             lines = r.iter_lines()
-            assert next(lines).startswith("data: {")       # tokens are flowing
+            assert next(lines).startswith("data: {")  # tokens are flowing
             in_flight = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=60)
             time.sleep(0.3)
             os.kill(engine_pid(srv), signal.SIGKILL)
@@ -125,7 +148,9 @@ def test_no_orphan_processes_when_the_server_stops(how):
     assert len(pids) >= 2
     srv.proc.send_signal(how)
     srv.proc.wait(60)
-    assert wait_gone(pids) == [], {p: open(f"/proc/{p}/cmdline").read() for p in pids if not gone(p)}
+    assert wait_gone(pids) == [], {
+        p: open(f"/proc/{p}/cmdline").read() for p in pids if not gone(p)
+    }
 
 
 def test_a_model_that_fails_to_load_fails_startup_with_the_reason(tmp_path):
@@ -140,9 +165,18 @@ def test_ctrl_c_to_the_process_group_still_drains():
     srv = ServerProcess(threads=1, drain_timeout=60).start()
     pids = list(srv.processes())
     try:
-        with httpx.stream("POST", srv.url + "/v1/completions",
-                          json={"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True, "stream": True,
-                                "stream_options": {"include_usage": True}}, timeout=60) as r:
+        with httpx.stream(
+            "POST",
+            srv.url + "/v1/completions",
+            json={
+                "prompt": PROMPT,
+                "max_tokens": 300,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            timeout=60,
+        ) as r:
             lines = r.iter_lines()
             first = next(lines)
             os.killpg(srv.proc.pid, signal.SIGINT)

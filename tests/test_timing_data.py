@@ -21,7 +21,7 @@ def test_calibration_is_seeded_and_from_the_training_split(course):
     assert not torch.equal(a, calibration_batches(tokenizer, n_samples=4, seq_len=64, seed=2))
     held = heldout_ids(tokenizer, max_tokens=None).tolist()
     window = a[0, :16].tolist()
-    assert not any(held[i:i + 16] == window for i in range(len(held) - 16))
+    assert not any(held[i : i + 16] == window for i in range(len(held) - 16))
 
 
 def test_sample_prompts_are_reproducible():

@@ -7,7 +7,20 @@ from labkit.train import lr_at, main
 
 
 def test_a_short_training_run_produces_a_loadable_llama(tmp_path):
-    main(["--out", str(tmp_path), "--steps", "3", "--batch", "2", "--seq-len", "64", "--eval-every", "3"])
+    main(
+        [
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--seq-len",
+            "64",
+            "--eval-every",
+            "3",
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert model.config.model_type == "llama" and model.dtype == torch.float16

@@ -1,19 +1,28 @@
 """labkit.engine: a small LLM serving engine in the style of nano-vllm / vLLM. Read in this order:
 
-    sampling.py       SamplingParams and turning logits into tokens (greedy, temperature, top-k, top-p, seed)
-    kv_cache.py       what the KV cache costs (bytes per token) and the paged storage
-    block_manager.py  paged KV bookkeeping: blocks, block tables, prefix caching
-    sequence.py       a request inside the engine
-    scheduler.py      continuous batching: who runs this step, preemption when blocks run out
-    attention.py      paged attention in plain PyTorch: decode reads the blocks in place, prefill gathers them
-    fast_layers.py    fused, pre-packed projections and norms for the runner
-    model_runner.py   one forward pass over a flat batch of prefill and decode tokens
-    engine.py         LLMEngine: add_request / step / abort_request / stats
-    llm.py            LLM(...).generate(prompts, SamplingParams(...)), shaped like vLLM's
-    baselines.py      what the engine is compared with: no cache, HF generate, static batching
+sampling.py       SamplingParams and turning logits into tokens (greedy, temperature, top-k, top-p, seed)
+kv_cache.py       what the KV cache costs (bytes per token) and the paged storage
+block_manager.py  paged KV bookkeeping: blocks, block tables, prefix caching
+sequence.py       a request inside the engine
+scheduler.py      continuous batching: who runs this step, preemption when blocks run out
+attention.py      paged attention in plain PyTorch: decode reads the blocks in place, prefill gathers them
+fast_layers.py    fused, pre-packed projections and norms for the runner
+model_runner.py   one forward pass over a flat batch of prefill and decode tokens
+engine.py         LLMEngine: add_request / step / abort_request / stats
+llm.py            LLM(...).generate(prompts, SamplingParams(...)), shaped like vLLM's
+baselines.py      what the engine is compared with: no cache, HF generate, static batching
 """
+
 from .engine import EngineStats, LLMEngine, StepOutput
 from .llm import LLM, CompletionOutput, RequestOutput
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "StepOutput", "EngineStats", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "LLMEngine",
+    "SamplingParams",
+    "StepOutput",
+    "EngineStats",
+    "RequestOutput",
+    "CompletionOutput",
+]

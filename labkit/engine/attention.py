@@ -16,6 +16,7 @@ Measured on one CPU core: 2x (K) and 3.5x (V) faster than gathering the blocks a
 **Prefill** (many queries per sequence, causal): gather the sequence's blocks into one padded [keys, head_dim]
 matrix and use two batched matmuls. Here each gathered key serves many queries, so the copy is cheap.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +28,17 @@ class DecodeBatch:
     """Index tensors for one step's decode tokens; built once per step and shared by every layer
     (each layer's cache has the same layout, so the same indices address it). Everything is ordered
     (head, sequence, ...): a sequence's rows are the same for every head, only the head's offset differs."""
-    token_index: torch.Tensor    # [B] positions of the decode tokens in the step's flat batch
-    k_rows: torch.Tensor         # rows of k.view(-1, block_size): head_dim per (head, sequence, block) bag
-    k_offsets: torch.Tensor      # [heads * B * max_blocks] start of each block's bag (past the end: empty bag)
-    k_owner: torch.Tensor        # [bags] the (head, sequence) whose query weights each non-empty bag
-    mask: torch.Tensor           # [1, B, max_blocks * block_size] additive: -inf past a sequence's length
-    keys: torch.Tensor           # flat index into the [heads, B, max_keys] scores of every real key
-    v_rows: torch.Tensor         # rows of v.view(-1, head_dim): each real key of each (head, sequence)
-    v_offsets: torch.Tensor      # [heads * B] start of each (head, sequence) bag
+
+    token_index: torch.Tensor  # [B] positions of the decode tokens in the step's flat batch
+    k_rows: torch.Tensor  # rows of k.view(-1, block_size): head_dim per (head, sequence, block) bag
+    k_offsets: (
+        torch.Tensor
+    )  # [heads * B * max_blocks] start of each block's bag (past the end: empty bag)
+    k_owner: torch.Tensor  # [bags] the (head, sequence) whose query weights each non-empty bag
+    mask: torch.Tensor  # [1, B, max_blocks * block_size] additive: -inf past a sequence's length
+    keys: torch.Tensor  # flat index into the [heads, B, max_keys] scores of every real key
+    v_rows: torch.Tensor  # rows of v.view(-1, head_dim): each real key of each (head, sequence)
+    v_offsets: torch.Tensor  # [heads * B] start of each (head, sequence) bag
 
 
 def ragged(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,63 +49,107 @@ def ragged(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return owner, torch.arange(owner.numel(), device=lengths.device) - starts[owner], starts
 
 
-def build_decode_batch(token_index: list[int], context_lens: list[int], tables: list[list[int]], heads: int,
-                       kv_heads: int, num_blocks: int, block_size: int, head_dim: int, device) -> DecodeBatch:
+def build_decode_batch(
+    token_index: list[int],
+    context_lens: list[int],
+    tables: list[list[int]],
+    heads: int,
+    kv_heads: int,
+    num_blocks: int,
+    block_size: int,
+    head_dim: int,
+    device,
+) -> DecodeBatch:
     """context_lens[b] = keys sequence b attends to (its new token included); tables[b] = its block table."""
     B, bs, arange = len(context_lens), block_size, lambda n: torch.arange(n, device=device)  # noqa: E731
     max_blocks = -(-max(context_lens) // bs)
-    table = torch.tensor([t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables], device=device)
+    table = torch.tensor(
+        [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables], device=device
+    )
     ctx = torch.tensor(context_lens, device=device)
     n_blocks = (ctx + bs - 1) // bs
-    kv_head = (arange(heads) // (heads // kv_heads))[:, None]          # query head -> its KV head, [heads, 1]
+    kv_head = (arange(heads) // (heads // kv_heads))[
+        :, None
+    ]  # query head -> its KV head, [heads, 1]
     head = arange(heads)[:, None]
     # K: bag (head, sequence, block j) = the head_dim rows of that block; j past the sequence's end: empty bag
-    seq, j, starts = ragged(n_blocks)                                   # every (sequence, block) pair
-    first_row = (kv_head * num_blocks + table[seq, j]) * head_dim       # [heads, pairs]
+    seq, j, starts = ragged(n_blocks)  # every (sequence, block) pair
+    first_row = (kv_head * num_blocks + table[seq, j]) * head_dim  # [heads, pairs]
     k_rows = (first_row[..., None] + arange(head_dim)).reshape(-1)
-    k_offsets = head_dim * (head[..., None] * seq.numel() + starts[:, None]
-                            + torch.minimum(arange(max_blocks), n_blocks[:, None]))    # [heads, B, max_blocks]
+    k_offsets = head_dim * (
+        head[..., None] * seq.numel()
+        + starts[:, None]
+        + torch.minimum(arange(max_blocks), n_blocks[:, None])
+    )  # [heads, B, max_blocks]
     # V: bag (head, sequence) = the slots of its real keys
-    seq_v, key, starts_v = ragged(ctx)                                  # every (sequence, key) pair
+    seq_v, key, starts_v = ragged(ctx)  # every (sequence, key) pair
     slot = table[seq_v, key // bs] * bs + key % bs
     max_keys = max_blocks * bs
-    mask = torch.zeros(1, B, max_keys, device=device).masked_fill(arange(max_keys) >= ctx[:, None], float("-inf"))
+    mask = torch.zeros(1, B, max_keys, device=device).masked_fill(
+        arange(max_keys) >= ctx[:, None], float("-inf")
+    )
     return DecodeBatch(
-        token_index=torch.tensor(token_index, device=device), k_rows=k_rows, k_offsets=k_offsets.reshape(-1),
-        k_owner=(head * B + seq).reshape(-1), mask=mask,
+        token_index=torch.tensor(token_index, device=device),
+        k_rows=k_rows,
+        k_offsets=k_offsets.reshape(-1),
+        k_owner=(head * B + seq).reshape(-1),
+        mask=mask,
         keys=(head * (B * max_keys) + seq_v * max_keys + key).reshape(-1),
         v_rows=(kv_head * (num_blocks * bs) + slot).reshape(-1),
-        v_offsets=(head * seq_v.numel() + starts_v).reshape(-1))
+        v_offsets=(head * seq_v.numel() + starts_v).reshape(-1),
+    )
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
-                     scale: float) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch, scale: float
+) -> torch.Tensor:
     """q [B, heads, head_dim] (one query per sequence) -> [B, heads, head_dim], reading the cache in place."""
     B, heads, dim = q.shape
     block_size = k_cache.shape[-1]
     q_rows = (q.transpose(0, 1) * scale).reshape(heads * B, dim)
     weights = q_rows.index_select(0, batch.k_owner).reshape(-1).to(k_cache.dtype)
-    scores = F.embedding_bag(batch.k_rows, k_cache.view(-1, block_size), batch.k_offsets, mode="sum",
-                             per_sample_weights=weights)                 # [heads * B * max_blocks, block_size]
+    scores = F.embedding_bag(
+        batch.k_rows,
+        k_cache.view(-1, block_size),
+        batch.k_offsets,
+        mode="sum",
+        per_sample_weights=weights,
+    )  # [heads * B * max_blocks, block_size]
     probs = (scores.view(heads, B, -1).float() + batch.mask).softmax(dim=-1)
-    out = F.embedding_bag(batch.v_rows, v_cache.view(-1, dim), batch.v_offsets, mode="sum",
-                          per_sample_weights=probs.view(-1).index_select(0, batch.keys).to(v_cache.dtype))
+    out = F.embedding_bag(
+        batch.v_rows,
+        v_cache.view(-1, dim),
+        batch.v_offsets,
+        mode="sum",
+        per_sample_weights=probs.view(-1).index_select(0, batch.keys).to(v_cache.dtype),
+    )
     return out.view(heads, B, dim).transpose(0, 1).to(q.dtype)
 
 
 @dataclass
 class PrefillBatch:
     """Sequences whose prompt chunks are attended together, padded to [B, max_q] queries x [B, max_k] keys."""
-    token_index: torch.Tensor    # [Tg] positions of these tokens in the flat batch
-    pad_index: torch.Tensor      # [Tg] where each token sits in the padded [B * max_q] query layout
-    block_tables: torch.Tensor   # [B, max_blocks] physical block ids (padded with 0: masked out anyway)
-    mask: torch.Tensor           # [B, max_q, max_k] additive: 0 = may attend, -inf = may not (causal + padding)
+
+    token_index: torch.Tensor  # [Tg] positions of these tokens in the flat batch
+    pad_index: torch.Tensor  # [Tg] where each token sits in the padded [B * max_q] query layout
+    block_tables: (
+        torch.Tensor
+    )  # [B, max_blocks] physical block ids (padded with 0: masked out anyway)
+    mask: (
+        torch.Tensor
+    )  # [B, max_q, max_k] additive: 0 = may attend, -inf = may not (causal + padding)
     batch: int
     max_q: int
 
 
-def build_prefill_batch(token_index: list[int], starts: list[int], lengths: list[int], tables: list[list[int]],
-                        block_size: int, device) -> PrefillBatch:
+def build_prefill_batch(
+    token_index: list[int],
+    starts: list[int],
+    lengths: list[int],
+    tables: list[list[int]],
+    block_size: int,
+    device,
+) -> PrefillBatch:
     """Sequence b runs tokens at positions starts[b] .. starts[b] + lengths[b] - 1 (a prompt or a chunk of one)."""
     max_q = max(lengths)
     max_blocks = -(-max(s + n for s, n in zip(starts, lengths)) // block_size)
@@ -110,33 +158,63 @@ def build_prefill_batch(token_index: list[int], starts: list[int], lengths: list
         pad_index += range(b * max_q, b * max_q + n)
         need = -(-(start + n) // block_size)
         padded_tables.append(table[:need] + [0] * (max_blocks - need))
-        qpos.append(list(range(start, start + n)) + [0] * (max_q - n))     # padded queries look at key 0
+        qpos.append(
+            list(range(start, start + n)) + [0] * (max_q - n)
+        )  # padded queries look at key 0
     key_pos = torch.arange(max_blocks * block_size, device=device)
     qpos_t = torch.tensor(qpos, device=device)
     mask = torch.zeros(qpos_t.shape + key_pos.shape, device=device).masked_fill(
-        key_pos[None, None, :] > qpos_t[:, :, None], float("-inf"))
-    return PrefillBatch(torch.tensor(token_index, device=device), torch.tensor(pad_index, device=device),
-                        torch.tensor(padded_tables, device=device), mask, len(lengths), max_q)
+        key_pos[None, None, :] > qpos_t[:, :, None], float("-inf")
+    )
+    return PrefillBatch(
+        torch.tensor(token_index, device=device),
+        torch.tensor(pad_index, device=device),
+        torch.tensor(padded_tables, device=device),
+        mask,
+        len(lengths),
+        max_q,
+    )
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PrefillBatch,
-                      scale: float) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PrefillBatch, scale: float
+) -> torch.Tensor:
     """q [Tg, heads, head_dim] -> [Tg, heads, head_dim]: gather each sequence's blocks, then two batched matmuls
     over (head, sequence) pairs with an additive causal + padding mask."""
     _, heads, dim = q.shape
     kv_heads, _, _, block_size = k_cache.shape
     B, max_q = batch.batch, batch.max_q
     blocks = batch.block_tables.view(-1)
-    group = heads // kv_heads          # grouped-query attention: each KV head serves `group` query heads
+    group = heads // kv_heads  # grouped-query attention: each KV head serves `group` query heads
     # index_select copies whole blocks (one memcpy per block and head)
     k = k_cache.index_select(1, blocks).view(kv_heads, 1, B, -1, dim, block_size).transpose(3, 4)
-    k_t = k.expand(kv_heads, group, B, dim, k.shape[4], block_size).reshape(heads * B, dim, -1).to(q.dtype)
-    v = v_cache.view(kv_heads, -1, block_size * dim).index_select(1, blocks).view(kv_heads, 1, B, -1, dim)
-    v = v.expand(kv_heads, group, B, v.shape[3], dim).reshape(heads * B, -1, dim).to(q.dtype)   # [., keys, dim]
+    k_t = (
+        k.expand(kv_heads, group, B, dim, k.shape[4], block_size)
+        .reshape(heads * B, dim, -1)
+        .to(q.dtype)
+    )
+    v = (
+        v_cache.view(kv_heads, -1, block_size * dim)
+        .index_select(1, blocks)
+        .view(kv_heads, 1, B, -1, dim)
+    )
+    v = (
+        v.expand(kv_heads, group, B, v.shape[3], dim).reshape(heads * B, -1, dim).to(q.dtype)
+    )  # [., keys, dim]
     padded = q.new_zeros(B * max_q, heads, dim)
     padded[batch.pad_index] = q
-    qh = (padded * scale).view(B, max_q, heads, dim).permute(2, 0, 1, 3).reshape(heads * B, max_q, dim)
+    qh = (
+        (padded * scale)
+        .view(B, max_q, heads, dim)
+        .permute(2, 0, 1, 3)
+        .reshape(heads * B, max_q, dim)
+    )
     scores = torch.bmm(qh, k_t).view(heads, B, max_q, -1)
     probs = (scores.float() + batch.mask).softmax(dim=-1).to(v.dtype).view(heads * B, max_q, -1)
-    out = torch.bmm(probs, v).view(heads, B, max_q, dim).permute(1, 2, 0, 3).reshape(B * max_q, heads, dim)
+    out = (
+        torch.bmm(probs, v)
+        .view(heads, B, max_q, dim)
+        .permute(1, 2, 0, 3)
+        .reshape(B * max_q, heads, dim)
+    )
     return out[batch.pad_index]

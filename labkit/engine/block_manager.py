@@ -9,6 +9,7 @@ whole prefix up to its end. A new sequence whose prompt starts with the same ful
 (reference count + 1) instead of recomputing them. Freed blocks keep their contents and hash until they
 are handed out again (least recently freed first), so a later request can still hit them.
 """
+
 from collections import OrderedDict
 
 from .sequence import Sequence
@@ -21,14 +22,18 @@ def block_hash(parent: int | None, tokens: list[int]) -> int:
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+            raise ValueError(
+                f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}"
+            )
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))  # eviction order
-        self.hash_of: dict[int, int] = {}          # physical block -> hash of the prefix it holds
-        self.block_of: dict[int, int] = {}         # hash -> physical block (the prefix cache)
-        self.cache_queries = self.cache_hits = 0   # prompt blocks looked up / found
+        self.free: OrderedDict[int, None] = OrderedDict(
+            (b, None) for b in range(num_blocks)
+        )  # eviction order
+        self.hash_of: dict[int, int] = {}  # physical block -> hash of the prefix it holds
+        self.block_of: dict[int, int] = {}  # hash -> physical block (the prefix cache)
+        self.cache_queries = self.cache_hits = 0  # prompt blocks looked up / found
 
     # ---- accounting ---------------------------------------------------------------------------------
     @property
@@ -44,7 +49,9 @@ class BlockManager:
 
     # ---- allocation ---------------------------------------------------------------------------------
     def _take_free_block(self) -> int:
-        block, _ = self.free.popitem(last=False)   # least recently freed: its cached prefix is the stalest
+        block, _ = self.free.popitem(
+            last=False
+        )  # least recently freed: its cached prefix is the stalest
         old = self.hash_of.pop(block, None)
         if old is not None and self.block_of.get(old) == block:
             del self.block_of[old]
@@ -58,7 +65,7 @@ class BlockManager:
             return []
         found, parent = [], None
         for i in range((seq.num_tokens - 1) // self.block_size):
-            h = block_hash(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = block_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             block = self.block_of.get(h)
             if block is None:
                 break
@@ -68,7 +75,9 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence) -> bool:
         cached = self._cached_prefix(seq)
-        reusable_free = sum(1 for b in cached if self.ref_count[b] == 0)  # hits that still count as free
+        reusable_free = sum(
+            1 for b in cached if self.ref_count[b] == 0
+        )  # hits that still count as free
         return self.num_free - reusable_free >= self.blocks_needed(seq.num_tokens) - len(cached)
 
     def allocate(self, seq: Sequence) -> None:
@@ -92,12 +101,16 @@ class BlockManager:
 
     def can_append(self, seq: Sequence, num_tokens: int | None = None) -> bool:
         """Enough free blocks for the sequence to hold `num_tokens` (default: all its tokens)?"""
-        need = self.blocks_needed(seq.num_tokens if num_tokens is None else num_tokens) - len(seq.block_table)
+        need = self.blocks_needed(seq.num_tokens if num_tokens is None else num_tokens) - len(
+            seq.block_table
+        )
         return need <= self.num_free
 
     def append(self, seq: Sequence, num_tokens: int | None = None) -> None:
         """Grow the block table to cover `num_tokens` slots (a decode step adds a block every block_size)."""
-        need = self.blocks_needed(seq.num_tokens if num_tokens is None else num_tokens) - len(seq.block_table)
+        need = self.blocks_needed(seq.num_tokens if num_tokens is None else num_tokens) - len(
+            seq.block_table
+        )
         if need > self.num_free:
             raise RuntimeError("append() without a free block; call can_append() first")
         for _ in range(need):
@@ -110,7 +123,7 @@ class BlockManager:
         while len(seq.block_hashes) < seq.num_computed_tokens // self.block_size:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = block_hash(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = block_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if h not in self.block_of and block not in self.hash_of:
@@ -118,7 +131,9 @@ class BlockManager:
 
     def free_seq(self, seq: Sequence) -> None:
         """Release a sequence's blocks (finished, aborted or preempted). Shared blocks stay with the others."""
-        for block in reversed(seq.block_table):  # tail first: the prefix blocks are the likeliest reused
+        for block in reversed(
+            seq.block_table
+        ):  # tail first: the prefix blocks are the likeliest reused
             self.ref_count[block] -= 1
             assert self.ref_count[block] >= 0, f"block {block} freed twice"
             if self.ref_count[block] == 0:
@@ -130,11 +145,15 @@ class BlockManager:
     def check_invariants(self, live: list[Sequence]) -> None:
         owners = [0] * self.num_blocks
         for seq in live:
-            assert len(seq.block_table) == len(set(seq.block_table)), f"{seq.request_id} lists a block twice"
+            assert len(seq.block_table) == len(set(seq.block_table)), (
+                f"{seq.request_id} lists a block twice"
+            )
             for b in seq.block_table:
                 owners[b] += 1
         for b in range(self.num_blocks):
-            assert owners[b] == self.ref_count[b], f"block {b}: ref_count {self.ref_count[b]} but {owners[b]} owners"
+            assert owners[b] == self.ref_count[b], (
+                f"block {b}: ref_count {self.ref_count[b]} but {owners[b]} owners"
+            )
             assert (b in self.free) == (owners[b] == 0), f"block {b}: free-list membership wrong"
         for h, b in self.block_of.items():
             assert self.hash_of.get(b) == h, "prefix-cache maps disagree"

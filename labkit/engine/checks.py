@@ -1,5 +1,6 @@
 """Exercise checks for notebooks 04-06 (see labkit.checks: each returns the student's function if it is
 right, else labkit's reference, so the notebook always runs to the end)."""
+
 import torch
 
 from ..checks import ExerciseFailure, expect_close, run_check
@@ -13,8 +14,16 @@ def reference_kv_cache_bytes(num_layers, num_kv_heads, head_dim, num_tokens, byt
 
 def check_kv_cache_bytes(student):
     def test(fn):
-        for args in [(4, 4, 64, 1, 4), (32, 32, 128, 4096, 2), (32, 8, 128, 100, 2), (1, 1, 1, 1, 1)]:
-            expect_close(fn(*args), reference_kv_cache_bytes(*args), f"kv_cache_bytes{args}", rel=0, abs_=0.5)
+        for args in [
+            (4, 4, 64, 1, 4),
+            (32, 32, 128, 4096, 2),
+            (32, 8, 128, 100, 2),
+            (1, 1, 1, 1, 1),
+        ]:
+            expect_close(
+                fn(*args), reference_kv_cache_bytes(*args), f"kv_cache_bytes{args}", rel=0, abs_=0.5
+            )
+
     return run_check("kv_cache_bytes", student, reference_kv_cache_bytes, test)
 
 
@@ -41,8 +50,11 @@ def check_greedy_with_cache(student, model, prompt_ids, n: int = 20):
             raise ExerciseFailure(f"asked for {n} tokens, got {len(got)}")
         if got != want:
             first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-            raise ExerciseFailure(f"token {first} differs from uncached greedy decoding ({got[first]} vs {want[first]}): "
-                                  "feed only the newest token, together with the cache")
+            raise ExerciseFailure(
+                f"token {first} differs from uncached greedy decoding ({got[first]} vs {want[first]}): "
+                "feed only the newest token, together with the cache"
+            )
+
     return run_check("greedy_with_cache", student, reference_greedy_with_cache, test)
 
 
@@ -53,29 +65,49 @@ def reference_slot_for(block_table, position, block_size):
 
 def check_slot_for(student):
     def test(fn):
-        cases = [([7], 0, 16), ([7], 15, 16), ([3, 9, 1], 16, 16), ([3, 9, 1], 40, 16), ([5, 2], 3, 2), ([0, 4], 1, 1)]
+        cases = [
+            ([7], 0, 16),
+            ([7], 15, 16),
+            ([3, 9, 1], 16, 16),
+            ([3, 9, 1], 40, 16),
+            ([5, 2], 3, 2),
+            ([0, 4], 1, 1),
+        ]
         for table, pos, bs in cases:
             want = reference_slot_for(table, pos, bs)
             got = fn(table, pos, bs)
             if got is None or int(got) != want:
-                raise ExerciseFailure(f"slot_for({table}, position={pos}, block_size={bs}): expected {want}, got {got}")
+                raise ExerciseFailure(
+                    f"slot_for({table}, position={pos}, block_size={bs}): expected {want}, got {got}"
+                )
+
     return run_check("slot_for", student, reference_slot_for, test)
 
 
 def reference_static_batch_work(output_lengths, batch_size):
     total = 0
     for start in range(0, len(output_lengths), batch_size):
-        batch = output_lengths[start:start + batch_size]
+        batch = output_lengths[start : start + batch_size]
         total += len(batch) * max(batch)
     return total
 
 
 def check_static_batch_work(student):
     def test(fn):
-        cases = [([5], 4), ([1, 2, 3, 4], 4), ([1, 2, 3, 4], 2), ([10, 1, 1, 1, 1], 2), ([8] * 7, 3), ([3, 200, 7], 1)]
+        cases = [
+            ([5], 4),
+            ([1, 2, 3, 4], 4),
+            ([1, 2, 3, 4], 2),
+            ([10, 1, 1, 1, 1], 2),
+            ([8] * 7, 3),
+            ([3, 200, 7], 1),
+        ]
         for lengths, bs in cases:
             want = reference_static_batch_work(lengths, bs)
             got = fn(list(lengths), bs)
             if got is None or int(got) != want:
-                raise ExerciseFailure(f"static_batch_work({lengths}, batch_size={bs}): expected {want}, got {got}")
+                raise ExerciseFailure(
+                    f"static_batch_work({lengths}, batch_size={bs}): expected {want}, got {got}"
+                )
+
     return run_check("static_batch_work", student, reference_static_batch_work, test)

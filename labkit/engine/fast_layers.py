@@ -10,31 +10,37 @@ two for every model):
 Anything this does not recognise (a quantized `QuantLinear`, another norm, a dynamic rotary scaling) keeps
 running through the model's own module, so the runner works on every model it worked on before.
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 KNOWN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
-STATIC_ROPE = {"default", "linear", "llama3"}     # cos/sin depend on the position only: a table works
+STATIC_ROPE = {"default", "linear", "llama3"}  # cos/sin depend on the position only: a table works
 
 
 def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable | None:
     """x -> x @ weight.T + bias through oneDNN's pre-packed (blocked) weight layout, measured 10-40% faster
     than `F.linear` here from a few rows up (vLLM's CPU backend packs every linear this way). The packed copy
     is a snapshot: build the engine after changing weights. None where this does not apply or disagrees."""
-    if not (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()):
+    if not (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+    ):
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
         def run(x):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
         x = torch.randn(3, weight.shape[1])
         if not torch.allclose(run(x), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4):
             return None
         return run
-    except (RuntimeError, AttributeError):   # a torch build without these ops: plain linear it is
+    except (RuntimeError, AttributeError):  # a torch build without these ops: plain linear it is
         return None
 
 
@@ -46,8 +52,12 @@ def fused_linear(modules: list) -> Callable:
     weight = torch.cat([m.weight.detach() for m in modules])
     bias = None
     if any(m.bias is not None for m in modules):
-        bias = torch.cat([m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
-                          for m in modules])
+        bias = torch.cat(
+            [
+                m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features)
+                for m in modules
+            ]
+        )
     sizes = [m.out_features for m in modules]
     run = prepacked_linear(weight, bias) or (lambda x: F.linear(x, weight, bias))
     if len(modules) == 1:
@@ -91,11 +101,16 @@ class FastLayer:
         self.qkv = fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o = fused_linear([attn.o_proj])
         if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            gate_up, down, act = fused_linear([mlp.gate_proj, mlp.up_proj]), fused_linear([mlp.down_proj]), mlp.act_fn
+            gate_up, down, act = (
+                fused_linear([mlp.gate_proj, mlp.up_proj]),
+                fused_linear([mlp.down_proj]),
+                mlp.act_fn,
+            )
 
             def run_mlp(x):
                 gate, up = gate_up(x)
                 return down(act(gate) * up)[0]
+
             self.mlp = run_mlp
         else:
             self.mlp = mlp

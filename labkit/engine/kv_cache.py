@@ -6,6 +6,7 @@ Every generated token leaves behind, in every layer, one key and one value vecto
 
 That is the number that decides how many sequences fit in memory at once, hence the batch size.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -22,18 +23,33 @@ class KVShape:
     def of(cls, model) -> "KVShape":
         cfg = model.config
         heads = cfg.num_attention_heads
-        return cls(num_layers=cfg.num_hidden_layers,
-                   num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                   head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-                   max_context=int(getattr(cfg, "max_position_embeddings", 2048)))
+        return cls(
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            max_context=int(getattr(cfg, "max_position_embeddings", 2048)),
+        )
 
 
 def kv_bytes_per_token(shape: KVShape, dtype: torch.dtype) -> int:
-    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+    return (
+        2
+        * shape.num_layers
+        * shape.num_kv_heads
+        * shape.head_dim
+        * torch.empty((), dtype=dtype).element_size()
+    )
 
 
-def default_num_blocks(shape: KVShape, dtype: torch.dtype, block_size: int, max_num_seqs: int,
-                       device: torch.device, gpu_memory_fraction: float = 0.5, cpu_budget_bytes: int = 2 << 30) -> int:
+def default_num_blocks(
+    shape: KVShape,
+    dtype: torch.dtype,
+    block_size: int,
+    max_num_seqs: int,
+    device: torch.device,
+    gpu_memory_fraction: float = 0.5,
+    cpu_budget_bytes: int = 2 << 30,
+) -> int:
     """Enough blocks for `max_num_seqs` sequences at full context, capped by a memory budget
     (half the free GPU memory, or 2 GiB of RAM on a CPU - vLLM's CPU backend also uses a fixed budget)."""
     per_block = kv_bytes_per_token(shape, dtype) * block_size
@@ -55,26 +71,38 @@ class PagedKVCache:
     so that decode attention can compute scores straight from it (see attention.py). Zero-initialised so
     that masked-out slots can never inject NaNs into attention."""
 
-    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device):
+    def __init__(
+        self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device
+    ):
         self.shape, self.num_blocks, self.block_size = shape, num_blocks, block_size
         h, d = shape.num_kv_heads, shape.head_dim
-        self.k = [torch.zeros(h, num_blocks, d, block_size, dtype=dtype, device=device)
-                  for _ in range(shape.num_layers)]
-        self.v = [torch.zeros(h, num_blocks * block_size, d, dtype=dtype, device=device)
-                  for _ in range(shape.num_layers)]
+        self.k = [
+            torch.zeros(h, num_blocks, d, block_size, dtype=dtype, device=device)
+            for _ in range(shape.num_layers)
+        ]
+        self.v = [
+            torch.zeros(h, num_blocks * block_size, d, dtype=dtype, device=device)
+            for _ in range(shape.num_layers)
+        ]
 
     def write_index(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Where tokens in `slots` [T] go: flat indices into one head of K ([T * head_dim], token-major) and
         of V ([T]); computed once per step, used by every layer's `write`."""
         d, bs = self.shape.head_dim, self.block_size
-        k_index = ((slots // bs) * (d * bs) + slots % bs)[:, None] + torch.arange(d, device=slots.device) * bs
+        k_index = ((slots // bs) * (d * bs) + slots % bs)[:, None] + torch.arange(
+            d, device=slots.device
+        ) * bs
         return k_index.reshape(-1), slots
 
-    def write(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor):
+    def write(
+        self, layer: int, index: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor
+    ):
         """Store this step's keys and values k, v [T, kv_heads, head_dim] of `layer` at `index` (write_index)."""
         k_cache, v_cache = self.k[layer], self.v[layer]
         h = k_cache.shape[0]
-        k_cache.view(h, -1).index_copy_(1, index[0], k.transpose(0, 1).reshape(h, -1).to(k_cache.dtype))
+        k_cache.view(h, -1).index_copy_(
+            1, index[0], k.transpose(0, 1).reshape(h, -1).to(k_cache.dtype)
+        )
         v_cache.index_copy_(1, index[1], v.transpose(0, 1).to(v_cache.dtype))
 
     @property

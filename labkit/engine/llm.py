@@ -3,6 +3,7 @@
 Notebook code switches engines with one line:
     from labkit.engine import LLM, SamplingParams      # or: from vllm import LLM, SamplingParams
 """
+
 from dataclasses import dataclass, field
 
 import torch
@@ -11,8 +12,14 @@ from ..model import load_model
 from .engine import LLMEngine
 from .sampling import SamplingParams
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
-           "bfloat16": torch.bfloat16, "auto": None}
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "auto": None,
+}
 
 
 @dataclass
@@ -34,8 +41,16 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model=None, tokenizer=None, dtype="float32", device: str | None = None,
-                 max_model_len: int | None = None, enforce_eager: bool = True, **engine_kwargs):
+    def __init__(
+        self,
+        model=None,
+        tokenizer=None,
+        dtype="float32",
+        device: str | None = None,
+        max_model_len: int | None = None,
+        enforce_eager: bool = True,
+        **engine_kwargs,
+    ):
         """model: None (the course model), a hub id / local path, or an already loaded model (then pass its
         tokenizer too). Remaining keyword arguments go to LLMEngine (block_size, num_blocks, max_num_seqs,
         seed, ...). `max_model_len` caps the context like vLLM's; `enforce_eager` is accepted so vLLM-style
@@ -43,7 +58,9 @@ class LLM:
         if model is None or isinstance(model, str):
             if isinstance(dtype, str):
                 if dtype not in _DTYPES:
-                    raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
+                    raise ValueError(
+                        f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}"
+                    )
                 dtype = _DTYPES[dtype] or torch.float32
             model, tok = load_model(model, device=device, dtype=dtype)
             tokenizer = tokenizer or tok
@@ -52,8 +69,10 @@ class LLM:
         self.engine = LLMEngine(model, tokenizer, **engine_kwargs)
         if max_model_len is not None:
             if not 0 < max_model_len <= self.engine.max_context:
-                raise ValueError(f"max_model_len must be in 1..{self.engine.max_context} (the model's context), "
-                                 f"got {max_model_len}")
+                raise ValueError(
+                    f"max_model_len must be in 1..{self.engine.max_context} (the model's context), "
+                    f"got {max_model_len}"
+                )
             self.engine.max_context = max_model_len
         self.llm_engine = VLLMStyleEngine(self.engine)
         self.tokenizer = tokenizer
@@ -62,27 +81,41 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Run all prompts to completion with continuous batching; outputs come back in prompt order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(prompts)
+        )
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         order, outputs = [], {}
         for prompt, p in zip(prompts, params):
             rid = str(self._ids)
             self._ids += 1
-            if isinstance(prompt, dict):  # vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."} forms
+            if isinstance(
+                prompt, dict
+            ):  # vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."} forms
                 prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
             self.engine.add_request(rid, prompt, p)
             seq = self.engine.requests[rid]
             order.append(rid)
-            outputs[rid] = RequestOutput(rid, prompt if isinstance(prompt, str) else None, list(seq.token_ids))
+            outputs[rid] = RequestOutput(
+                rid, prompt if isinstance(prompt, str) else None, list(seq.token_ids)
+            )
         tokens: dict[str, list[int]] = {rid: [] for rid in order}
         reasons: dict[str, str | None] = {}
         while self.engine.has_unfinished_requests():
@@ -92,7 +125,9 @@ class LLM:
                     reasons[step_out.request_id] = step_out.finish_reason
         for rid, p in zip(order, params):
             ids, reason = tokens[rid], reasons.get(rid)
-            outputs[rid].outputs.append(CompletionOutput(0, self.detokenize(ids, p, reason), ids, reason))
+            outputs[rid].outputs.append(
+                CompletionOutput(0, self.detokenize(ids, p, reason), ids, reason)
+            )
         return [outputs[rid] for rid in order]
 
     def detokenize(self, ids: list[int], params: SamplingParams, reason: str | None) -> str:
@@ -103,7 +138,7 @@ class LLM:
         if reason == "stop" and params.stop:
             cut = [text.find(s) for s in params.stop if s in text]
             if cut:
-                text = text[:min(cut)]
+                text = text[: min(cut)]
         return text
 
 
@@ -132,8 +167,15 @@ class VLLMStyleEngine:
             ids = self._tokens[o.request_id]
             ids += o.new_token_ids
             prompt = self._prompts[o.request_id]
-            outs.append(RequestOutput(o.request_id, prompt if isinstance(prompt, str) else None, [],
-                                      [CompletionOutput(0, "", list(ids), o.finish_reason)], o.finished))
+            outs.append(
+                RequestOutput(
+                    o.request_id,
+                    prompt if isinstance(prompt, str) else None,
+                    [],
+                    [CompletionOutput(0, "", list(ids), o.finish_reason)],
+                    o.finished,
+                )
+            )
             if o.finished:
                 del self._tokens[o.request_id], self._prompts[o.request_id]
         return outs

@@ -9,13 +9,20 @@ and values through its block table.
 We reuse the model's own weights and modules (embeddings, projections, norms, MLP, rotary embedding), so
 this works for the course model and Llama-family hub models (Llama, Mistral, Qwen2, ...).
 """
+
 from dataclasses import dataclass
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .attention import DecodeBatch, PrefillBatch, build_decode_batch, build_prefill_batch, decode_attention, \
-    prefill_attention
+from .attention import (
+    DecodeBatch,
+    PrefillBatch,
+    build_decode_batch,
+    build_prefill_batch,
+    decode_attention,
+    prefill_attention,
+)
 from .fast_layers import FastLayer, RotaryTable, fast_rms_norm, fused_linear
 from .kv_cache import KVShape, PagedKVCache
 
@@ -23,20 +30,28 @@ from .kv_cache import KVShape, PagedKVCache
 def check_supported(model) -> None:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "q_proj") \
-            or not hasattr(inner, "rotary_emb"):
-        raise ValueError(f"labkit.engine runs Llama-family decoders (Llama, Mistral, Qwen2, the course model); "
-                         f"{type(model).__name__} has a different layout. Use its `generate` or vLLM instead.")
+    if (
+        layers is None
+        or not hasattr(layers[0], "self_attn")
+        or not hasattr(layers[0].self_attn, "q_proj")
+        or not hasattr(inner, "rotary_emb")
+    ):
+        raise ValueError(
+            f"labkit.engine runs Llama-family decoders (Llama, Mistral, Qwen2, the course model); "
+            f"{type(model).__name__} has a different layout. Use its `generate` or vLLM instead."
+        )
 
 
 @dataclass
 class StepInput:
-    input_ids: torch.Tensor      # [T]
-    positions: torch.Tensor      # [T] position of each token in its own sequence
-    cache_index: tuple           # where each token's K/V is written (PagedKVCache.write_index)
-    decode: DecodeBatch | None   # the sequences that feed one token this step
-    prefill: PrefillBatch | None # the sequences that feed a prompt (or a chunk of one)
-    logits_index: torch.Tensor   # [S] flat index of the last token of each sequence that samples this step
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T] position of each token in its own sequence
+    cache_index: tuple  # where each token's K/V is written (PagedKVCache.write_index)
+    decode: DecodeBatch | None  # the sequences that feed one token this step
+    prefill: PrefillBatch | None  # the sequences that feed a prompt (or a chunk of one)
+    logits_index: (
+        torch.Tensor
+    )  # [S] flat index of the last token of each sequence that samples this step
 
 
 class ModelRunner:
@@ -57,14 +72,21 @@ class ModelRunner:
         head = fused_linear([model.lm_head])
         self.lm_head = lambda x: head(x)[0]
 
-    def prepare(self, chunks: list[tuple[list[int], int, list[int]]], sample_flags: list[bool]) -> StepInput:
+    def prepare(
+        self, chunks: list[tuple[list[int], int, list[int]]], sample_flags: list[bool]
+    ) -> StepInput:
         """chunks[i] = (token ids to run, position of the first one, the sequence's block table).
         Decode chunks (1 token) and prefill chunks are attended separately: decode reads the cache in place,
         prefill gathers (so a long prompt does not make every decode token pay for padded queries)."""
         bs = self.block_size
         ids, pos, slots, logits_index = [], [], [], []
-        dec_index, dec_context, dec_tables = [], [], []                    # decode: one token per sequence
-        pre_index, pre_starts, pre_lengths, pre_tables = [], [], [], []    # prefill: a prompt or a chunk of one
+        dec_index, dec_context, dec_tables = [], [], []  # decode: one token per sequence
+        pre_index, pre_starts, pre_lengths, pre_tables = (
+            [],
+            [],
+            [],
+            [],
+        )  # prefill: a prompt or a chunk of one
         for (tokens, start, table), samples in zip(chunks, sample_flags):
             first = len(ids)
             for j, t in enumerate(tokens):
@@ -84,17 +106,35 @@ class ModelRunner:
                 pre_tables.append(table)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         s = self.shape
-        decode = build_decode_batch(dec_index, dec_context, dec_tables, self.num_heads, s.num_kv_heads,
-                                    self.cache.num_blocks, bs, s.head_dim, self.device) if dec_index else None
-        prefill = build_prefill_batch(pre_index, pre_starts, pre_lengths, pre_tables, bs, self.device) \
-            if pre_index else None
-        return StepInput(t(ids), t(pos), self.cache.write_index(t(slots)), decode, prefill, t(logits_index))
+        decode = (
+            build_decode_batch(
+                dec_index,
+                dec_context,
+                dec_tables,
+                self.num_heads,
+                s.num_kv_heads,
+                self.cache.num_blocks,
+                bs,
+                s.head_dim,
+                self.device,
+            )
+            if dec_index
+            else None
+        )
+        prefill = (
+            build_prefill_batch(pre_index, pre_starts, pre_lengths, pre_tables, bs, self.device)
+            if pre_index
+            else None
+        )
+        return StepInput(
+            t(ids), t(pos), self.cache.write_index(t(slots)), decode, prefill, t(logits_index)
+        )
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run all tokens, write their K/V into the cache, return logits [S, vocab] for the sampled ones."""
-        hidden = self.model.model.embed_tokens(step.input_ids)                # [T, hidden]
-        cos, sin = self.rotary(hidden, step.positions)                       # [T, head_dim]
+        hidden = self.model.model.embed_tokens(step.input_ids)  # [T, hidden]
+        cos, sin = self.rotary(hidden, step.positions)  # [T, head_dim]
         T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads
         only_decode = step.prefill is None
         for i, layer in enumerate(self.layers):
@@ -106,8 +146,8 @@ class ModelRunner:
             q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
             self.cache.write(i, step.cache_index, k, v)
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
-            scale = getattr(attn, "scaling", D ** -0.5)
-            if only_decode:     # the common step: every token is a decode token, in flat-batch order
+            scale = getattr(attn, "scaling", D**-0.5)
+            if only_decode:  # the common step: every token is a decode token, in flat-batch order
                 out = decode_attention(q, k_cache, v_cache, step.decode, scale)
             else:
                 out = torch.empty_like(q)

@@ -10,6 +10,7 @@ Every step has a budget of `max_num_batched_tokens` tokens and `max_num_seqs` se
    sequence that does not fit blocks the ones behind it - no overtaking, so nobody starves.
 So a finished request's slot is refilled on the very next step: that is the whole trick.
 """
+
 from collections import deque
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from .sequence import Sequence, Status
 @dataclass
 class ScheduledChunk:
     seq: Sequence
-    num_tokens: int       # tokens fed this step, starting at seq.num_computed_tokens
+    num_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
 
     @property
     def completes(self) -> bool:
@@ -29,14 +30,21 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 2048):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 2048,
+    ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_seqs and max_num_batched_tokens must be >= 1, "
-                             f"got {max_num_seqs}, {max_num_batched_tokens}")
+            raise ValueError(
+                f"max_num_seqs and max_num_batched_tokens must be >= 1, "
+                f"got {max_num_seqs}, {max_num_batched_tokens}"
+            )
         self.blocks = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []      # in admission order; the last one is preempted first
+        self.running: list[Sequence] = []  # in admission order; the last one is preempted first
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -60,7 +68,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:   # preempted earlier in this loop
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             end = seq.num_computed_tokens + n
@@ -77,12 +85,14 @@ class Scheduler:
             scheduled.add(seq.request_id)
             budget -= n
         # admit new work only if nobody had to be preempted (otherwise we would just thrash)
-        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (
+            self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs
+        ):
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq)       # may start with num_computed_tokens > 0 (prefix-cache hit)
+            self.blocks.allocate(seq)  # may start with num_computed_tokens > 0 (prefix-cache hit)
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)

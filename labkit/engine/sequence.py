@@ -1,5 +1,6 @@
 """A request inside the engine: its tokens so far, how many of them are already in the KV cache, and the
 block table that says where in the paged cache those keys and values live."""
+
 import enum
 from dataclasses import dataclass, field
 
@@ -9,24 +10,26 @@ from .sampling import SamplingParams
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"      # queued (new, or preempted and waiting to be recomputed)
-    RUNNING = "running"      # holds KV blocks and is scheduled every step
+    WAITING = "waiting"  # queued (new, or preempted and waiting to be recomputed)
+    RUNNING = "running"  # holds KV blocks and is scheduled every step
     FINISHED = "finished"
 
 
 @dataclass
 class Sequence:
     request_id: str
-    token_ids: list[int]                 # prompt followed by everything generated so far
+    token_ids: list[int]  # prompt followed by everything generated so far
     num_prompt_tokens: int
     params: SamplingParams
-    arrival: int                         # order of arrival: the scheduler is FIFO on this
+    arrival: int  # order of arrival: the scheduler is FIFO on this
     generator: torch.Generator | None = None
     status: Status = Status.WAITING
-    num_computed_tokens: int = 0         # tokens whose K/V are in the cache (the rest still need a forward)
-    block_table: list[int] = field(default_factory=list)   # logical block i -> physical block id
+    num_computed_tokens: int = (
+        0  # tokens whose K/V are in the cache (the rest still need a forward)
+    )
+    block_table: list[int] = field(default_factory=list)  # logical block i -> physical block id
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash of each *full* block
-    num_cached_tokens: int = 0           # prompt tokens served by the prefix cache at the last admission
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission
     finish_reason: str | None = None
 
     @property
@@ -39,4 +42,4 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]

@@ -4,6 +4,7 @@ Real traffic is *mixed*: most answers are short, a few are long. That spread is 
 batching handles badly (a batch lasts as long as its longest member) and continuous batching handles well.
 All requests are greedy with `ignore_eos=True`, so every engine does exactly the same work.
 """
+
 import statistics
 import time
 
@@ -12,8 +13,13 @@ import torch
 from ..data import sample_prompts
 
 
-def mixed_workload(n: int = 64, seed: int = 0, short: tuple[int, int] = (8, 64), long: tuple[int, int] = (192, 256),
-                   long_fraction: float = 0.2) -> list[tuple[str, int]]:
+def mixed_workload(
+    n: int = 64,
+    seed: int = 0,
+    short: tuple[int, int] = (8, 64),
+    long: tuple[int, int] = (192, 256),
+    long_fraction: float = 0.2,
+) -> list[tuple[str, int]]:
     """n (prompt, max_tokens) pairs: prompts of 4-24 words from held-out text; output lengths short
     (uniform in `short`) or, with probability `long_fraction`, long (uniform in `long`)."""
     if n < 1 or not 0 <= long_fraction <= 1:
@@ -27,22 +33,34 @@ def mixed_workload(n: int = 64, seed: int = 0, short: tuple[int, int] = (8, 64),
     return list(zip(prompts, lengths))
 
 
-def latency_summary(arrival: float, first_token: dict, finished: dict, n_tokens: int, wall: float) -> dict:
+def latency_summary(
+    arrival: float, first_token: dict, finished: dict, n_tokens: int, wall: float
+) -> dict:
     """All requests arrive at `arrival`; latency = time until the request's last token, TTFT = first."""
     lat = sorted(t - arrival for t in finished.values())
     ttft = sorted(t - arrival for t in first_token.values())
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
-    return {"output_tokens": n_tokens, "wall_s": wall, "tokens_per_s": n_tokens / wall,
-            "latency_mean_s": statistics.mean(lat), "latency_p50_s": pct(lat, 0.5), "latency_p90_s": pct(lat, 0.9),
-            "ttft_mean_s": statistics.mean(ttft), "ttft_p90_s": pct(ttft, 0.9)}
+    return {
+        "output_tokens": n_tokens,
+        "wall_s": wall,
+        "tokens_per_s": n_tokens / wall,
+        "latency_mean_s": statistics.mean(lat),
+        "latency_p50_s": pct(lat, 0.5),
+        "latency_p90_s": pct(lat, 0.9),
+        "ttft_mean_s": statistics.mean(ttft),
+        "ttft_p90_s": pct(ttft, 0.9),
+    }
 
 
 def run_engine(engine, workload: list[tuple[str, int]], tag: str = "req") -> dict:
     """Submit the whole workload at once to a labkit LLMEngine, step until done, time every request."""
     from .sampling import SamplingParams
+
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(workload):
-        engine.add_request(f"{tag}-{i}", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        engine.add_request(
+            f"{tag}-{i}", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        )
     first, done, tokens = {}, {}, 0
     while engine.has_unfinished_requests():
         outs = engine.step()

@@ -12,16 +12,41 @@ export.py      pack, save and load checkpoints in the GPTQ format (vLLM, transfo
 reference.py   a float model's logits computed once, to compare many quantized variants against it
 libs.py        run the production libraries (GPTQModel, llm-compressor, torchao) in their own venv
 """
+
 from .awq import awq_quantize_model
 from .export import export_gptq, load_gptq, pack_model
 from .gptq import gptq_quantize_model, gptq_quantize_weight
 from .packing import pack_rows, unpack_rows
-from .primitives import (QuantizedWeight, dequantize_asymmetric, dequantize_symmetric, fake_quantize,
-                         quantization_error, quantize_asymmetric, quantize_symmetric, quantize_weight)
+from .primitives import (
+    QuantizedWeight,
+    dequantize_asymmetric,
+    dequantize_symmetric,
+    fake_quantize,
+    quantization_error,
+    quantize_asymmetric,
+    quantize_symmetric,
+    quantize_weight,
+)
 from .qlinear import QuantLinear
 from .rtn import rtn_quantize_model
 
-__all__ = ["awq_quantize_model", "export_gptq", "load_gptq", "pack_model", "gptq_quantize_model",
-           "gptq_quantize_weight", "pack_rows", "unpack_rows", "QuantizedWeight", "dequantize_asymmetric",
-           "dequantize_symmetric", "fake_quantize", "quantization_error", "quantize_asymmetric",
-           "quantize_symmetric", "quantize_weight", "QuantLinear", "rtn_quantize_model"]
+__all__ = [
+    "awq_quantize_model",
+    "export_gptq",
+    "load_gptq",
+    "pack_model",
+    "gptq_quantize_model",
+    "gptq_quantize_weight",
+    "pack_rows",
+    "unpack_rows",
+    "QuantizedWeight",
+    "dequantize_asymmetric",
+    "dequantize_symmetric",
+    "fake_quantize",
+    "quantization_error",
+    "quantize_asymmetric",
+    "quantize_symmetric",
+    "quantize_weight",
+    "QuantLinear",
+    "rtn_quantize_model",
+]

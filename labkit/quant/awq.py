@@ -19,43 +19,74 @@ Simplification: the paper's reference code measures the scale search's error at 
 whole attention/MLP module; we measure it at the outputs of the linears that share the input, which
 needs no knowledge of the attention's inner arguments and keeps this file architecture-agnostic.
 """
+
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .primitives import QuantizedWeight, quantize_weight, resolve_group_size
-from .walk import (Conv1D, block_inputs, capture_inputs, find_blocks, find_linears, get_weight, run_block, run_calibration,
-                   set_weight, untie_output_head)
+from .walk import (
+    Conv1D,
+    block_inputs,
+    capture_inputs,
+    find_blocks,
+    find_linears,
+    get_weight,
+    run_block,
+    run_calibration,
+    set_weight,
+    untie_output_head,
+)
 
 # (previous op, the linears it feeds) per block, by attribute path. The previous op absorbs 1/s.
 SCALE_GROUPS = {
-    "llama": [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-              ("self_attn.v_proj", ["self_attn.o_proj"]),
-              ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-              ("mlp.up_proj", ["mlp.down_proj"])],
-    "opt": [("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-            ("self_attn.v_proj", ["self_attn.out_proj"]),
-            ("final_layer_norm", ["fc1"])],
+    "llama": [
+        ("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("self_attn.v_proj", ["self_attn.o_proj"]),
+        ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+        ("mlp.up_proj", ["mlp.down_proj"]),
+    ],
+    "opt": [
+        ("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ("self_attn.v_proj", ["self_attn.out_proj"]),
+        ("final_layer_norm", ["fc1"]),
+    ],
     "gpt2": [("ln_1", ["attn.c_attn"]), ("ln_2", ["mlp.c_fc"])],
 }
-NO_CLIP = ("q_proj", "k_proj", "c_attn")  # as in the reference code: clipping q/k hurts attention scores
+NO_CLIP = (
+    "q_proj",
+    "k_proj",
+    "c_attn",
+)  # as in the reference code: clipping q/k hurts attention scores
 
 
 def scale_groups(block: nn.Module):
     """[(prev_op, {name: linear})] for this block, skipping pairs whose shapes do not line up (GQA's v->o)."""
     for layout in SCALE_GROUPS.values():
         try:
-            groups = [(block.get_submodule(p), {n: block.get_submodule(n) for n in ls}) for p, ls in layout]
+            groups = [
+                (block.get_submodule(p), {n: block.get_submodule(n) for n in ls})
+                for p, ls in layout
+            ]
         except AttributeError:
             continue
-        return [(prev, lins) for prev, lins in groups
-                if _out_features(prev) == get_weight(next(iter(lins.values()))).shape[1]]
-    raise ValueError(f"AWQ needs to know which op feeds which linear; {type(block).__name__} is not one of the "
-                     f"supported layouts {list(SCALE_GROUPS)} (add it to labkit.quant.awq.SCALE_GROUPS)")
+        return [
+            (prev, lins)
+            for prev, lins in groups
+            if _out_features(prev) == get_weight(next(iter(lins.values()))).shape[1]
+        ]
+    raise ValueError(
+        f"AWQ needs to know which op feeds which linear; {type(block).__name__} is not one of the "
+        f"supported layouts {list(SCALE_GROUPS)} (add it to labkit.quant.awq.SCALE_GROUPS)"
+    )
 
 
 def _out_features(op: nn.Module) -> int:
-    return get_weight(op).shape[0] if isinstance(op, (nn.Linear, Conv1D) if Conv1D else nn.Linear) else op.weight.shape[0]
+    return (
+        get_weight(op).shape[0]
+        if isinstance(op, (nn.Linear, Conv1D) if Conv1D else nn.Linear)
+        else op.weight.shape[0]
+    )
 
 
 @torch.no_grad()
@@ -85,12 +116,20 @@ def input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _outputs_error(G, weights, quantized):
     """Mean squared error over tokens and output channels of the linears sharing the input with Gram G."""
-    return sum((((wq - w) @ G) * (wq - w)).sum(1).mean() for w, wq in zip(weights, quantized)).item()
+    return sum(
+        (((wq - w) @ G) * (wq - w)).sum(1).mean() for w, wq in zip(weights, quantized)
+    ).item()
 
 
 @torch.no_grad()
-def search_scale(x_mean: torch.Tensor, G: torch.Tensor, weights: list[torch.Tensor], qargs: dict, n_grid: int = 20,
-                 duo_scaling: bool = False) -> tuple[torch.Tensor, float]:
+def search_scale(
+    x_mean: torch.Tensor,
+    G: torch.Tensor,
+    weights: list[torch.Tensor],
+    qargs: dict,
+    n_grid: int = 20,
+    duo_scaling: bool = False,
+) -> tuple[torch.Tensor, float]:
     """Grid-search alpha; returns (s [in], alpha). x_mean, G: input_stats of the input shared by `weights`."""
     w_all = torch.cat(weights, 0)
     w_mean = (w_all.abs() / w_all.abs().amax(1, keepdim=True).clamp(min=1e-6)).mean(0)
@@ -109,23 +148,31 @@ def search_scale(x_mean: torch.Tensor, G: torch.Tensor, weights: list[torch.Tens
 
 
 @torch.no_grad()
-def search_clip(G: torch.Tensor, w: torch.Tensor, qargs: dict, n_grid: int = 20,
-                max_shrink: float = 0.5) -> torch.Tensor | float:
+def search_clip(
+    G: torch.Tensor, w: torch.Tensor, qargs: dict, n_grid: int = 20, max_shrink: float = 0.5
+) -> torch.Tensor | float:
     """Per (output row, group) clip ratio in (1 - max_shrink, 1] minimising that group's share of the output error.
 
     A group's error only involves its own inputs: d G_gg d^T with G_gg the group's diagonal block of the
     Gram matrix. (The reference code uses 512 tokens to keep the search affordable; with G, all of them.)"""
     out_f, in_f = w.shape
     gs = resolve_group_size(in_f, qargs["granularity"], qargs["group_size"]) or in_f
-    Gg = torch.stack([G[i:i + gs, i:i + gs] for i in range(0, in_f, gs)])  # [groups, gs, gs]
+    Gg = torch.stack([G[i : i + gs, i : i + gs] for i in range(0, in_f, gs)])  # [groups, gs, gs]
     best_err = torch.full((out_f, in_f // gs), float("inf"))
     best_ratio = torch.ones(out_f, in_f // gs)
     for i in range(int(max_shrink * n_grid)):
         ratio = 1 - i / n_grid
-        diff = (quantize_weight(w, clip_ratio=ratio, **qargs).dequantize() - w).reshape(out_f, in_f // gs, gs)
-        err = (torch.bmm(diff.transpose(0, 1), Gg) * diff.transpose(0, 1)).sum(-1).t()  # [out, groups]
+        diff = (quantize_weight(w, clip_ratio=ratio, **qargs).dequantize() - w).reshape(
+            out_f, in_f // gs, gs
+        )
+        err = (
+            (torch.bmm(diff.transpose(0, 1), Gg) * diff.transpose(0, 1)).sum(-1).t()
+        )  # [out, groups]
         better = err < best_err
-        best_err, best_ratio = torch.where(better, err, best_err), torch.where(better, ratio, best_ratio)
+        best_err, best_ratio = (
+            torch.where(better, err, best_err),
+            torch.where(better, ratio, best_ratio),
+        )
     if qargs["granularity"] == "tensor":  # one range for the whole tensor: one ratio
         return best_ratio.flatten().median().item()
     return best_ratio
@@ -139,10 +186,21 @@ def _sample(xs: list[torch.Tensor], n_tokens: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: int | None = 128,
-                       granularity: str = "group", symmetric: bool = True, n_grid: int = 20,
-                       duo_scaling: bool = False, clip: bool = True, include_head: bool = False,
-                       n_tokens: int | None = None, batch_size: int = 8, progress: bool = True) -> dict[str, QuantizedWeight]:
+def awq_quantize_model(
+    model,
+    calib: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    granularity: str = "group",
+    symmetric: bool = True,
+    n_grid: int = 20,
+    duo_scaling: bool = False,
+    clip: bool = True,
+    include_head: bool = False,
+    n_tokens: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, QuantizedWeight]:
     """AWQ in place: per block, search and fold scales, search clipping, then RTN-quantize everything.
 
     With include_head the output head is untied from the embedding (walk.untie_output_head) and gets the
@@ -162,7 +220,7 @@ def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: in
         with capture_inputs(linears) as inputs:
             run_block(block, block_in)
         stats = {}  # name -> (x_mean, G); linears reading the same input share them
-        for prev, lins in groups:
+        for _prev, lins in groups:
             shared = input_stats(_sample(inputs[names[next(iter(lins.values()))]], n_tokens))
             stats.update({names[m]: shared for m in lins.values()})
         for name, xs in inputs.items():
@@ -170,9 +228,19 @@ def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: in
                 stats[name] = input_stats(_sample(xs, n_tokens))
         del inputs
         searched = []
-        for prev, lins in groups:  # 1) search every group's scales on the captured (unscaled) inputs
+        for (
+            prev,
+            lins,
+        ) in groups:  # 1) search every group's scales on the captured (unscaled) inputs
             x_mean, G = stats[names[next(iter(lins.values()))]]
-            s, _ = search_scale(x_mean, G, [get_weight(m).float() for m in lins.values()], qargs, n_grid, duo_scaling)
+            s, _ = search_scale(
+                x_mean,
+                G,
+                [get_weight(m).float() for m in lins.values()],
+                qargs,
+                n_grid,
+                duo_scaling,
+            )
             searched.append((prev, lins, s))
         for prev, lins, s in searched:  # 2) fold them in; the inputs those linears see shrink by s
             fold_scales(prev, lins, s.to(get_weight(next(iter(lins.values()))).dtype))
@@ -182,9 +250,15 @@ def awq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: in
         if clip:  # 3) clipping search on the scaled weights
             for name, m in linears.items():
                 if not name.endswith(NO_CLIP):
-                    clip_ratios[name] = search_clip(stats[name][1], get_weight(m).float(), qargs, n_grid)
-        block_in = run_block(block, block_in)  # scaling kept the block's function: these feed the next block
-    targets = {name: m for block in blocks for name, m in find_linears(block, names[block] + ".").items()}
+                    clip_ratios[name] = search_clip(
+                        stats[name][1], get_weight(m).float(), qargs, n_grid
+                    )
+        block_in = run_block(
+            block, block_in
+        )  # scaling kept the block's function: these feed the next block
+    targets = {
+        name: m for block in blocks for name, m in find_linears(block, names[block] + ".").items()
+    }
     if include_head:
         head_name, head = untie_output_head(model)
         if clip:

@@ -10,6 +10,7 @@ carries a `quantization_config` saying how to read it:
 
 group_size -1 means one group per output channel; desc_act true means act-order (g_idx is permuted).
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -28,20 +29,29 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def pack_model(model: nn.Module, results: dict[str, QuantizedWeight], cache: bool = False) -> nn.Module:
+def pack_model(
+    model: nn.Module, results: dict[str, QuantizedWeight], cache: bool = False
+) -> nn.Module:
     """Swap each quantized linear for a QuantLinear holding only packed codes (in place; returns model)."""
     for name, qw in results.items():
         layer = model.get_submodule(name)
         bias = getattr(layer, "bias", None)
-        _replace(model, name, QuantLinear.from_quantized(qw, None if bias is None else bias.detach(), cache)
-                 .to(get_weight(layer).device))
+        _replace(
+            model,
+            name,
+            QuantLinear.from_quantized(qw, None if bias is None else bias.detach(), cache).to(
+                get_weight(layer).device
+            ),
+        )
     return model
 
 
 def _format(results: dict[str, QuantizedWeight]) -> dict:
     kinds = {(qw.bits, qw.symmetric) for qw in results.values()}
     if len(kinds) != 1:
-        raise ValueError(f"a GPTQ checkpoint has one bit width and one symmetry for all layers, got {kinds}")
+        raise ValueError(
+            f"a GPTQ checkpoint has one bit width and one symmetry for all layers, got {kinds}"
+        )
     bits, sym = kinds.pop()
     sizes = {qw.group_size if 0 < qw.group_size < qw.q.shape[1] else -1 for qw in results.values()}
     if len(sizes) != 1:
@@ -50,7 +60,9 @@ def _format(results: dict[str, QuantizedWeight]) -> dict:
     return {"bits": bits, "group_size": sizes.pop(), "desc_act": desc_act, "sym": sym}
 
 
-def gptq_state_dict(model: nn.Module, results: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def gptq_state_dict(
+    model: nn.Module, results: dict[str, QuantizedWeight]
+) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: packed GPTQ tensors for quantized linears, float16 for the rest."""
     quantized = set(results)
     state = {}
@@ -63,15 +75,24 @@ def gptq_state_dict(model: nn.Module, results: dict[str, QuantizedWeight]) -> di
         layer = QuantLinear.from_quantized(qw)
         for part in ("qweight", "qzeros", "scales", "g_idx"):
             state[f"{name}.{part}"] = getattr(layer, part)
-    if getattr(model.config, "tie_word_embeddings", False):  # one copy of a tied matrix (safetensors insists)
+    if getattr(
+        model.config, "tie_word_embeddings", False
+    ):  # one copy of a tied matrix (safetensors insists)
         head = output_head(model)
         if head is not None:
             state.pop(f"{head[0]}.weight", None)
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
-def export_gptq(model: nn.Module, results: dict[str, QuantizedWeight], out_dir, tokenizer=None,
-                damp: float = 0.01, true_sequential: bool = True, static_groups: bool = False) -> Path:
+def export_gptq(
+    model: nn.Module,
+    results: dict[str, QuantizedWeight],
+    out_dir,
+    tokenizer=None,
+    damp: float = 0.01,
+    true_sequential: bool = True,
+    static_groups: bool = False,
+) -> Path:
     """Write a GPTQ checkpoint directory (config.json, model.safetensors, quantize_config.json, tokenizer).
 
     damp, true_sequential and static_groups only describe how the weights were made (the defaults are
@@ -82,14 +103,23 @@ def export_gptq(model: nn.Module, results: dict[str, QuantizedWeight], out_dir, 
     """
     head = output_head(model)
     if head is not None and head[0] in results:
-        raise ValueError(f"{head[0]} is quantized: the GPTQ export keeps the (tied) output head in float16; "
-                         "quantize without include_head to export")
+        raise ValueError(
+            f"{head[0]} is quantized: the GPTQ export keeps the (tied) output head in float16; "
+            "quantize without include_head to export"
+        )
     if not results:
         raise ValueError("nothing to export: results is empty")
     fmt = _format(results)
-    qconfig = {"quant_method": "gptq", "checkpoint_format": "gptq", **fmt, "damp_percent": damp,
-               "true_sequential": true_sequential, "static_groups": static_groups, "lm_head": False,
-               "pack_dtype": "int32"}
+    qconfig = {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        **fmt,
+        "damp_percent": damp,
+        "true_sequential": true_sequential,
+        "static_groups": static_groups,
+        "lm_head": False,
+        "pack_dtype": "int32",
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(gptq_state_dict(model, results), out / "model.safetensors", metadata={"format": "pt"})
@@ -111,6 +141,7 @@ def load_gptq(path, device: str | None = None, dtype: torch.dtype = torch.float3
     Returns (model, tokenizer). Runs anywhere plain PyTorch runs: no GPTQ kernels needed.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     qc = getattr(config, "quantization_config", None)
@@ -118,7 +149,9 @@ def load_gptq(path, device: str | None = None, dtype: torch.dtype = torch.float3
     if not qc or qc.get("quant_method") != "gptq":
         raise ValueError(f"{path} has no GPTQ quantization_config (quant_method 'gptq')")
     if qc.get("checkpoint_format", "gptq") != "gptq":
-        raise ValueError(f"only checkpoint_format 'gptq' (v1) is supported, got {qc.get('checkpoint_format')!r}")
+        raise ValueError(
+            f"only checkpoint_format 'gptq' (v1) is supported, got {qc.get('checkpoint_format')!r}"
+        )
     del config.quantization_config
     bits = qc["bits"]
     state = {}
@@ -129,14 +162,29 @@ def load_gptq(path, device: str | None = None, dtype: torch.dtype = torch.float3
         name = key[: -len(".qweight")]
         layer = model.get_submodule(name)
         in_f, out_f = get_weight(layer).shape[1], get_weight(layer).shape[0]
-        _replace(model, name, QuantLinear(in_f, out_f, bits, state[f"{name}.scales"].shape[0], f"{name}.bias" in state))
-    missing, unexpected = model.load_state_dict(state, strict=False)  # copies convert fp16 -> model dtype
-    missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
+        _replace(
+            model,
+            name,
+            QuantLinear(
+                in_f, out_f, bits, state[f"{name}.scales"].shape[0], f"{name}.bias" in state
+            ),
+        )
+    missing, unexpected = model.load_state_dict(
+        state, strict=False
+    )  # copies convert fp16 -> model dtype
+    missing = [
+        k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))
+    ]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     from ..device import pick_device
+
     model.to(pick_device(device)).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    tokenizer = (
+        AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    )
     return model, tokenizer

@@ -27,13 +27,31 @@ column j with error e_j, the optimal change to the remaining columns is -e_j / [
 Per-channel quantization fits one (scale, zero) per row to the whole row before the first column, as
 the reference does; dead inputs (H_jj = 0, never active in calibration) get H_jj = 1 and weight 0.
 """
+
 import torch
 from tqdm.auto import tqdm
 
-from .primitives import (QuantizedWeight, check_bits, check_weight, dequantize_values, quantize_values,
-                         resolve_group_size, scale_zero_from_range)
-from .walk import (block_inputs, find_blocks, find_linears, get_weight, hooked, run_block, run_calibration,
-                   sequential_groups, set_weight, untie_output_head)
+from .primitives import (
+    QuantizedWeight,
+    check_bits,
+    check_weight,
+    dequantize_values,
+    quantize_values,
+    resolve_group_size,
+    scale_zero_from_range,
+)
+from .walk import (
+    block_inputs,
+    find_blocks,
+    find_linears,
+    get_weight,
+    hooked,
+    run_block,
+    run_calibration,
+    sequential_groups,
+    set_weight,
+    untie_output_head,
+)
 
 
 class Hessian:
@@ -53,16 +71,28 @@ class Hessian:
 
 
 def _params(w: torch.Tensor, bits: int, symmetric: bool, per_tensor: bool):
-    lo, hi = (w.min().reshape(1, 1), w.max().reshape(1, 1)) if per_tensor else (w.amin(1, keepdim=True), w.amax(1, keepdim=True))
+    lo, hi = (
+        (w.min().reshape(1, 1), w.max().reshape(1, 1))
+        if per_tensor
+        else (w.amin(1, keepdim=True), w.amax(1, keepdim=True))
+    )
     scale, zero = scale_zero_from_range(lo, hi, bits, symmetric)
     return scale.expand(w.shape[0], 1), zero.expand(w.shape[0], 1)
 
 
 @torch.no_grad()
-def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int = 4, symmetric: bool = True,
-                         granularity: str = "group", group_size: int | None = 128, act_order: bool = False,
-                         damp: float = 0.01, block_size: int = 128,
-                         static_groups: bool = False) -> tuple[QuantizedWeight, float]:
+def gptq_quantize_weight(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    bits: int = 4,
+    symmetric: bool = True,
+    granularity: str = "group",
+    group_size: int | None = 128,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    static_groups: bool = False,
+) -> tuple[QuantizedWeight, float]:
     """GPTQ one weight [out, in] given its input Hessian [in, in]. Returns (codes, squared-error proxy)."""
     check_bits(bits)
     W = check_weight(w).detach().float().clone()
@@ -72,14 +102,20 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int = 4, symmet
     if not 0 <= damp < 1:
         raise ValueError(f"damp is a fraction of the mean diagonal, 0 <= damp < 1; got {damp}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer (columns per lazy update), got {block_size!r}")
+        raise ValueError(
+            f"block_size must be a positive integer (columns per lazy update), got {block_size!r}"
+        )
     gs = resolve_group_size(n, granularity, group_size)
     H = H.detach().float().clone()
-    dead = torch.diag(H) == 0           # inputs that were always zero: weight irrelevant, make H invertible
+    dead = torch.diag(H) == 0  # inputs that were always zero: weight irrelevant, make H invertible
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
+    perm = (
+        torch.argsort(torch.diag(H), descending=True)
+        if act_order
+        else torch.arange(n, device=W.device)
+    )
     static = static_groups and 0 < gs < n
     if static:  # every group's (scale, zero) from the original weights, before any column moves
         g = W.reshape(out_f, n // gs, gs)
@@ -105,36 +141,56 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, bits: int = 4, symmet
             col = i1 + i
             if static:
                 group = group_at[col]
-                scale, zero = static_scale[:, group:group + 1], static_zero[:, group:group + 1]
+                scale, zero = static_scale[:, group : group + 1], static_zero[:, group : group + 1]
             elif 0 < gs < n and col % gs == 0:  # new group: fit it to the weights as updated so far
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
                 scale, zero = _params(upcoming, bits, symmetric, per_tensor=False)
                 scales.append(scale), zeros.append(zero)
-            w_col, d = W1[:, i:i + 1], Hinv1[i, i]
+            w_col, d = W1[:, i : i + 1], Hinv1[i, i]
             q = quantize_values(w_col, scale, zero, bits)
             codes[:, col] = q[:, 0]
             err = (w_col - dequantize_values(q, scale, zero)) / d
-            loss += (err ** 2).sum().item() / 2
-            W1[:, i:] -= err @ Hinv1[i:i + 1, i:]      # compensate inside the block right away
-            Err1[:, i:i + 1] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]          # lazy update of everything after the block
+            loss += (err**2).sum().item() / 2
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]  # compensate inside the block right away
+            Err1[:, i : i + 1] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of everything after the block
 
     invperm = torch.argsort(perm)
     if gs in (0, n):
         group_of_position = torch.zeros(n, dtype=torch.int32, device=W.device)
     else:  # static: each column keeps its original group; dynamic: groups follow the quantization order
-        group_of_position = ((perm if static else torch.arange(n, device=W.device)) // gs).to(torch.int32)
-    qw = QuantizedWeight(q=codes[:, invperm], scale=torch.cat(scales, 1), zero=torch.cat(zeros, 1),
-                         g_idx=group_of_position[invperm], bits=bits, group_size=gs, symmetric=symmetric)
+        group_of_position = ((perm if static else torch.arange(n, device=W.device)) // gs).to(
+            torch.int32
+        )
+    qw = QuantizedWeight(
+        q=codes[:, invperm],
+        scale=torch.cat(scales, 1),
+        zero=torch.cat(zeros, 1),
+        g_idx=group_of_position[invperm],
+        bits=bits,
+        group_size=gs,
+        symmetric=symmetric,
+    )
     return qw, loss
 
 
 @torch.no_grad()
-def gptq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: int | None = 128,
-                        granularity: str = "group", symmetric: bool = True, act_order: bool = False,
-                        static_groups: bool = False, true_sequential: bool = True, damp: float = 0.01,
-                        block_size: int = 128, include_head: bool = False, batch_size: int = 8,
-                        progress: bool = True) -> dict[str, QuantizedWeight]:
+def gptq_quantize_model(
+    model,
+    calib: torch.Tensor,
+    bits: int = 4,
+    group_size: int | None = 128,
+    granularity: str = "group",
+    symmetric: bool = True,
+    act_order: bool = False,
+    static_groups: bool = False,
+    true_sequential: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    include_head: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, QuantizedWeight]:
     """GPTQ every linear of the decoder blocks in place (fake-quantized floats), block by block.
 
     The calibration text's hidden states are captured once at the first block; each block is then run
@@ -145,8 +201,16 @@ def gptq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: i
     """
     blocks_name, blocks = find_blocks(model)
     results = {}
-    qargs = dict(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size, act_order=act_order,
-                 damp=damp, block_size=block_size, static_groups=static_groups)
+    qargs = dict(
+        bits=bits,
+        symmetric=symmetric,
+        granularity=granularity,
+        group_size=group_size,
+        act_order=act_order,
+        damp=damp,
+        block_size=block_size,
+        static_groups=static_groups,
+    )
 
     def quantize(linears: dict, hessians: dict, label) -> None:
         for name, layer in linears.items():
@@ -164,9 +228,16 @@ def gptq_quantize_model(model, calib: torch.Tensor, bits: int = 4, group_size: i
         groups = sequential_groups(block, linears, inputs) if true_sequential else [list(linears)]
         for group in groups:
             subset = {name: linears[name] for name in group}
-            hessians = {name: Hessian(get_weight(m).shape[1], get_weight(m).device) for name, m in subset.items()}
-            with hooked(subset, lambda name, x: hessians[name].add(x), stop_after=subset[group[-1]]):
-                run_block(block, inputs)  # stops right after the group's last linear: that is all we need
+            hessians = {
+                name: Hessian(get_weight(m).shape[1], get_weight(m).device)
+                for name, m in subset.items()
+            }
+            with hooked(
+                subset, lambda name, x, h=hessians: h[name].add(x), stop_after=subset[group[-1]]
+            ):
+                run_block(
+                    block, inputs
+                )  # stops right after the group's last linear: that is all we need
             quantize(subset, hessians, lambda name: name.split(".", 2)[-1])
         inputs = run_block(block, inputs)  # the quantized block's outputs feed the next block
     if include_head:

@@ -5,6 +5,7 @@ they pin versions of transformers and friends that must not leak into the course
 executes labkit/quant/lib_runner.py there, which uses labkit's own calibration and evaluation code, so
 its numbers compare directly with labkit's.
 """
+
 import json
 import os
 import subprocess
@@ -33,7 +34,9 @@ def run_library(task: str, timeout: int = 1200, **options) -> dict:
     """
     exe = library_python()
     if exe is None:
-        raise RuntimeError(f"{QUANT_VENV} not found: build it with `make quant-libs` (part of `make test`)")
+        raise RuntimeError(
+            f"{QUANT_VENV} not found: build it with `make quant-libs` (part of `make test`)"
+        )
     args = [str(exe), "-m", "labkit.quant.lib_runner", task]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -43,12 +46,14 @@ def run_library(task: str, timeout: int = 1200, **options) -> dict:
             args += [flag, str(value)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TQDM_DISABLE": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT:")]
+    proc = subprocess.run(
+        args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT:")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr)[-3000:]
         raise RuntimeError(f"{task} failed (exit {proc.returncode}):\n{tail}")
-    result = json.loads(lines[-1][len("RESULT:"):])
+    result = json.loads(lines[-1][len("RESULT:") :])
     result["wall_seconds"] = time.perf_counter() - t0
     return result
 

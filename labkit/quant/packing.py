@@ -14,6 +14,7 @@ and two of them straddle a word boundary. One formula handles all widths:
 The original GPTQ ("v1", checkpoint_format "gptq") stores zero - 1 in qzeros; its kernels add the 1 back.
 We do the same so vLLM, transformers and GPTQModel read our files as they read theirs.
 """
+
 import torch
 
 _WORD = 32
@@ -24,8 +25,10 @@ def _check(n: int, bits: int):
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be from 1 to 8, got {bits}")
     if (n * bits) % _WORD:
-        raise ValueError(f"{n} values of {bits} bits do not fill whole 32-bit words; "
-                         f"need n * bits divisible by 32 (n a multiple of {_WORD // _gcd(bits, _WORD)})")
+        raise ValueError(
+            f"{n} values of {bits} bits do not fill whole 32-bit words; "
+            f"need n * bits divisible by 32 (n a multiple of {_WORD // _gcd(bits, _WORD)})"
+        )
 
 
 def _gcd(a, b):
@@ -44,35 +47,45 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     n, m = q.shape
     _check(n, bits)
     q = q.to(torch.int64)
-    if q.min() < 0 or q.max() >= 2 ** bits:
-        raise ValueError(f"codes must lie in [0, {2 ** bits - 1}] for {bits} bits")
+    if q.min() < 0 or q.max() >= 2**bits:
+        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits")
     word, off = _positions(n, bits, q.device)
     out = torch.zeros(n * bits // _WORD + 1, m, dtype=torch.int64, device=q.device)
-    out.index_add_(0, word, (q << off) & _U32)            # the bits that land in this word
-    out.index_add_(0, word + 1, q >> (_WORD - off))       # the overflow into the next word (3-bit)
+    out.index_add_(0, word, (q << off) & _U32)  # the bits that land in this word
+    out.index_add_(0, word + 1, q >> (_WORD - off))  # the overflow into the next word (3-bit)
     out = out[:-1]
-    return torch.where(out >= 2 ** 31, out - 2 ** 32, out).to(torch.int32)  # reinterpret as signed int32
+    return torch.where(out >= 2**31, out - 2**32, out).to(
+        torch.int32
+    )  # reinterpret as signed int32
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_rows: int32 words [n * b / 32, m] -> int32 codes [n, m]."""
     _check(n, bits)
     if packed.shape[0] != n * bits // _WORD:
-        raise ValueError(f"expected {n * bits // _WORD} packed rows for {n} values of {bits} bits, got {packed.shape[0]}")
-    if _WORD % bits == 0:  # 2/4/8 bits: no value straddles words, so shift every word 32/b times at once
+        raise ValueError(
+            f"expected {n * bits // _WORD} packed rows for {n} values of {bits} bits, got {packed.shape[0]}"
+        )
+    if (
+        _WORD % bits == 0
+    ):  # 2/4/8 bits: no value straddles words, so shift every word 32/b times at once
         shifts = torch.arange(0, _WORD, bits, device=packed.device, dtype=torch.int32)
-        vals = (packed[:, None, :] >> shifts[None, :, None]) & (2 ** bits - 1)  # sign bits are masked away
+        vals = (packed[:, None, :] >> shifts[None, :, None]) & (
+            2**bits - 1
+        )  # sign bits are masked away
         return vals.reshape(n, packed.shape[1])
     w = packed.to(torch.int64) & _U32
     w = torch.cat([w, torch.zeros_like(w[:1])])
     word, off = _positions(n, bits, packed.device)
     vals = (w[word] >> off) | (w[word + 1] << (_WORD - off))
-    return (vals & (2 ** bits - 1)).to(torch.int32)
+    return (vals & (2**bits - 1)).to(torch.int32)
 
 
-def pack_gptq(q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor, bits: int) -> dict:
+def pack_gptq(
+    q: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor, bits: int
+) -> dict:
     """GPTQ tensors from codes q [out, in], zero and scale [out, n_groups] and g_idx [in]."""
-    zero_v1 = (zero.round().to(torch.int64) - 1) & (2 ** bits - 1)  # v1 convention: store zero - 1
+    zero_v1 = (zero.round().to(torch.int64) - 1) & (2**bits - 1)  # v1 convention: store zero - 1
     return {
         "qweight": pack_rows(q.t().contiguous(), bits),
         "qzeros": pack_rows(zero_v1.contiguous(), bits).t().contiguous(),
@@ -86,7 +99,7 @@ def unpack_gptq(qweight, qzeros, scales, g_idx, bits: int):
     in_f = g_idx.numel()
     out_f = scales.shape[1]
     q = unpack_rows(qweight, bits, in_f).t()
-    zero = (unpack_rows(qzeros.t().contiguous(), bits, out_f) + 1) & (2 ** bits - 1)
+    zero = (unpack_rows(qzeros.t().contiguous(), bits, out_f) + 1) & (2**bits - 1)
     return q, zero.float(), scales.t().float(), g_idx
 
 

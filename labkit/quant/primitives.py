@@ -20,6 +20,7 @@ so the same numbers can be packed and exported (see packing.py).
 Scales are rounded to float16 here, because that is how every checkpoint format stores them: the
 quantized weights we evaluate are then bit-for-bit the ones an exported model computes with.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,9 @@ def check_weight(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def resolve_group_size(in_features: int, granularity: str = "group", group_size: int | None = 128) -> int:
+def resolve_group_size(
+    in_features: int, granularity: str = "group", group_size: int | None = 128
+) -> int:
     """Columns per (scale, zero): in_features for 'channel', the group size for 'group', 0 for 'tensor'."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -51,10 +54,14 @@ def resolve_group_size(in_features: int, granularity: str = "group", group_size:
     if granularity == "channel" or group_size in (None, -1):
         return in_features
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"group_size must be a positive integer (or -1 for per-channel), got {group_size!r}")
+        raise ValueError(
+            f"group_size must be a positive integer (or -1 for per-channel), got {group_size!r}"
+        )
     if in_features % group_size:
-        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}; "
-                         f"pick a divisor of {in_features} (e.g. 32, 64, 128) or per-channel (-1)")
+        raise ValueError(
+            f"group_size {group_size} does not divide in_features {in_features}; "
+            f"pick a divisor of {in_features} (e.g. 32, 64, 128) or per-channel (-1)"
+        )
     return group_size
 
 
@@ -62,17 +69,23 @@ def scale_zero_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetr
     """(scale, zero) that map [lo, hi] onto the b-bit grid; lo <= 0 <= hi is enforced so 0.0 stays exact."""
     check_bits(bits)
     lo, hi = lo.clamp(max=0).float(), hi.clamp(min=0).float()
-    maxq = 2 ** bits - 1
+    maxq = 2**bits - 1
     if symmetric:
         absmax = torch.maximum(-lo, hi)
         scale = 2 * absmax / maxq
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         scale = (hi - lo) / maxq
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale works
+    scale = torch.where(
+        scale > 0, scale, torch.ones_like(scale)
+    )  # an all-zero group: any scale works
     # stored as fp16 on disk: round *up* to the next fp16 value so the range still covers [lo, hi]
     s16 = scale.clamp(min=torch.finfo(torch.float16).tiny).half()
-    scale = torch.where(s16.float() < scale, torch.nextafter(s16, torch.tensor(float("inf"), dtype=torch.float16)), s16).float()
+    scale = torch.where(
+        s16.float() < scale,
+        torch.nextafter(s16, torch.tensor(float("inf"), dtype=torch.float16)),
+        s16,
+    ).float()
     if not symmetric:
         zero = torch.round(-lo / scale).clamp(0, maxq)
     return scale, zero
@@ -80,7 +93,7 @@ def scale_zero_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetr
 
 def quantize_values(w: torch.Tensor, scale, zero, bits: int) -> torch.Tensor:
     """round(w / scale) + zero, clamped to [0, 2^b - 1]; returned as int32 (unsigned values)."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1).to(torch.int32)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1).to(torch.int32)
 
 
 def dequantize_values(q: torch.Tensor, scale, zero) -> torch.Tensor:
@@ -94,6 +107,7 @@ class QuantizedWeight:
     q: int32 [out, in] in [0, 2^b - 1]; scale, zero: float [out, n_groups] (one column per group);
     g_idx: int32 [in], the group of each input column (GPTQ's name; act-order makes it non-monotonic).
     """
+
     q: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
@@ -107,8 +121,14 @@ class QuantizedWeight:
         return (self.q.float() - self.zero[:, idx]) * self.scale[:, idx]
 
 
-def quantize_weight(w: torch.Tensor, bits: int = 4, symmetric: bool = True, granularity: str = "group",
-                    group_size: int | None = 128, clip_ratio: torch.Tensor | float | None = None) -> QuantizedWeight:
+def quantize_weight(
+    w: torch.Tensor,
+    bits: int = 4,
+    symmetric: bool = True,
+    granularity: str = "group",
+    group_size: int | None = 128,
+    clip_ratio: torch.Tensor | float | None = None,
+) -> QuantizedWeight:
     """Round-to-nearest (RTN) quantization of a 2-D weight [out, in].
 
     clip_ratio (scalar or [out, n_groups]) shrinks each group's range before quantizing: AWQ searches it.
@@ -132,13 +152,19 @@ def quantize_weight(w: torch.Tensor, bits: int = 4, symmetric: bool = True, gran
     return QuantizedWeight(q, scale.contiguous(), zero.contiguous(), g_idx, bits, gs, symmetric)
 
 
-def fake_quantize(w: torch.Tensor, bits: int = 4, symmetric: bool = True, granularity: str = "group",
-                  group_size: int | None = 128) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor,
+    bits: int = 4,
+    symmetric: bool = True,
+    granularity: str = "group",
+    group_size: int | None = 128,
+) -> torch.Tensor:
     """Quantize then dequantize: the weight a quantized model actually computes with, in w's dtype."""
     return quantize_weight(w, bits, symmetric, granularity, group_size).dequantize().to(w.dtype)
 
 
 # ---- the two textbook formulas on a single tensor (notebook 01's exercises) -------------------------------
+
 
 def quantize_symmetric(x: torch.Tensor, bits: int = 8):
     """Per-tensor symmetric: returns (q signed int in [-(2^(b-1)-1), 2^(b-1)-1], scale). x_hat = q * scale."""
@@ -156,7 +182,7 @@ def dequantize_symmetric(q: torch.Tensor, scale) -> torch.Tensor:
 def quantize_asymmetric(x: torch.Tensor, bits: int = 8):
     """Per-tensor asymmetric: returns (q unsigned int in [0, 2^b-1], scale, zero). x_hat = (q - zero) * scale."""
     check_bits(bits)
-    maxq = 2 ** bits - 1
+    maxq = 2**bits - 1
     lo, hi = x.min().float().clamp(max=0), x.max().float().clamp(min=0)
     scale = ((hi - lo) / maxq).clamp(min=1e-12)
     zero = torch.round(-lo / scale).clamp(0, maxq)

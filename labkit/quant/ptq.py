@@ -12,6 +12,7 @@ runs on CPU in torch 2.x but is deprecated in favour of torchao, whose one entry
 (.venv-quant): in this course's main environment its import would print CUDA-library warnings on
 every model load, so the notebook runs it there (see libs.py).
 """
+
 import copy
 import warnings
 
@@ -30,11 +31,19 @@ def dynamic_int8(model) -> nn.Module:
     """
     qmodel = copy.deepcopy(model)
     blocks_name, blocks = find_blocks(qmodel)
-    names = {f"{blocks_name}.{name}" for name, m in blocks.named_modules() if isinstance(m, nn.Linear)}
+    names = {
+        f"{blocks_name}.{name}" for name, m in blocks.named_modules() if isinstance(m, nn.Linear)
+    }
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao's deprecation notice: we know, and say so in the notebook
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # one weight scale per output channel
-        return torch.ao.quantization.quantize_dynamic(qmodel, {name: qconfig for name in names}, dtype=torch.qint8)
+        warnings.simplefilter(
+            "ignore"
+        )  # torch.ao's deprecation notice: we know, and say so in the notebook
+        qconfig = (
+            torch.ao.quantization.per_channel_dynamic_qconfig
+        )  # one weight scale per output channel
+        return torch.ao.quantization.quantize_dynamic(
+            qmodel, {name: qconfig for name in names}, dtype=torch.qint8
+        )
 
 
 class _Observed(nn.Module):
@@ -42,14 +51,20 @@ class _Observed(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.quant, self.linear, self.dequant = torch.ao.quantization.QuantStub(), linear, torch.ao.quantization.DeQuantStub()
+        self.quant, self.linear, self.dequant = (
+            torch.ao.quantization.QuantStub(),
+            linear,
+            torch.ao.quantization.DeQuantStub(),
+        )
 
     def forward(self, x):
         return self.dequant(self.linear(self.quant(x)))
 
 
 @torch.no_grad()
-def static_int8(model, calib: torch.Tensor, batch_size: int = 8, progress: bool = True) -> nn.Module:
+def static_int8(
+    model, calib: torch.Tensor, batch_size: int = 8, progress: bool = True
+) -> nn.Module:
     """torch.ao static quantization: observers record each linear's input range on calibration data,
     then convert swaps in int8 kernels (x86/fbgemm) with those fixed activation scales.
 
@@ -57,13 +72,19 @@ def static_int8(model, calib: torch.Tensor, batch_size: int = 8, progress: bool 
     so norms, attention and activations stay float (the usual "int8 linears" recipe).
     """
     from torch.ao.quantization import convert, get_default_qconfig, prepare
+
     qmodel = copy.deepcopy(model).cpu()
     _, blocks = find_blocks(qmodel)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else \
-            torch.backends.quantized.supported_engines[-1]
-        qconfig = get_default_qconfig(torch.backends.quantized.engine)  # per-channel weights, histogram observer
+        torch.backends.quantized.engine = (
+            "x86"
+            if "x86" in torch.backends.quantized.supported_engines
+            else torch.backends.quantized.supported_engines[-1]
+        )
+        qconfig = get_default_qconfig(
+            torch.backends.quantized.engine
+        )  # per-channel weights, histogram observer
         for block in blocks:
             for name, lin in list(find_linears(block).items()):
                 parent_name, _, child = name.rpartition(".")
@@ -71,7 +92,9 @@ def static_int8(model, calib: torch.Tensor, batch_size: int = 8, progress: bool 
                 wrapper.qconfig = qconfig
                 setattr(block.get_submodule(parent_name) if parent_name else block, child, wrapper)
         prepare(qmodel, inplace=True)
-        for i in tqdm(range(0, len(calib), batch_size), desc="calibrating", disable=not progress, leave=False):
-            qmodel(input_ids=calib[i:i + batch_size], use_cache=False)
+        for i in tqdm(
+            range(0, len(calib), batch_size), desc="calibrating", disable=not progress, leave=False
+        ):
+            qmodel(input_ids=calib[i : i + batch_size], use_cache=False)
         convert(qmodel, inplace=True)
     return qmodel

@@ -8,6 +8,7 @@ is a floor under the comparison: on the course model (8k held-out tokens) the fp
 against its own cached logits gives KL 8e-7 and top-1 agreement 0.9993 (near-ties flip), and INT8
 gives KL 4.71e-5 against 4.62e-5 with exact logits; 4-bit KLs (~1e-2) are unaffected.
 """
+
 from types import SimpleNamespace
 
 import torch

@@ -1,4 +1,5 @@
 """Round-to-nearest (RTN): quantize every weight on its own, no data needed. The baseline to beat."""
+
 import torch
 
 from .primitives import QuantizedWeight, quantize_weight
@@ -6,8 +7,14 @@ from .walk import get_weight, quantizable_layers, set_weight
 
 
 @torch.no_grad()
-def rtn_quantize_model(model, bits: int = 4, group_size: int | None = 128, granularity: str = "group",
-                       symmetric: bool = True, include_head: bool = False) -> dict[str, QuantizedWeight]:
+def rtn_quantize_model(
+    model,
+    bits: int = 4,
+    group_size: int | None = 128,
+    granularity: str = "group",
+    symmetric: bool = True,
+    include_head: bool = False,
+) -> dict[str, QuantizedWeight]:
     """Quantize every linear in the decoder blocks (and the output head if asked) in place.
 
     The model keeps float weights holding the dequantized values ("fake quantization"), so it runs

@@ -5,6 +5,7 @@ already processed, so each block sees the inputs it will really get. We find the
 ModuleList: `model.layers` in Llama, `transformer.h` in GPT-2), the linear layers inside them (nn.Linear,
 and GPT-2's Conv1D, which stores its weight transposed), and capture what flows into them with hooks.
 """
+
 from contextlib import contextmanager
 
 import torch
@@ -33,7 +34,9 @@ def find_blocks(model) -> tuple[str, nn.ModuleList]:
 
 
 def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
-    return {f"{prefix}{name}": m for name, m in module.named_modules() if isinstance(m, LINEAR_TYPES)}
+    return {
+        f"{prefix}{name}": m for name, m in module.named_modules() if isinstance(m, LINEAR_TYPES)
+    }
 
 
 def output_head(model) -> tuple[str, nn.Module] | None:
@@ -71,12 +74,19 @@ def hooked(modules: dict[str, nn.Module], fn, stop_after: nn.Module | None = Non
     With stop_after, the forward pass is cut short after that module ran: no need to compute the rest
     of the model (and the 8192-wide output layer) just to see what flows into one block.
     """
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name:
-                                       fn(name, args[0].detach().reshape(-1, args[0].shape[-1])))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_hook(
+            lambda mod, args, out, name=name: fn(
+                name, args[0].detach().reshape(-1, args[0].shape[-1])
+            )
+        )
+        for name, m in modules.items()
+    ]
     if stop_after is not None:
+
         def stop(mod, args, out):
             raise _Stop
+
         handles.append(stop_after.register_forward_hook(stop))
     try:
         yield
@@ -94,12 +104,14 @@ def capture_inputs(modules: dict[str, nn.Module], stop_after: nn.Module | None =
 
 
 @torch.no_grad()
-def run_calibration(model, calib: torch.Tensor, batch_size: int = 8, desc: str | None = None) -> None:
+def run_calibration(
+    model, calib: torch.Tensor, batch_size: int = 8, desc: str | None = None
+) -> None:
     """Feed calibration ids [n, seq] through the model in batches (hooks collect what they need)."""
     device = next(model.parameters()).device
     for i in tqdm(range(0, len(calib), batch_size), desc=desc, disable=desc is None, leave=False):
         try:
-            model(input_ids=calib[i:i + batch_size].to(device), use_cache=False)
+            model(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
         except _Stop:
             pass
 
@@ -151,8 +163,10 @@ def sequential_groups(block: nn.Module, linears: dict[str, nn.Module], inputs) -
     time, so o_proj's Hessian is computed from the outputs of the already-quantized q/k/v, and so on.
     """
     calls = []
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, args[0])))
-               for name, m in linears.items()]
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, args[0])))
+        for name, m in linears.items()
+    ]
     try:
         run_block(block, inputs[:1])
     finally:
@@ -168,7 +182,9 @@ def sequential_groups(block: nn.Module, linears: dict[str, nn.Module], inputs) -
             groups.append([name])
         done.add(name)
         last_x = x
-    groups += [[n] for n in linears if n not in done]  # never called on this input: still quantize it
+    groups += [
+        [n] for n in linears if n not in done
+    ]  # never called on this input: still quantize it
     return groups
 
 
@@ -186,14 +202,18 @@ def untie_output_head(model) -> tuple[str, nn.Module]:
     name, layer = head
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and emb.weight is layer.weight:
-        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+        layer.weight = nn.Parameter(
+            layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad
+        )
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
     return name, layer
 
 
-def quantizable_layers(model, include_head: bool = False) -> list[tuple[int | None, dict[str, nn.Module]]]:
+def quantizable_layers(
+    model, include_head: bool = False
+) -> list[tuple[int | None, dict[str, nn.Module]]]:
     """[(block index, {full name: linear})] in forward order; the output head (block None, untied) last if asked."""
     blocks_name, blocks = find_blocks(model)
     out = [(i, find_linears(block, f"{blocks_name}.{i}.")) for i, block in enumerate(blocks)]

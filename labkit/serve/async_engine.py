@@ -12,6 +12,7 @@ does the event loop (HTTP, JSON, detokenizing, SSE): under load the two take tur
 `labkit serve` runs the engine in its own process by default (engine_process.py, same interface);
 this in-process thread is `--engine-mode thread`, kept to measure the difference and for GIL-free setups.
 """
+
 import asyncio
 import queue
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 @dataclass
 class _Tracked:
     """What the loop knows about a request: where to deliver its tokens, and its timestamps."""
+
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     arrival: float
@@ -46,8 +48,12 @@ def _running_loop():
 
 def engine_limits(engine) -> dict:
     """What the HTTP layer checks requests against (and reports), read from an LLMEngine once."""
-    return {"max_context": engine.max_context, "vocab_size": engine.model.config.vocab_size,
-            "max_num_seqs": engine.scheduler.max_num_seqs, "num_blocks": engine.block_manager.num_blocks}
+    return {
+        "max_context": engine.max_context,
+        "vocab_size": engine.model.config.vocab_size,
+        "max_num_seqs": engine.scheduler.max_num_seqs,
+        "num_blocks": engine.block_manager.num_blocks,
+    }
 
 
 class EngineDead(RuntimeError):
@@ -70,18 +76,24 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _setup(self, metrics, stats, max_context: int, vocab_size: int, max_num_seqs: int, num_blocks: int) -> None:
+    def _setup(
+        self, metrics, stats, max_context: int, vocab_size: int, max_num_seqs: int, num_blocks: int
+    ) -> None:
         """State shared with EngineProcess (engine_process.py): the requests in flight and the counters."""
         self.metrics = metrics
-        self.max_context, self.vocab_size, self.max_num_seqs, self.num_blocks = \
-            max_context, vocab_size, max_num_seqs, num_blocks
+        self.max_context, self.vocab_size, self.max_num_seqs, self.num_blocks = (
+            max_context,
+            vocab_size,
+            max_num_seqs,
+            num_blocks,
+        )
         self._tracked: dict[str, _Tracked] = {}
-        self._outbox: list = []     # (tracked, item) to deliver at the end of this loop turn
+        self._outbox: list = []  # (tracked, item) to deliver at the end of this loop turn
         self.stats = stats
         self.steps = 0
-        self.step_wall = 0.0    # seconds inside engine.step() ...
-        self.step_cpu = 0.0     # ... of which the engine thread was on a CPU (the rest: waiting for the GIL or a core)
-        self.tokens = 0         # tokens handed out
+        self.step_wall = 0.0  # seconds inside engine.step() ...
+        self.step_cpu = 0.0  # ... of which the engine thread was on a CPU (the rest: waiting for the GIL or a core)
+        self.tokens = 0  # tokens handed out
         self.error: BaseException | None = None
 
     # ---- called from the event loop ---------------------------------------------------------------
@@ -137,12 +149,14 @@ class AsyncEngine:
             by_loop.setdefault(t.loop, []).append((t.out, item))
         self._outbox = []
         for loop, items in by_loop.items():
-            if _running_loop() is loop:      # EngineProcess: already on the event loop
+            if _running_loop() is loop:  # EngineProcess: already on the event loop
                 _put_all(items)
                 continue
             try:
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:   # the event loop is closed (server shutting down): nobody is listening
+            except (
+                RuntimeError
+            ):  # the event loop is closed (server shutting down): nobody is listening
                 pass
 
     def _drain_inbox(self) -> None:
@@ -154,11 +168,13 @@ class AsyncEngine:
             if cmd[0] == "add":
                 _, rid, prompt_ids, params = cmd
                 t = self._tracked.get(rid)
-                if t is None:      # aborted before it was ever added
+                if t is None:  # aborted before it was ever added
                     continue
                 try:
                     self.engine.add_request(rid, prompt_ids, params)
-                except Exception as err:  # ValueError: too long, bad params... -> the handler raises it
+                except (
+                    Exception
+                ) as err:  # ValueError: too long, bad params... -> the handler raises it
                     self._tracked.pop(rid, None)
                     self._deliver(t, err)
             else:
@@ -167,7 +183,9 @@ class AsyncEngine:
                 if t is not None:
                     self.engine.abort_request(rid)
                     if self.metrics:
-                        self.metrics.finished(reason, time.perf_counter() - t.arrival, t.n_prompt, t.n_out)
+                        self.metrics.finished(
+                            reason, time.perf_counter() - t.arrival, t.n_prompt, t.n_out
+                        )
 
     def _record(self, out, now: float) -> None:
         t = self._tracked.get(out.request_id)
@@ -197,14 +215,16 @@ class AsyncEngine:
                     tpot = (now - t.first_token) / (t.n_out - 1)
                     self.metrics.tpot.observe(tpot)
                     self.metrics.tpot_old.observe(tpot)
-                self.metrics.finished(out.finish_reason or "stop", e2e, out.num_prompt_tokens, t.n_out)
+                self.metrics.finished(
+                    out.finish_reason or "stop", e2e, out.num_prompt_tokens, t.n_out
+                )
         self._deliver(t, out)
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
-                self._flush()          # rejections from add_request: answer now, not after a step or idle wait
+                self._flush()  # rejections from add_request: answer now, not after a step or idle wait
                 if self.engine.has_unfinished_requests():
                     t0, c0 = time.perf_counter(), time.thread_time()
                     outputs = self.engine.step()
@@ -231,7 +251,7 @@ class AsyncEngine:
             self._flush()
             raise
         finally:
-            for rid in list(self._tracked):    # stopped with requests in flight: abort them cleanly
+            for rid in list(self._tracked):  # stopped with requests in flight: abort them cleanly
                 t = self._tracked.pop(rid)
                 try:
                     self.engine.abort_request(rid)

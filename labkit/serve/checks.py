@@ -1,8 +1,9 @@
 """Exercise checks for notebooks 07-09 (built on labkit.checks.run_check): each returns the student's
 function if it is right, else the reference below, so the notebook always runs to the end."""
+
 import json
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from labkit.checks import ExerciseFailure, expect_close, run_check
 
@@ -15,7 +16,7 @@ def reference_parse_sse(lines: list[str]) -> tuple[str, str | None]:
     for line in lines:
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
-        event = json.loads(line[len("data: "):])
+        event = json.loads(line[len("data: ") :])
         for choice in event.get("choices", []):
             text.append(choice.get("text") or "")
             reason = choice.get("finish_reason") or reason
@@ -30,21 +31,42 @@ def _sse(*events) -> list[str]:
 
 
 def _chunk(text, reason=None):
-    return {"object": "text_completion", "choices": [{"index": 0, "text": text, "finish_reason": reason}]}
+    return {
+        "object": "text_completion",
+        "choices": [{"index": 0, "text": text, "finish_reason": reason}],
+    }
 
 
 def check_parse_sse(student: Callable) -> Callable:
     def test(fn):
         cases = [
-            (_sse(_chunk(" It"), _chunk(" was"), _chunk(" raining", "length")), (" It was raining", "length")),
-            (_sse(_chunk("Yes", "stop"), {"object": "text_completion", "choices": [],
-                                          "usage": {"prompt_tokens": 3, "completion_tokens": 1}}), ("Yes", "stop")),
-            ([": keep-alive comment", ""] + _sse(_chunk(""), _chunk("é"), _chunk("!", "stop")), ("é!", "stop")),
+            (
+                _sse(_chunk(" It"), _chunk(" was"), _chunk(" raining", "length")),
+                (" It was raining", "length"),
+            ),
+            (
+                _sse(
+                    _chunk("Yes", "stop"),
+                    {
+                        "object": "text_completion",
+                        "choices": [],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+                    },
+                ),
+                ("Yes", "stop"),
+            ),
+            (
+                [": keep-alive comment", ""] + _sse(_chunk(""), _chunk("é"), _chunk("!", "stop")),
+                ("é!", "stop"),
+            ),
         ]
         for lines, want in cases:
             got = fn(lines)
             if tuple(got) != want:
-                raise ExerciseFailure(f"for a stream of {len(lines)} lines expected {want!r}, got {got!r}")
+                raise ExerciseFailure(
+                    f"for a stream of {len(lines)} lines expected {want!r}, got {got!r}"
+                )
+
     return run_check("parse_sse", student, reference_parse_sse, test)
 
 
@@ -52,16 +74,25 @@ def reference_latency_summary(sent: float, token_times: list[float]) -> dict:
     """TTFT, TPOT (mean gap after the first token) and e2e from send time and each token's arrival time."""
     ttft = token_times[0] - sent
     e2e = token_times[-1] - sent
-    tpot = (token_times[-1] - token_times[0]) / (len(token_times) - 1) if len(token_times) > 1 else float("nan")
+    tpot = (
+        (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+        if len(token_times) > 1
+        else float("nan")
+    )
     return {"ttft": ttft, "tpot": tpot, "e2e": e2e}
 
 
 def check_latency_summary(student: Callable) -> Callable:
     def test(fn):
-        for sent, times in [(10.0, [10.5, 10.6, 10.7, 10.9]), (0.0, [0.2, 1.2]), (3.0, [3.25, 3.5, 3.75, 4.0, 4.25])]:
+        for sent, times in [
+            (10.0, [10.5, 10.6, 10.7, 10.9]),
+            (0.0, [0.2, 1.2]),
+            (3.0, [3.25, 3.5, 3.75, 4.0, 4.25]),
+        ]:
             got, want = fn(sent, times), reference_latency_summary(sent, times)
             for key in ("ttft", "tpot", "e2e"):
                 expect_close(got[key], want[key], f"{key} for tokens at {times} sent at {sent}")
+
     return run_check("latency_summary", student, reference_latency_summary, test)
 
 
@@ -93,34 +124,50 @@ def reference_histogram_quantile(q: float, buckets: list[tuple[float, float]]) -
 def check_histogram_quantile(student: Callable) -> Callable:
     inf = float("inf")
     cases = [
-        (0.5, [(1.0, 0), (2.0, 10), (inf, 10)]),        # all in (1, 2]: the median is 1.5
-        (0.95, [(10.0, 0), (30.0, 60), (inf, 60)]),     # the alert-rule test case: 29
+        (0.5, [(1.0, 0), (2.0, 10), (inf, 10)]),  # all in (1, 2]: the median is 1.5
+        (0.95, [(10.0, 0), (30.0, 60), (inf, 60)]),  # the alert-rule test case: 29
         (0.9, [(0.1, 50), (0.5, 90), (1.0, 100), (inf, 100)]),
-        (0.99, [(0.1, 10), (0.2, 10), (inf, 20)]),      # falls in +Inf: the largest finite bound
+        (0.99, [(0.1, 10), (0.2, 10), (inf, 20)]),  # falls in +Inf: the largest finite bound
         (0.25, [(0.5, 4), (1.0, 8), (inf, 8)]),
     ]
 
     def test(fn):
         for q, buckets in cases:
-            expect_close(fn(q, buckets), reference_histogram_quantile(q, buckets),
-                         f"histogram_quantile({q}, {buckets})")
+            expect_close(
+                fn(q, buckets),
+                reference_histogram_quantile(q, buckets),
+                f"histogram_quantile({q}, {buckets})",
+            )
+
     return run_check("histogram_quantile", student, reference_histogram_quantile, test)
 
 
 # ---- notebook 09: the cost of a token --------------------------------------------------------------------
 
 
-def reference_cost_per_1k_tokens(price_per_hour: float, tokens_per_second: float, utilisation: float = 1.0) -> float:
+def reference_cost_per_1k_tokens(
+    price_per_hour: float, tokens_per_second: float, utilisation: float = 1.0
+) -> float:
     """Dollars per 1,000 generated tokens for a machine that costs price_per_hour whether busy or not and
     produces tokens_per_second while busy, busy a fraction `utilisation` of the time."""
     if tokens_per_second <= 0 or not 0 < utilisation <= 1:
-        raise ValueError(f"need tokens_per_second > 0 and 0 < utilisation <= 1, got {tokens_per_second}, "
-                         f"{utilisation}")
+        raise ValueError(
+            f"need tokens_per_second > 0 and 0 < utilisation <= 1, got {tokens_per_second}, "
+            f"{utilisation}"
+        )
     return price_per_hour / (tokens_per_second * 3600 * utilisation) * 1000
 
 
 def check_cost_per_1k_tokens(student: Callable) -> Callable:
     def test(fn):
-        for args in [(3.6, 1000.0, 1.0), (2.0, 500.0, 0.5), (0.09, 120.0, 0.3), (98.32, 20000.0, 0.7)]:
-            expect_close(fn(*args), reference_cost_per_1k_tokens(*args), f"cost_per_1k_tokens{args}")
+        for args in [
+            (3.6, 1000.0, 1.0),
+            (2.0, 500.0, 0.5),
+            (0.09, 120.0, 0.3),
+            (98.32, 20000.0, 0.7),
+        ]:
+            expect_close(
+                fn(*args), reference_cost_per_1k_tokens(*args), f"cost_per_1k_tokens{args}"
+            )
+
     return run_check("cost_per_1k_tokens", student, reference_cost_per_1k_tokens, test)

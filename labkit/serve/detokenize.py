@@ -18,25 +18,30 @@ class IncrementalDetokenizer:
         # a transformers fast tokenizer wraps a Rust `tokenizers.Tokenizer`; calling it directly skips ~2 us
         # of Python per call (and it is called twice per step per stream, on the event loop)
         backend = getattr(tokenizer, "_tokenizer", None)
-        self._decode = backend.decode if backend is not None and not getattr(
-            tokenizer, "clean_up_tokenization_spaces", False) else tokenizer.decode
+        self._decode = (
+            backend.decode
+            if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+            else tokenizer.decode
+        )
         self.stop = list(stop or [])
-        self.hold = max((len(s) for s in self.stop), default=1) - 1  # chars that may start a stop string
+        self.hold = (
+            max((len(s) for s in self.stop), default=1) - 1
+        )  # chars that may start a stop string
         self.token_ids: list[int] = []
-        self.prefix = 0         # token_ids[prefix:read] were decoded last time, as context
-        self.read = 0           # token_ids[read:] have not become text yet
-        self.decoded = ""       # all text decoded so far (may still hold a possible stop-string start)
-        self.text = ""          # everything emitted so far
-        self.stopped = False    # a stop string was found: the request is finished
+        self.prefix = 0  # token_ids[prefix:read] were decoded last time, as context
+        self.read = 0  # token_ids[read:] have not become text yet
+        self.decoded = ""  # all text decoded so far (may still hold a possible stop-string start)
+        self.text = ""  # everything emitted so far
+        self.stopped = False  # a stop string was found: the request is finished
 
     def _decode_new(self, final: bool) -> str:
         ids, decode = self.token_ids, self._decode
-        before = decode(ids[self.prefix:self.read], skip_special_tokens=True)
-        after = decode(ids[self.prefix:], skip_special_tokens=True)
+        before = decode(ids[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(ids[self.prefix :], skip_special_tokens=True)
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
-            return ""      # nothing visible yet, or an incomplete multi-byte character: wait for more tokens
+            return ""  # nothing visible yet, or an incomplete multi-byte character: wait for more tokens
         self.prefix, self.read = self.read, len(ids)
-        return after[len(before):]
+        return after[len(before) :]
 
     def push(self, new_ids: list[int], final: bool = False) -> str:
         """Add tokens; return the newly safe text. With final=True everything left is flushed."""
@@ -52,6 +57,6 @@ class IncrementalDetokenizer:
             safe = min(hits)
         else:
             safe = len(full) if final else max(len(self.text), len(full) - self.hold)
-        delta = full[len(self.text):safe]
+        delta = full[len(self.text) : safe]
         self.text += delta
         return delta

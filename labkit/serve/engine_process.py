@@ -21,6 +21,7 @@ deadlock), and builds its own model and engine from the same CLI arguments. If i
 client gets an error and /health and /ready report it; it dies with its parent (PR_SET_PDEATHSIG) and
 is stopped with the server, after the drain.
 """
+
 import asyncio
 import multiprocessing
 import os
@@ -44,17 +45,21 @@ class EngineProcess(AsyncEngine):
 
     def __init__(self, args, metrics=None):
         ctx = multiprocessing.get_context("spawn")
-        cmd_child, self._cmd = ctx.Pipe(duplex=False)     # commands: parent -> child
-        self._out, out_child = ctx.Pipe(duplex=False)     # outputs: child -> parent
+        cmd_child, self._cmd = ctx.Pipe(duplex=False)  # commands: parent -> child
+        self._out, out_child = ctx.Pipe(duplex=False)  # outputs: child -> parent
         # started from the main thread: PR_SET_PDEATHSIG fires when the *thread* that started the child exits
-        self.process = ctx.Process(target=_child_main, args=(args, cmd_child, out_child, os.getpid()),
-                                   name="labkit-engine", daemon=True)
+        self.process = ctx.Process(
+            target=_child_main,
+            args=(args, cmd_child, out_child, os.getpid()),
+            name="labkit-engine",
+            daemon=True,
+        )
         self.process.start()
-        cmd_child.close()       # the child holds these ends now: EOF on ours means the child is gone
+        cmd_child.close()  # the child holds these ends now: EOF on ours means the child is gone
         out_child.close()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._metrics = metrics
-        self._tracked: dict = {}        # (the rest of the state comes with the child's "ready" message)
+        self._tracked: dict = {}  # (the rest of the state comes with the child's "ready" message)
         self.error: BaseException | None = None
 
     def wait_ready(self, timeout: float = 600.0) -> "EngineProcess":
@@ -65,7 +70,9 @@ class EngineProcess(AsyncEngine):
             kind, info = self._out.recv()
         except EOFError:
             self.process.join(5)
-            raise RuntimeError(f"the engine process exited with code {self.process.exitcode} while starting") from None
+            raise RuntimeError(
+                f"the engine process exited with code {self.process.exitcode} while starting"
+            ) from None
         except BaseException:
             self._kill()
             raise
@@ -84,9 +91,11 @@ class EngineProcess(AsyncEngine):
         loop = asyncio.get_running_loop()
         try:
             loop.add_reader(self._out.fileno(), self._on_readable)
-        except NotImplementedError:    # Windows' proactor event loop
-            raise RuntimeError("--engine-mode process needs an event loop that can watch a pipe (Linux, macOS); "
-                               "use --engine-mode thread here") from None
+        except NotImplementedError:  # Windows' proactor event loop
+            raise RuntimeError(
+                "--engine-mode process needs an event loop that can watch a pipe (Linux, macOS); "
+                "use --engine-mode thread here"
+            ) from None
         self._loop = loop
 
     @property
@@ -105,7 +114,7 @@ class EngineProcess(AsyncEngine):
         """Stop a request (client went away, stop string found); the child frees its KV blocks next turn.
         Forgotten here at once: tokens of it still in the pipe are dropped when they arrive."""
         t = self._tracked.pop(request_id, None)
-        if t is None:        # finished, rejected or aborted already
+        if t is None:  # finished, rejected or aborted already
             return
         if self.metrics:
             self.metrics.finished(reason, time.perf_counter() - t.arrival, t.n_prompt, t.n_out)
@@ -127,7 +136,7 @@ class EngineProcess(AsyncEngine):
     def _send(self, msg) -> None:
         try:
             self._cmd.send(msg)
-        except OSError:            # BrokenPipeError: the child is gone
+        except OSError:  # BrokenPipeError: the child is gone
             self._died()
 
     def _on_readable(self) -> None:
@@ -147,7 +156,7 @@ class EngineProcess(AsyncEngine):
     def _handle(self, outputs, rejected, stats, wall, cpu) -> None:
         now = time.perf_counter()
         self.stats = stats
-        for rid, err in rejected:            # add_request refused it (too long...): the handler raises it
+        for rid, err in rejected:  # add_request refused it (too long...): the handler raises it
             t = self._tracked.pop(rid, None)
             if t is not None:
                 self._deliver(t, err)
@@ -165,7 +174,9 @@ class EngineProcess(AsyncEngine):
             return
         self._unwatch()
         self.process.join(1.0)
-        self.error = EngineDead(detail or f"the engine process exited (exit code {self.process.exitcode})")
+        self.error = EngineDead(
+            detail or f"the engine process exited (exit code {self.process.exitcode})"
+        )
         self._fail_all(self.error)
 
     def _fail_all(self, err: BaseException) -> None:
@@ -180,7 +191,7 @@ class EngineProcess(AsyncEngine):
         if self._loop is not None and not self._loop.is_closed():
             try:
                 self._loop.remove_reader(self._out.fileno())
-            except (ValueError, OSError):   # already closed
+            except (ValueError, OSError):  # already closed
                 pass
 
     def _kill(self) -> None:
@@ -199,18 +210,21 @@ def _child_main(args, cmd, out, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         from .cli import build_engine
+
         engine = build_engine(args)
         out.send(("ready", {"stats": engine.stats(), **engine_limits(engine)}))
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         # a thread drains the command pipe as commands come, so the parent's send() never waits for a step
-        threading.Thread(target=_receive, args=(cmd, inbox), name="labkit-engine-commands", daemon=True).start()
+        threading.Thread(
+            target=_receive, args=(cmd, inbox), name="labkit-engine-commands", daemon=True
+        ).start()
         _engine_loop(engine, inbox, out)
     except BaseException:
         try:
             out.send(("error", traceback.format_exc()))
         except OSError:
             pass
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def _receive(cmd, inbox: queue.SimpleQueue) -> None:
@@ -218,7 +232,7 @@ def _receive(cmd, inbox: queue.SimpleQueue) -> None:
         while True:
             inbox.put(cmd.recv())
     except (EOFError, OSError):
-        inbox.put(("stop",))      # the parent is gone
+        inbox.put(("stop",))  # the parent is gone
 
 
 def _engine_loop(engine, inbox: queue.SimpleQueue, out) -> None:
@@ -236,23 +250,41 @@ def _engine_loop(engine, inbox: queue.SimpleQueue, out) -> None:
                 _, rid, prompt_ids, params = cmd
                 try:
                     engine.add_request(rid, prompt_ids, params)
-                except ValueError as err:      # too long, bad parameters: becomes a 400
+                except ValueError as err:  # too long, bad parameters: becomes a 400
                     rejected.append((rid, ValueError(str(err))))
                 except Exception as err:
                     rejected.append((rid, RuntimeError(f"{type(err).__name__}: {err}")))
             elif cmd[0] == "abort":
                 engine.abort_request(cmd[1])
-            else:                              # "stop"
+            else:  # "stop"
                 return
-        if rejected:                           # answer now, not after the next step
+        if rejected:  # answer now, not after the next step
             out.send(("out", [], rejected, engine.stats(), None, 0.0))
         if engine.has_unfinished_requests():
             t0, c0 = time.perf_counter(), time.thread_time()
             outputs = engine.step()
             wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-            out.send(("out", [(o.request_id, o.new_token_ids, o.finished, o.finish_reason, o.num_prompt_tokens,
-                               o.num_output_tokens) for o in outputs], [], engine.stats(), wall, cpu))
-        elif cmds and not rejected:            # aborts freed blocks and nothing runs: refresh the gauges
+            out.send(
+                (
+                    "out",
+                    [
+                        (
+                            o.request_id,
+                            o.new_token_ids,
+                            o.finished,
+                            o.finish_reason,
+                            o.num_prompt_tokens,
+                            o.num_output_tokens,
+                        )
+                        for o in outputs
+                    ],
+                    [],
+                    engine.stats(),
+                    wall,
+                    cpu,
+                )
+            )
+        elif cmds and not rejected:  # aborts freed blocks and nothing runs: refresh the gauges
             out.send(("out", [], [], engine.stats(), None, 0.0))
 
 
@@ -260,8 +292,9 @@ def _die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this process when the server process dies, however it dies (even SIGKILL)."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent_pid:      # the parent died before prctl took effect
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)

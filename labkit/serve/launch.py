@@ -6,6 +6,7 @@
 A separate process (not a thread in the notebook kernel) is what production looks like: the server has
 its own interpreter and GIL, and the client's CPU work does not run inside it.
 """
+
 import os
 import signal
 import socket
@@ -22,7 +23,8 @@ def _die_with_parent():
     so a crashed kernel never leaves an orphan server holding a port and CPU."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -40,7 +42,7 @@ def _process_cpu_seconds(pid: int) -> float | None:
             try:
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                     total += int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):    # the thread ended meanwhile
+            except (OSError, ValueError, IndexError):  # the thread ended meanwhile
                 continue
         return total / 1e9
     try:
@@ -58,8 +60,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str | None = None, port: int | None = None, startup_timeout: float = 300.0,
-                 **options):
+    def __init__(
+        self,
+        model: str | None = None,
+        port: int | None = None,
+        startup_timeout: float = 300.0,
+        **options,
+    ):
         """options become CLI flags: max_num_seqs=64 -> --max-num-seqs 64 (True -> bare flag)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -76,7 +83,9 @@ class ServerProcess:
         # vLLM's OpenAI server (--backend vllm) has /health but no /ready
         self.ready_path = "/health" if options.get("backend") == "vllm" else "/ready"
         self.proc: subprocess.Popen | None = None
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="labkit-serve-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(
+            "w+", prefix="labkit-serve-", suffix=".log", delete=False
+        )
 
     def start(self) -> "ServerProcess":
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -84,13 +93,20 @@ class ServerProcess:
         # it with SIGTERM), and on Linux the scheduler gives it its own CPU share (sched_autogroup) instead
         # of splitting ours with the load generator: as on a real deployment, client and server do not
         # compete inside one group.
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} during startup:\n{self.output()}")
+                raise RuntimeError(
+                    f"server exited with {self.proc.returncode} during startup:\n{self.output()}"
+                )
             try:
                 if httpx.get(self.url + self.ready_path, timeout=1.0).status_code == 200:
                     return self
@@ -115,8 +131,13 @@ class ServerProcess:
                         todo += [int(c) for c in f.read().split()]
             except OSError:
                 continue
-            found[pid] = ("server" if pid == self.proc.pid else
-                          "engine" if b"spawn_main" in cmdline else "helper")
+            found[pid] = (
+                "server"
+                if pid == self.proc.pid
+                else "engine"
+                if b"spawn_main" in cmdline
+                else "helper"
+            )
         return found
 
     def cpu_seconds(self, role: str | None = None) -> float | None:

@@ -9,6 +9,7 @@ Each client is a closed loop (send, read the stream to the end, send the next), 
 LLMPerf's benchmarks at fixed concurrency. A request that fails, or ends without its [DONE], counts
 as an error: a server that silently loses requests must not look fast.
 """
+
 import asyncio
 import json
 import random
@@ -27,7 +28,7 @@ class RequestRecord:
     output_tokens: int = 0
     text: str = ""
     error: str | None = None
-    disconnected: bool = False   # we hung up on purpose (disconnect tests)
+    disconnected: bool = False  # we hung up on purpose (disconnect tests)
 
     @property
     def tpot(self) -> float | None:
@@ -56,14 +57,22 @@ class LoadResult:
     def summary(self) -> dict:
         ok = [r for r in self.records if r.ok]
         out = sum(r.output_tokens for r in ok)
-        s = {"concurrency": self.concurrency, "requests": len(self.records), "ok": len(ok),
-             "errors": sum(1 for r in self.records if not r.ok and not r.disconnected),
-             "disconnected": sum(1 for r in self.records if r.disconnected),
-             "output_tokens": out, "wall_s": self.wall,
-             "throughput_tok_s": out / self.wall if self.wall else 0.0,
-             "requests_per_s": len(ok) / self.wall if self.wall else 0.0}
-        for name, values in (("ttft", [r.ttft for r in ok]), ("tpot", [r.tpot for r in ok if r.tpot is not None]),
-                             ("e2e", [r.e2e for r in ok])):
+        s = {
+            "concurrency": self.concurrency,
+            "requests": len(self.records),
+            "ok": len(ok),
+            "errors": sum(1 for r in self.records if not r.ok and not r.disconnected),
+            "disconnected": sum(1 for r in self.records if r.disconnected),
+            "output_tokens": out,
+            "wall_s": self.wall,
+            "throughput_tok_s": out / self.wall if self.wall else 0.0,
+            "requests_per_s": len(ok) / self.wall if self.wall else 0.0,
+        }
+        for name, values in (
+            ("ttft", [r.ttft for r in ok]),
+            ("tpot", [r.tpot for r in ok if r.tpot is not None]),
+            ("e2e", [r.e2e for r in ok]),
+        ):
             for q in (50, 95, 99):
                 s[f"{name}_p{q}_s"] = percentile(values, q)
             s[f"{name}_mean_s"] = statistics.fmean(values) if values else float("nan")
@@ -93,8 +102,10 @@ class Connection:
     async def post(self, path: str, body: dict) -> int:
         """Send a JSON POST and read the status line and headers; returns the status code."""
         data = json.dumps(body).encode()
-        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\n{self.extra}\r\n").encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n{self.extra}\r\n"
+        ).encode()
         for attempt in (0, 1):
             reused = self.writer is not None
             if not reused:
@@ -107,8 +118,10 @@ class Connection:
                 break
             except (ConnectionError, asyncio.IncompleteReadError):
                 self.close()
-                if not reused or attempt:   # a fresh connection failed: a real error. A reused keep-alive
-                    raise                   # connection the server had closed meanwhile: retry once
+                if (
+                    not reused or attempt
+                ):  # a fresh connection failed: a real error. A reused keep-alive
+                    raise  # connection the server had closed meanwhile: retry once
         status = int(status_line.split()[1])
         self.headers = {}
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
@@ -120,9 +133,9 @@ class Connection:
         """The response body, piece by piece as it arrives."""
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             while size := int((await self.reader.readline()).split(b";")[0], 16):
-                chunk = await self.reader.readexactly(size + 2)     # data + its trailing \r\n
+                chunk = await self.reader.readexactly(size + 2)  # data + its trailing \r\n
                 yield chunk[:-2]
-            await self.reader.readline()                            # the blank line that ends the body
+            await self.reader.readline()  # the blank line that ends the body
         elif length := int(self.headers.get("content-length", 0)):
             yield await self.reader.readexactly(length)
         if self.headers.get("connection", "").lower() == "close":
@@ -134,8 +147,13 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def stream_completion(conn: Connection, path: str, payload: dict, disconnect_after: int | None = None,
-                            timeout: float = 300.0) -> RequestRecord:
+async def stream_completion(
+    conn: Connection,
+    path: str,
+    payload: dict,
+    disconnect_after: int | None = None,
+    timeout: float = 300.0,
+) -> RequestRecord:
     """POST one streaming completion and time it. disconnect_after=k hangs up after k chunks."""
     body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -149,7 +167,7 @@ async def stream_completion(conn: Connection, path: str, payload: dict, disconne
         buf, chunks = b"", 0
         async for data in conn.body():
             buf += data
-            if b"\r" in data:                   # CRLF line ends (allowed by the SSE spec)
+            if b"\r" in data:  # CRLF line ends (allowed by the SSE spec)
                 buf = buf.replace(b"\r\n", b"\n")
             *events, buf = buf.split(b"\n\n")
             for ev in events:
@@ -158,7 +176,7 @@ async def stream_completion(conn: Connection, path: str, payload: dict, disconne
                 data = ev[6:]
                 if data == b"[DONE]":
                     rec.ok = True
-                    continue                    # read on to the end of the body: the connection is reused
+                    continue  # read on to the end of the body: the connection is reused
                 event = json.loads(data)
                 if "error" in event:
                     rec.error = event["error"]["message"]
@@ -174,7 +192,7 @@ async def stream_completion(conn: Connection, path: str, payload: dict, disconne
                 chunks += 1
                 if disconnect_after is not None and chunks >= disconnect_after:
                     rec.disconnected = True
-                    conn.close()                # hang up mid-stream
+                    conn.close()  # hang up mid-stream
                     return
         if not rec.ok and rec.error is None:
             rec.error = "stream ended without [DONE]"
@@ -182,7 +200,7 @@ async def stream_completion(conn: Connection, path: str, payload: dict, disconne
     try:
         await asyncio.wait_for(run(), timeout)
     except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as err:
-        conn.close()                            # the connection is in an unknown state: do not reuse it
+        conn.close()  # the connection is in an unknown state: do not reuse it
         rec.error = f"{type(err).__name__}: {err}"
     finally:
         rec.e2e = time.perf_counter() - start
@@ -192,8 +210,15 @@ async def stream_completion(conn: Connection, path: str, payload: dict, disconne
     return rec
 
 
-async def run_load(base_url: str, payloads: list[dict], concurrency: int, disconnect_prob: float = 0.0,
-                   seed: int = 0, api_key: str | None = None, timeout: float = 300.0) -> LoadResult:
+async def run_load(
+    base_url: str,
+    payloads: list[dict],
+    concurrency: int,
+    disconnect_prob: float = 0.0,
+    seed: int = 0,
+    api_key: str | None = None,
+    timeout: float = 300.0,
+) -> LoadResult:
     """Send every payload once, `concurrency` at a time (each worker takes the next from a shared queue,
     over its own keep-alive connection).
 
@@ -201,8 +226,15 @@ async def run_load(base_url: str, payloads: list[dict], concurrency: int, discon
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     rng = random.Random(seed)
-    plan = [(p, rng.randint(1, max(1, p.get("max_tokens", 16))) if rng.random() < disconnect_prob else None)
-            for p in payloads]
+    plan = [
+        (
+            p,
+            rng.randint(1, max(1, p.get("max_tokens", 16)))
+            if rng.random() < disconnect_prob
+            else None,
+        )
+        for p in payloads
+    ]
     todo: asyncio.Queue = asyncio.Queue()
     for item in plan:
         todo.put_nowait(item)
@@ -230,26 +262,45 @@ def run_load_sync(*args, **kwargs) -> LoadResult:
     return asyncio.run(run_load(*args, **kwargs))
 
 
-def workload(n: int, seed: int = 0, min_tokens: int = 16, max_tokens: int = 64, model: str = "course") -> list[dict]:
+def workload(
+    n: int, seed: int = 0, min_tokens: int = 16, max_tokens: int = 64, model: str = "course"
+) -> list[dict]:
     """n seeded completion requests: realistic prompts of mixed length, mixed fixed output lengths
     (ignore_eos, greedy), so the server and the offline engine do exactly the same work."""
     from labkit.data import sample_prompts
+
     rng = random.Random(seed)
-    return [{"model": model, "prompt": p, "max_tokens": rng.randint(min_tokens, max_tokens), "temperature": 0.0,
-             "ignore_eos": True} for p in sample_prompts(n, seed)]
+    return [
+        {
+            "model": model,
+            "prompt": p,
+            "max_tokens": rng.randint(min_tokens, max_tokens),
+            "temperature": 0.0,
+            "ignore_eos": True,
+        }
+        for p in sample_prompts(n, seed)
+    ]
 
 
 # ---- plots ----------------------------------------------------------------------------------------
 
+
 def plot_latency_cdf(results: list[LoadResult], metric: str = "ttft", ax=None):
     """Empirical CDF of TTFT / TPOT / e2e, one line per concurrency level."""
     import matplotlib.pyplot as plt
+
     ax = ax or plt.gca()
     for res in results:
-        values = sorted(v for v in (getattr(r, metric) for r in res.records if r.ok) if v is not None)
+        values = sorted(
+            v for v in (getattr(r, metric) for r in res.records if r.ok) if v is not None
+        )
         if values:
-            ax.step([v * 1e3 for v in values], [(i + 1) / len(values) for i in range(len(values))], where="post",
-                    label=f"{res.concurrency} clients")
+            ax.step(
+                [v * 1e3 for v in values],
+                [(i + 1) / len(values) for i in range(len(values))],
+                where="post",
+                label=f"{res.concurrency} clients",
+            )
     ax.set_xlabel(f"{metric.upper()} (ms)")
     ax.set_ylabel("fraction of requests")
     ax.set_title(f"{metric.upper()} CDF")
@@ -261,9 +312,12 @@ def plot_latency_cdf(results: list[LoadResult], metric: str = "ttft", ax=None):
 def plot_throughput(summaries: list[dict], offline_tok_s: float | None = None, ax=None):
     """Output tokens/s vs number of concurrent clients (and the offline engine's, as a line)."""
     import matplotlib.pyplot as plt
+
     ax = ax or plt.gca()
     xs = [s["concurrency"] for s in summaries]
-    ax.plot(xs, [s["throughput_tok_s"] for s in summaries], "o-", label="server (streaming clients)")
+    ax.plot(
+        xs, [s["throughput_tok_s"] for s in summaries], "o-", label="server (streaming clients)"
+    )
     if offline_tok_s:
         ax.axhline(offline_tok_s, color="gray", ls="--", label="offline engine, same workload")
     ax.set_xscale("log", base=2)
