@@ -242,9 +242,8 @@ def main(argv=None):
             ratios[f"labkit_vs_vllm_{mode}"] = statistics.median(
                 pair_ratios[f"labkit_vs_vllm_{mode}"]
             )
-    main_mode = (
-        "compiled" if "labkit_vs_vllm_compiled" in ratios else "eager"
-    )  # vLLM's default decides
+    # vLLM's default decides
+    main_mode = "compiled" if "labkit_vs_vllm_compiled" in ratios else "eager"
     if f"labkit_vs_vllm_{main_mode}" in ratios:
         targets[f"labkit_ge_vllm_{main_mode}"] = ratios[f"labkit_vs_vllm_{main_mode}"] >= 1
     out["pair_ratios"] = pair_ratios

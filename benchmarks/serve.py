@@ -270,9 +270,8 @@ def main(argv=None) -> dict:
                     )
                     if x is not None
                 ]
-                s["other_cores_max"] = (
-                    max(others) if others else None
-                )  # the busiest of the three runs
+                # the busiest of the three runs
+                s["other_cores_max"] = max(others) if others else None
                 other = "?" if s["other_cores_max"] is None else f"{s['other_cores_max']:.2f}"
                 print(
                     f"  {top:3d} clients, {mode:7s} run {r + 1}: {s['throughput_tok_s']:7.0f} tok/s vs offline "
@@ -284,9 +283,8 @@ def main(argv=None) -> dict:
                 )
         repeats = runs[modes[0]]
         median = statistics.median(s["ratio_vs_offline"] for s in repeats)
-        levels.append(
-            min(repeats, key=lambda s: abs(s["ratio_vs_offline"] - median))
-        )  # the median run
+        # the median run
+        levels.append(min(repeats, key=lambda s: abs(s["ratio_vs_offline"] - median)))
         result["engine_modes"] = {
             m: {
                 "throughput_ratio_median": statistics.median(s["ratio_vs_offline"] for s in rs),

@@ -31,9 +31,8 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     step = min(stride, window - 1)
     spans, scored = [], 1  # token 0 has no left context, so it is never scored
     while scored < n_tokens:
-        end = min(
-            scored + (step if spans else window - 1), n_tokens
-        )  # the first window scores all it can
+        # the first window scores all it can
+        end = min(scored + (step if spans else window - 1), n_tokens)
         spans.append((max(0, end - window), end, scored))
         scored = end
     return spans

@@ -6,9 +6,8 @@ def test_six_novels_split_into_train_and_heldout():
         train, heldout = split_novel(name)
         assert len(heldout) > 50
         assert abs(len(heldout) / (len(train) + len(heldout)) - 0.05) < 0.01
-        assert list(train) + list(heldout) == paragraphs(
-            read_novel(name)
-        )  # held-out = the novel's end
+        # held-out = the novel's end
+        assert list(train) + list(heldout) == paragraphs(read_novel(name))
 
 
 def test_paragraphs_are_joined_onto_one_line():

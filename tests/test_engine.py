@@ -70,9 +70,8 @@ def test_seeded_sampling_is_reproducible_regardless_of_batch(model_tok):
     other = LLM(model, tokenizer=tok).generate(
         [PROMPTS[0]], SamplingParams(temperature=0.9, max_tokens=20, seed=7, ignore_eos=True)
     )
-    assert (
-        other[0].outputs[0].token_ids != alone
-    )  # different seed, different sample (overwhelmingly likely)
+    # different seed, different sample (overwhelmingly likely)
+    assert other[0].outputs[0].token_ids != alone
 
 
 def test_preemption_recomputes_and_gives_same_tokens(model_tok):
@@ -183,9 +182,8 @@ def test_add_request_validation(model_tok):
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("empty", [], SamplingParams())
     with pytest.raises(ValueError, match="KV cache"):
-        engine.add_request(
-            "big", [5] * 100, SamplingParams(max_tokens=100)
-        )  # 8 blocks x 16 = 128 slots
+        # 8 blocks x 16 = 128 slots
+        engine.add_request("big", [5] * 100, SamplingParams(max_tokens=100))
     with pytest.raises(ValueError):
         LLMEngine(model, tok, block_size=0)
     assert not engine.has_unfinished_requests()

@@ -120,9 +120,8 @@ def test_engine_on_a_grouped_query_llama_equals_transformers():
         chunks = engine.scheduler.running and [
             s.num_tokens - s.num_computed_tokens for s in engine.scheduler.running
         ]
-        mixed_steps += (
-            bool(chunks) and max(chunks) > 1 and min(chunks) == 1
-        )  # a prefill chunk beside decodes
+        # a prefill chunk beside decodes
+        mixed_steps += bool(chunks) and max(chunks) > 1 and min(chunks) == 1
         for out in engine.step():
             done.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert mixed_steps > 0

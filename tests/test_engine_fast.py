@@ -69,9 +69,8 @@ def test_layer_pieces_match_the_model_modules(model_tok):
         ref_cos, ref_sin = model.model.rotary_emb(x, pos[None])
         torch.testing.assert_close(cos, ref_cos[0])
         torch.testing.assert_close(sin, ref_sin[0])
-    assert (
-        fast_rms_norm(torch.nn.LayerNorm(4)).__class__ is torch.nn.LayerNorm
-    )  # unknown norms are kept
+    # unknown norms are kept
+    assert fast_rms_norm(torch.nn.LayerNorm(4)).__class__ is torch.nn.LayerNorm
 
 
 def test_engine_runs_packed_quantlinear_models_through_their_own_modules(model_tok):

@@ -351,9 +351,8 @@ def test_include_head_unties_and_quantizes_only_the_output_projection(method):
         model.lm_head.weight is not model.model.embed_tokens.weight
         and not model.config.tie_word_embeddings
     )
-    torch.testing.assert_close(
-        model.model.embed_tokens.weight, emb, rtol=0, atol=0
-    )  # the lookup stays float
+    # the lookup stays float
+    torch.testing.assert_close(model.model.embed_tokens.weight, emb, rtol=0, atol=0)
     torch.testing.assert_close(
         model.lm_head.weight, results["lm_head"].dequantize(), rtol=0, atol=1e-6
     )

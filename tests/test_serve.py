@@ -376,9 +376,8 @@ def test_sigterm_drains_in_flight_streams():
             ).status_code == 200 and time.time() < deadline:
                 time.sleep(0.02)  # the signal is handled asynchronously
             assert ready.status_code == 503 and ready.json() == {"status": "draining"}
-            assert (
-                httpx.get(srv.url + "/health").status_code == 200
-            )  # alive: liveness must not kill it
+            # alive: liveness must not kill it
+            assert httpx.get(srv.url + "/health").status_code == 200
             refused = httpx.post(
                 srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}
             )
@@ -405,9 +404,8 @@ def test_sigterm_drains_in_flight_streams():
 
 def test_sigterm_exits_promptly_when_idle():
     srv = ServerProcess(threads=1, drain_timeout=600).start()
-    code = srv.stop(
-        timeout=60
-    )  # SIGKILL (-9) if it sat out its 600 s drain budget with nothing to do
+    # SIGKILL (-9) if it sat out its 600 s drain budget with nothing to do
+    code = srv.stop(timeout=60)
     assert code in (0, -signal.SIGTERM), code
 
 

@@ -115,9 +115,8 @@ def test_exercise_checks(check, reference, capsys):
 def test_histogram_quantile_matches_prometheus_semantics():
     inf = math.inf
     q = checks.reference_histogram_quantile
-    assert q(0.95, [(10.0, 0), (30.0, 60), (inf, 60)]) == pytest.approx(
-        29.0
-    )  # the promtool test case
+    # the promtool test case
+    assert q(0.95, [(10.0, 0), (30.0, 60), (inf, 60)]) == pytest.approx(29.0)
     assert q(0.99, [(0.1, 10), (0.2, 10), (inf, 20)]) == 0.2  # +Inf bucket -> last bound
     assert math.isnan(q(0.5, [(1.0, 0), (inf, 0)]))
 

@@ -31,9 +31,8 @@ class DecodeBatch:
 
     token_index: torch.Tensor  # [B] positions of the decode tokens in the step's flat batch
     k_rows: torch.Tensor  # rows of k.view(-1, block_size): head_dim per (head, sequence, block) bag
-    k_offsets: (
-        torch.Tensor
-    )  # [heads * B * max_blocks] start of each block's bag (past the end: empty bag)
+    # [heads * B * max_blocks] start of each block's bag (past the end: empty bag)
+    k_offsets: torch.Tensor
     k_owner: torch.Tensor  # [bags] the (head, sequence) whose query weights each non-empty bag
     mask: torch.Tensor  # [1, B, max_blocks * block_size] additive: -inf past a sequence's length
     keys: torch.Tensor  # flat index into the [heads, B, max_keys] scores of every real key
@@ -132,12 +131,10 @@ class PrefillBatch:
 
     token_index: torch.Tensor  # [Tg] positions of these tokens in the flat batch
     pad_index: torch.Tensor  # [Tg] where each token sits in the padded [B * max_q] query layout
-    block_tables: (
-        torch.Tensor
-    )  # [B, max_blocks] physical block ids (padded with 0: masked out anyway)
-    mask: (
-        torch.Tensor
-    )  # [B, max_q, max_k] additive: 0 = may attend, -inf = may not (causal + padding)
+    # [B, max_blocks] physical block ids (padded with 0: masked out anyway)
+    block_tables: torch.Tensor
+    # [B, max_q, max_k] additive: 0 = may attend, -inf = may not (causal + padding)
+    mask: torch.Tensor
     batch: int
     max_q: int
 
@@ -158,9 +155,8 @@ def build_prefill_batch(
         pad_index += range(b * max_q, b * max_q + n)
         need = -(-(start + n) // block_size)
         padded_tables.append(table[:need] + [0] * (max_blocks - need))
-        qpos.append(
-            list(range(start, start + n)) + [0] * (max_q - n)
-        )  # padded queries look at key 0
+        # padded queries look at key 0
+        qpos.append(list(range(start, start + n)) + [0] * (max_q - n))
     key_pos = torch.arange(max_blocks * block_size, device=device)
     qpos_t = torch.tensor(qpos, device=device)
     mask = torch.zeros(qpos_t.shape + key_pos.shape, device=device).masked_fill(
@@ -198,9 +194,8 @@ def prefill_attention(
         .index_select(1, blocks)
         .view(kv_heads, 1, B, -1, dim)
     )
-    v = (
-        v.expand(kv_heads, group, B, v.shape[3], dim).reshape(heads * B, -1, dim).to(q.dtype)
-    )  # [., keys, dim]
+    # [., keys, dim]
+    v = v.expand(kv_heads, group, B, v.shape[3], dim).reshape(heads * B, -1, dim).to(q.dtype)
     padded = q.new_zeros(B * max_q, heads, dim)
     padded[batch.pad_index] = q
     qh = (

@@ -28,9 +28,8 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict(
-            (b, None) for b in range(num_blocks)
-        )  # eviction order
+        # eviction order
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.hash_of: dict[int, int] = {}  # physical block -> hash of the prefix it holds
         self.block_of: dict[int, int] = {}  # hash -> physical block (the prefix cache)
         self.cache_queries = self.cache_hits = 0  # prompt blocks looked up / found
@@ -49,9 +48,8 @@ class BlockManager:
 
     # ---- allocation ---------------------------------------------------------------------------------
     def _take_free_block(self) -> int:
-        block, _ = self.free.popitem(
-            last=False
-        )  # least recently freed: its cached prefix is the stalest
+        # least recently freed: its cached prefix is the stalest
+        block, _ = self.free.popitem(last=False)
         old = self.hash_of.pop(block, None)
         if old is not None and self.block_of.get(old) == block:
             del self.block_of[old]
@@ -75,9 +73,8 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence) -> bool:
         cached = self._cached_prefix(seq)
-        reusable_free = sum(
-            1 for b in cached if self.ref_count[b] == 0
-        )  # hits that still count as free
+        # hits that still count as free
+        reusable_free = sum(1 for b in cached if self.ref_count[b] == 0)
         return self.num_free - reusable_free >= self.blocks_needed(seq.num_tokens) - len(cached)
 
     def allocate(self, seq: Sequence) -> None:
@@ -131,9 +128,8 @@ class BlockManager:
 
     def free_seq(self, seq: Sequence) -> None:
         """Release a sequence's blocks (finished, aborted or preempted). Shared blocks stay with the others."""
-        for block in reversed(
-            seq.block_table
-        ):  # tail first: the prefix blocks are the likeliest reused
+        # tail first: the prefix blocks are the likeliest reused
+        for block in reversed(seq.block_table):
             self.ref_count[block] -= 1
             assert self.ref_count[block] >= 0, f"block {block} freed twice"
             if self.ref_count[block] == 0:

@@ -106,9 +106,8 @@ class LLM:
         for prompt, p in zip(prompts, params):
             rid = str(self._ids)
             self._ids += 1
-            if isinstance(
-                prompt, dict
-            ):  # vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."} forms
+            # vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."} forms
+            if isinstance(prompt, dict):
                 prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
             self.engine.add_request(rid, prompt, p)
             seq = self.engine.requests[rid]

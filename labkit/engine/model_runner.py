@@ -49,9 +49,8 @@ class StepInput:
     cache_index: tuple  # where each token's K/V is written (PagedKVCache.write_index)
     decode: DecodeBatch | None  # the sequences that feed one token this step
     prefill: PrefillBatch | None  # the sequences that feed a prompt (or a chunk of one)
-    logits_index: (
-        torch.Tensor
-    )  # [S] flat index of the last token of each sequence that samples this step
+    # [S] flat index of the last token of each sequence that samples this step
+    logits_index: torch.Tensor
 
 
 class ModelRunner:

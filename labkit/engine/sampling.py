@@ -18,18 +18,14 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability adds up to top_p
     top_k: int = 0  # keep the k most likely tokens; 0 (or -1, vLLM's spelling) = all
     max_tokens: int = 16  # new tokens to generate at most
-    stop_token_ids: list[int] | None = (
-        None  # finish when one of these is generated (it is kept in the ids)
-    )
-    stop: list[str] | str | None = (
-        None  # finish when the text contains one of these (cut from the text)
-    )
-    seed: int | None = (
-        None  # a private generator for this request: reproducible regardless of batch
-    )
-    ignore_eos: bool = (
-        False  # keep going past the end-of-sequence token (benchmarks want fixed lengths)
-    )
+    # finish when one of these is generated (it is kept in the ids)
+    stop_token_ids: list[int] | None = None
+    # finish when the text contains one of these (cut from the text)
+    stop: list[str] | str | None = None
+    # a private generator for this request: reproducible regardless of batch
+    seed: int | None = None
+    # keep going past the end-of-sequence token (benchmarks want fixed lengths)
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):

@@ -24,9 +24,8 @@ class Sequence:
     arrival: int  # order of arrival: the scheduler is FIFO on this
     generator: torch.Generator | None = None
     status: Status = Status.WAITING
-    num_computed_tokens: int = (
-        0  # tokens whose K/V are in the cache (the rest still need a forward)
-    )
+    # tokens whose K/V are in the cache (the rest still need a forward)
+    num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)  # logical block i -> physical block id
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash of each *full* block
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission

@@ -165,9 +165,8 @@ def search_clip(
         diff = (quantize_weight(w, clip_ratio=ratio, **qargs).dequantize() - w).reshape(
             out_f, in_f // gs, gs
         )
-        err = (
-            (torch.bmm(diff.transpose(0, 1), Gg) * diff.transpose(0, 1)).sum(-1).t()
-        )  # [out, groups]
+        # [out, groups]
+        err = (torch.bmm(diff.transpose(0, 1), Gg) * diff.transpose(0, 1)).sum(-1).t()
         better = err < best_err
         best_err, best_ratio = (
             torch.where(better, err, best_err),
@@ -253,9 +252,8 @@ def awq_quantize_model(
                     clip_ratios[name] = search_clip(
                         stats[name][1], get_weight(m).float(), qargs, n_grid
                     )
-        block_in = run_block(
-            block, block_in
-        )  # scaling kept the block's function: these feed the next block
+        # scaling kept the block's function: these feed the next block
+        block_in = run_block(block, block_in)
     targets = {
         name: m for block in blocks for name, m in find_linears(block, names[block] + ".").items()
     }

@@ -75,9 +75,8 @@ def gptq_state_dict(
         layer = QuantLinear.from_quantized(qw)
         for part in ("qweight", "qzeros", "scales", "g_idx"):
             state[f"{name}.{part}"] = getattr(layer, part)
-    if getattr(
-        model.config, "tie_word_embeddings", False
-    ):  # one copy of a tied matrix (safetensors insists)
+    # one copy of a tied matrix (safetensors insists)
+    if getattr(model.config, "tie_word_embeddings", False):
         head = output_head(model)
         if head is not None:
             state.pop(f"{head[0]}.weight", None)
@@ -169,9 +168,8 @@ def load_gptq(path, device: str | None = None, dtype: torch.dtype = torch.float3
                 in_f, out_f, bits, state[f"{name}.scales"].shape[0], f"{name}.bias" in state
             ),
         )
-    missing, unexpected = model.load_state_dict(
-        state, strict=False
-    )  # copies convert fp16 -> model dtype
+    # copies convert fp16 -> model dtype
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [
         k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))
     ]

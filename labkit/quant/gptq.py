@@ -235,9 +235,8 @@ def gptq_quantize_model(
             with hooked(
                 subset, lambda name, x, h=hessians: h[name].add(x), stop_after=subset[group[-1]]
             ):
-                run_block(
-                    block, inputs
-                )  # stops right after the group's last linear: that is all we need
+                # stops right after the group's last linear: that is all we need
+                run_block(block, inputs)
             quantize(subset, hessians, lambda name: name.split(".", 2)[-1])
         inputs = run_block(block, inputs)  # the quantized block's outputs feed the next block
     if include_head:

@@ -61,9 +61,8 @@ def gptqmodel_quantize(a, method: str) -> dict:
             damp_auto_increment=0.0015,
         )
     qcfg = QuantizeConfig(**kw)
-    model = GPTQModel.load(
-        path, qcfg, device="cpu", dtype=torch.float16
-    )  # fp16 like labkit's export
+    # fp16 like labkit's export
+    model = GPTQModel.load(path, qcfg, device="cpu", dtype=torch.float16)
     t0 = time.perf_counter()
     model.quantize(
         calib,
@@ -79,9 +78,8 @@ def gptqmodel_quantize(a, method: str) -> dict:
         "method": method,
         "path": a.out,
     }
-    if (
-        method == "gptq"
-    ):  # a standard GPTQ checkpoint: the caller evaluates it with labkit.quant.load_gptq
+    # a standard GPTQ checkpoint: the caller evaluates it with labkit.quant.load_gptq
+    if method == "gptq":
         return out
     loaded = GPTQModel.load(
         a.out, device="cpu", backend=BACKEND.AWQ_TORCH if method == "awq" else BACKEND.GPTQ_TORCH
@@ -189,9 +187,8 @@ def torchao_int8(a) -> dict:
     from labkit.timing import decode_tokens_per_second
 
     ref, tok = load_model(a.model, device="cpu")
-    ref_logits = ReferenceLogits(
-        ref
-    )  # both configs are compared with the same fp32 logits: compute them once
+    # both configs are compared with the same fp32 logits: compute them once
+    ref_logits = ReferenceLogits(ref)
     out = {}
     for name, config in (
         ("int8_dynamic", Int8DynamicActivationInt8WeightConfig()),

@@ -54,9 +54,8 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
     out.index_add_(0, word, (q << off) & _U32)  # the bits that land in this word
     out.index_add_(0, word + 1, q >> (_WORD - off))  # the overflow into the next word (3-bit)
     out = out[:-1]
-    return torch.where(out >= 2**31, out - 2**32, out).to(
-        torch.int32
-    )  # reinterpret as signed int32
+    # reinterpret as signed int32
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -66,13 +65,11 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         raise ValueError(
             f"expected {n * bits // _WORD} packed rows for {n} values of {bits} bits, got {packed.shape[0]}"
         )
-    if (
-        _WORD % bits == 0
-    ):  # 2/4/8 bits: no value straddles words, so shift every word 32/b times at once
+    # 2/4/8 bits: no value straddles words, so shift every word 32/b times at once
+    if _WORD % bits == 0:
         shifts = torch.arange(0, _WORD, bits, device=packed.device, dtype=torch.int32)
-        vals = (packed[:, None, :] >> shifts[None, :, None]) & (
-            2**bits - 1
-        )  # sign bits are masked away
+        # sign bits are masked away
+        vals = (packed[:, None, :] >> shifts[None, :, None]) & (2**bits - 1)
         return vals.reshape(n, packed.shape[1])
     w = packed.to(torch.int64) & _U32
     w = torch.cat([w, torch.zeros_like(w[:1])])

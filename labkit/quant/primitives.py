@@ -76,9 +76,8 @@ def scale_zero_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetr
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         scale = (hi - lo) / maxq
-    scale = torch.where(
-        scale > 0, scale, torch.ones_like(scale)
-    )  # an all-zero group: any scale works
+    # an all-zero group: any scale works
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     # stored as fp16 on disk: round *up* to the next fp16 value so the range still covers [lo, hi]
     s16 = scale.clamp(min=torch.finfo(torch.float16).tiny).half()
     scale = torch.where(

@@ -35,12 +35,10 @@ def dynamic_int8(model) -> nn.Module:
         f"{blocks_name}.{name}" for name, m in blocks.named_modules() if isinstance(m, nn.Linear)
     }
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # torch.ao's deprecation notice: we know, and say so in the notebook
-        qconfig = (
-            torch.ao.quantization.per_channel_dynamic_qconfig
-        )  # one weight scale per output channel
+        # torch.ao's deprecation notice: we know, and say so in the notebook
+        warnings.simplefilter("ignore")
+        # one weight scale per output channel
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
         return torch.ao.quantization.quantize_dynamic(
             qmodel, {name: qconfig for name in names}, dtype=torch.qint8
         )
@@ -82,9 +80,8 @@ def static_int8(
             if "x86" in torch.backends.quantized.supported_engines
             else torch.backends.quantized.supported_engines[-1]
         )
-        qconfig = get_default_qconfig(
-            torch.backends.quantized.engine
-        )  # per-channel weights, histogram observer
+        # per-channel weights, histogram observer
+        qconfig = get_default_qconfig(torch.backends.quantized.engine)
         for block in blocks:
             for name, lin in list(find_linears(block).items()):
                 parent_name, _, child = name.rpartition(".")

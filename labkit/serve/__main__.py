@@ -2,7 +2,6 @@ import sys
 
 from .cli import main
 
-if (
-    __name__ == "__main__"
-):  # not when multiprocessing's spawn imports the main module in the engine process
+# not when multiprocessing's spawn imports the main module in the engine process
+if __name__ == "__main__":
     sys.exit(main())

@@ -69,9 +69,10 @@ class Server:
         max_waiting: int = 256,
         context_length: int | None = None,
     ):
+        # imported here so the protocol tests need no engine
         from labkit.engine import (
             SamplingParams,
-        )  # imported here so the protocol tests need no engine
+        )
 
         self.SamplingParams = SamplingParams
         self.tokenizer, self.model_name, self.api_key, self.max_waiting = (

@@ -154,9 +154,8 @@ class AsyncEngine:
                 continue
             try:
                 loop.call_soon_threadsafe(_put_all, items)
-            except (
-                RuntimeError
-            ):  # the event loop is closed (server shutting down): nobody is listening
+            # the event loop is closed (server shutting down): nobody is listening
+            except RuntimeError:
                 pass
 
     def _drain_inbox(self) -> None:

