@@ -31,6 +31,8 @@ the reference does; dead inputs (H_jj = 0, never active in calibration) get H_jj
 import torch
 from tqdm.auto import tqdm
 
+from .calibration import block_inputs, hooked, run_block, run_calibration, sequential_groups
+from .layers import find_blocks, find_linears, get_weight, set_weight, untie_output_head
 from .primitives import (
     QuantizedWeight,
     check_bits,
@@ -39,18 +41,6 @@ from .primitives import (
     quantize_values,
     resolve_group_size,
     scale_zero_from_range,
-)
-from .walk import (
-    block_inputs,
-    find_blocks,
-    find_linears,
-    get_weight,
-    hooked,
-    run_block,
-    run_calibration,
-    sequential_groups,
-    set_weight,
-    untie_output_head,
 )
 
 
