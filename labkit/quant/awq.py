@@ -194,7 +194,9 @@ def awq_quantize_model(
     Each block is run on cached inputs (walk.block_inputs), the outputs of the blocks before it with
     their scales folded in but not yet quantized, as in the reference implementation.
     """
-    qargs = dict(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    qargs: dict = dict(
+        bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size
+    )
     _, blocks = find_blocks(model)
     clip_ratios: dict[str, torch.Tensor] = {}
     names = {m: n for n, m in model.named_modules()}

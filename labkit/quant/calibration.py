@@ -50,7 +50,7 @@ def hooked(modules: dict[str, nn.Module], fn, stop_after: nn.Module | None = Non
 @contextmanager
 def capture_inputs(modules: dict[str, nn.Module], stop_after: nn.Module | None = None):
     """Collect every input of each module: {name: [tensor [tokens, features], ...]}."""
-    store = {name: [] for name in modules}
+    store: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
     with hooked(modules, lambda name, x: store[name].append(x), stop_after):
         yield store
 
@@ -124,7 +124,8 @@ def sequential_groups(block: nn.Module, linears: dict[str, nn.Module], inputs) -
     finally:
         for h in handles:
             h.remove()
-    groups, last_x, done = [], None, set()
+    groups: list[list[str]] = []
+    last_x, done = None, set()
     for name, x in calls:
         if name in done:
             continue

@@ -135,7 +135,8 @@ def gptq_quantize_weight(
             elif 0 < gs < n and col % gs == 0:  # new group: fit it to the weights as updated so far
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
                 scale, zero = _params(upcoming, bits, symmetric, per_tensor=False)
-                scales.append(scale), zeros.append(zero)
+                scales.append(scale)
+                zeros.append(zero)
             w_col, d = W1[:, i : i + 1], Hinv1[i, i]
             q = quantize_values(w_col, scale, zero, bits)
             codes[:, col] = q[:, 0]

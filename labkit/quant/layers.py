@@ -84,7 +84,9 @@ def quantizable_layers(
 ) -> list[tuple[int | None, dict[str, nn.Module]]]:
     """[(block index, {full name: linear})] in forward order; the output head (block None, untied) last if asked."""
     blocks_name, blocks = find_blocks(model)
-    out = [(i, find_linears(block, f"{blocks_name}.{i}.")) for i, block in enumerate(blocks)]
+    out: list[tuple[int | None, dict[str, nn.Module]]] = [
+        (i, find_linears(block, f"{blocks_name}.{i}.")) for i, block in enumerate(blocks)
+    ]
     if include_head:
         name, head = untie_output_head(model)
         out.append((None, {name: head}))

@@ -58,7 +58,9 @@ def start(spec: dict):
             engine.add_request(
                 f"{tag}-{i}", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
             )
-        first, done, ids = {}, {}, {}
+        first: dict[str, float] = {}  # request id -> time of its first token
+        done: dict[str, float] = {}  # request id -> time of its last token
+        ids: dict[str, list[int]] = {}  # request id -> its output token ids
         while engine.has_unfinished_requests():
             for o in engine.step():
                 now = time.perf_counter()
@@ -103,7 +105,7 @@ def start(spec: dict):
 class BenchWorker:
     """Answers the start request, then one run per request."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.spec: dict | None = None
 
     def handle(self, request: dict) -> dict:

@@ -181,7 +181,7 @@ def torchao_int8(a) -> dict:
     ref, tok = load_model(a.model, device="cpu")
     # both configs are compared with the same fp32 logits: compute them once
     ref_logits = ReferenceLogits(ref)
-    out = {}
+    out: dict[str, dict | str] = {}
     for name, config in (
         ("int8_dynamic", Int8DynamicActivationInt8WeightConfig()),
         ("int8_weight_only", Int8WeightOnlyConfig()),
