@@ -1,5 +1,6 @@
 """labkit.engine: a small LLM serving engine in the style of nano-vllm / vLLM. Read in this order:
 
+config.py         EngineConfig: every engine setting and its default, validated once
 sampling.py       SamplingParams and turning logits into tokens (greedy, temperature, top-k, top-p, seed)
 kv_cache.py       what the KV cache costs (bytes per token) and the paged storage
 block_manager.py  paged KV bookkeeping: blocks, block tables, prefix caching
@@ -13,15 +14,18 @@ llm.py            LLM(...).generate(prompts, SamplingParams(...)), shaped like v
 baselines.py      what the engine is compared with: no cache, HF generate, static batching
 """
 
+from .config import EngineConfig
 from .engine import EngineStats, LLMEngine, StepOutput
 from .llm import LLM, CompletionOutput, RequestOutput
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob
 
 __all__ = [
     "LLM",
     "LLMEngine",
+    "EngineConfig",
     "SamplingParams",
     "StepOutput",
+    "TokenLogprob",
     "EngineStats",
     "RequestOutput",
     "CompletionOutput",
