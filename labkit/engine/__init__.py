@@ -6,6 +6,7 @@ kv_cache.py       what the KV cache costs (bytes per token) and the paged storag
 block_manager.py  paged KV bookkeeping: blocks, block tables, prefix caching
 sequence.py       a request inside the engine
 scheduler.py      continuous batching: who runs this step, preemption when blocks run out
+attention_reference.py  paged attention one sequence at a time: gather, then textbook attention (the reference)
 attention.py      paged attention in plain PyTorch: decode reads the blocks in place, prefill gathers them
 fast_layers.py    fused, pre-packed projections and norms for the runner
 model_runner.py   one forward pass over a flat batch of prefill and decode tokens
