@@ -23,7 +23,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .kv_cache import KVShape, PagedKVCache, default_num_blocks, kv_bytes_per_token
 from .model_runner import ModelRunner, check_supported
-from .sampling import SamplingParams, TokenLogprob, sample, token_logprobs
+from .sampling import SamplingParams, TokenLogprob, is_int, sample, token_logprobs
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence, Status
 
@@ -102,7 +102,7 @@ class LLMEngine:
             )
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        elif isinstance(prompt, (list, tuple)) and all(is_int(t) for t in prompt):
             ids = list(prompt)
         else:
             raise ValueError("prompt must be a str or a list of token ids (ints)")
@@ -254,7 +254,9 @@ class LLMEngine:
         failing ones get an exception instead of a token."""
         if not draws:
             return []
-        rows = logits[torch.tensor([r for _, r in draws], device=logits.device)]
+        index = [r for _, r in draws]
+        # the common step (one sample per row, in order) needs no gather
+        rows = logits if index == list(range(len(logits))) else logits[index]
         params, gens = [s.params for s, _ in draws], [s.generator for s, _ in draws]
         try:
             return sample(rows, params, gens, self.generator)
