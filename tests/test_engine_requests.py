@@ -135,6 +135,29 @@ def test_a_request_that_fails_in_step_finishes_with_an_error_and_the_others_cont
     assert engine.run_to_completion()["after"] == alone[1].outputs[0].token_ids[:3]
 
 
+def test_a_failure_while_scoring_a_prompt_is_isolated_too(model_tok, monkeypatch):
+    model, tok = model_tok
+    real = engine_module.token_logprobs
+
+    def failing_for_top_5(logits, token_ids, k):
+        if k == 5:
+            raise ValueError("boom")
+        return real(logits, token_ids, k)
+
+    monkeypatch.setattr(engine_module, "token_logprobs", failing_for_top_5)
+    engine = LLMEngine(model, tok, max_num_batched_tokens=4)  # the prompts take several chunks
+    engine.add_request("bad", PROMPTS[0], SamplingParams(max_tokens=3, prompt_logprobs=5))
+    engine.add_request("good", PROMPTS[0], greedy(3, prompt_logprobs=1))
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+    assert [o.finish_reason for o in outs["bad"]] == ["error"] and "prompt" in outs["bad"][0].error
+    assert outs["good"][-1].finish_reason == "length" and len(outs["good"]) == 3
+    assert len(outs["good"][0].prompt_logprobs) == len(tok(PROMPTS[0])["input_ids"])
+    assert engine.stats().kv_blocks_used == 0
+
+
 # ---- logprobs ----------------------------------------------------------------------------------------
 def hf_logprobs(model, ids):
     """log_softmax of one transformers forward pass over ids: row i is the distribution of token i + 1."""

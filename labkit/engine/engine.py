@@ -8,6 +8,11 @@ One `step()` = schedule (which sequences, how many tokens each) -> one forward p
 sample one token for each sequence whose prompt is fully in the cache -> check stop conditions -> free
 the blocks of finished ones. Single-threaded by design: the caller owns it.
 
+A request can also ask for n samples (prefilled once, then forked: the samples share the prompt's blocks),
+for the logprob of each generated token, and for the logprobs of its prompt (with max_tokens=0, only
+those: a scoring request, what lm-eval's loglikelihood tasks send). The logits rows a step needs are
+the sampled positions plus, for such requests, every prompt position (ScheduledChunk says which).
+
 One request cannot take the others down: whatever fails for one request inside `step()` (sampling, its
 logprobs, its stop check) finishes that request with finish_reason "error" and frees its blocks; the
 rest of the batch carries on. (A failure of the batched forward pass itself is the engine's, and raises.)
@@ -204,19 +209,22 @@ class LLMEngine:
         draws: list[tuple[Sequence, int]] = []  # (sample, its logits row): what to sample this step
         row = 0
         for chunk in chunks:
-            seq, num_scored = chunk.seq, len(chunk.prompt_logprob_positions)
+            seq, first_row, num_scored = chunk.seq, row, len(chunk.prompt_logprob_positions)
+            row += num_scored + chunk.samples
+            if seq.status is Status.FINISHED:  # its request failed earlier in this step
+                continue
             seq.num_computed_tokens += chunk.num_tokens
             self.block_manager.register_full_blocks(seq)
             try:
                 if num_scored:
-                    self._record_prompt_logprobs(seq, chunk, logits[row : row + num_scored])
+                    scored = logits[first_row : first_row + num_scored]
+                    self._record_prompt_logprobs(seq, chunk, scored)
                 if chunk.samples:
-                    draws += [(s, row + num_scored) for s in self._fork(seq)]
+                    draws += [(s, first_row + num_scored) for s in self._fork(seq)]
                 elif chunk.completes:  # a scoring-only request (max_tokens=0): done
                     outputs += self._finish_scoring(seq)
             except Exception as e:
-                outputs += self._fail(seq, "reading its prompt logprobs", e)
-            row += num_scored + chunk.samples
+                outputs += self._fail(seq, "scoring its prompt", e)
         for (seq, row), token in zip(draws, self._sample(logits, draws)):
             if seq.status is Status.FINISHED:  # its request failed earlier in this step
                 continue

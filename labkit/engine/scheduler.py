@@ -7,7 +7,9 @@ Every step has a budget of `max_num_batched_tokens` tokens and `max_num_seqs` se
    queue, to be recomputed later (vLLM's default "recompute" preemption; the prefix cache often makes
    the recompute cheap).
 2. Then waiting sequences are admitted in arrival order (FIFO) while budget and free blocks last. A
-   sequence that does not fit blocks the ones behind it - no overtaking, so nobody starves.
+   sequence that does not fit blocks the ones behind it - no overtaking, so nobody starves. A request
+   for n samples takes n of the `max_num_seqs` slots from admission on: it forks into n sequences when
+   its prompt is done (`fork`), and each of them is scheduled (and preempted) on its own from then on.
 So a finished request's slot is refilled on the very next step: that is the whole trick.
 """
 
