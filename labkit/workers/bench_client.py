@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 
+from ..engine.config import EngineConfig
 from ..model import resolve_model_name
 from .client import WorkerProcess
 from .venvs import VLLM_PYTHON, vllm_available
@@ -37,7 +38,7 @@ class PairedRunner:
         engine: str,
         workload: list[tuple[str, int]],
         model: str | None = None,
-        max_num_seqs: int = 32,
+        max_num_seqs: int | None = None,
         timeout: float | None = 900,
         **spec,
     ):
@@ -59,7 +60,8 @@ class PairedRunner:
             "engine": engine,
             "model": resolve_model_name(model),
             "workload": [list(w) for w in workload],
-            "max_num_seqs": max_num_seqs,
+            # both engines get the same limit: labkit's default unless the caller sets one
+            "max_num_seqs": EngineConfig.max_num_seqs if max_num_seqs is None else max_num_seqs,
             **spec,
         }
         try:
@@ -88,7 +90,7 @@ def run_offline(
     engine: str,
     workload: list[tuple[str, int]],
     model: str | None = None,
-    max_num_seqs: int = 32,
+    max_num_seqs: int | None = None,
     timeout: float = 900,
     **spec,
 ) -> dict:

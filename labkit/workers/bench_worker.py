@@ -5,7 +5,7 @@
 
 Started by bench_client (see client.py and protocol.py). The first request starts an engine:
 {"engine": "labkit" | "vllm", "model": path, "workload": [[prompt, max_tokens], ...],
-"max_num_seqs": 32, ...}; the answer says what started (engine, version, start-up time, sample texts).
+"max_num_seqs": n, ...}; the answer says what started (engine, version, start-up time, sample texts).
 Each later request {"run": TAG} runs the whole workload once and answers its measurements, so a
 client can alternate this engine's runs with another's (paired runs, see bench_client.PairedRunner).
 Every request of a run arrives at t=0; latency = time to a request's last token, TTFT = to its first.
@@ -41,7 +41,7 @@ def start(spec: dict):
         model=spec["model"],
         dtype=spec.get("dtype", "float32"),
         max_model_len=spec.get("max_model_len", 512),
-        max_num_seqs=spec.get("max_num_seqs", 32),
+        max_num_seqs=spec["max_num_seqs"],
         seed=0,
         enforce_eager=spec.get("enforce_eager", True),
         enable_prefix_caching=spec.get("enable_prefix_caching", True),
