@@ -19,6 +19,9 @@ MARKS = {
     "test_vllm_gptq.py": ("external", "slow"),
     "test_workers.py::test_a_bench_worker_runs_labkit_engine_twice": ("slow",),
     "test_train.py::test_a_short_training_run_produces_a_loadable_llama": ("slow",),
+    # the course model through the engine: 25-50 s of CPU per test measured on 2 busy cores
+    "test_engine.py": ("slow",),
+    "test_engine_requests.py": ("slow",),
 }
 
 
