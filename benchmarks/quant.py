@@ -1,19 +1,28 @@
-"""Quantization benchmark: every method and bit width on the course model, and labkit vs the libraries.
+"""Quantization benchmark: RTN / GPTQ / AWQ / INT8 on SmolLM2-135M-Instruct, and labkit vs the libraries.
 
-    .venv/bin/python benchmarks/quant.py [--eval-tokens 0 --calib-samples 32 --libraries all --threads 1]
+    .venv/bin/python benchmarks/quant.py                   # SmolLM2 (make setup provides it), ~the core grid
+    .venv/bin/python benchmarks/quant.py --model course    # the Austen model
+    .venv/bin/python benchmarks/quant.py --full            # + 3-bit per-channel, AWQ 3-bit, torch.ao, head
 
-Writes results/quant.json and prints two tables. (1) Every method, bit width and granularity, first
-with the decoder blocks quantized and the tied output/embedding matrix kept in float16 (what GPTQModel,
-llm-compressor and vLLM do by default), then with the output head quantized too (untied: the embedding
-lookup keeps float16 weights, see labkit.quant.walk.untie_output_head): perplexity on the whole held-out
-split (55k tokens by default), KL and top-1 agreement vs fp32, size (packed codes + float16 for the
-rest), decode tokens/s (packed QuantLinear model, plain PyTorch) and quantization time. (2) labkit vs
-GPTQModel and llm-compressor with the same settings on both sides, stated in the table. Then the course's
-targets, as ratios measured within this one run, with PASS/MISS.
+Every recipe is measured against the unquantized model on the same held-out tokens, after the same
+calibration windows: perplexity, KL and top-1 agreement (labkit.evaluate), multiple-choice accuracy on
+data/eval/austen_mc.jsonl and chat answers compared token for token with the reference's
+(labkit.quality). Then labkit's GPTQ vs GPTQModel's and llm-compressor's on identical settings.
+Targets are ratios of perplexity *increase* over the reference, measured in this one run:
+GPTQ <= 0.30x RTN's at 4-bit per-channel and at 3-bit g64; AWQ <= 0.50x RTN's at 4-bit g64; labkit's
+GPTQ no worse than each library's; INT8 per-channel weights within 1% of the reference.
+
+SmolLM2's "reference" is the float32 dequantization of the Q4_1/Q8_0 GGUF it is distributed as (see
+labkit/smollm2.py). Default sizes keep a run on 2 CPU cores to tens of minutes: 2,048 held-out
+tokens (windows of 512), 16 calibration windows of 256 tokens, 120 multiple-choice items, 8 chats.
+Writes results/quant.json and the committed record benchmarks/results/quant.json.
 """
 
 import argparse
 import copy
+import json
+import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,27 +31,28 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from labkit import load_model
-from labkit.data import calibration_batches, heldout_ids
-from labkit.evaluate import disk_bytes, evaluate_lm, format_bytes, saved_bytes
-from labkit.quant import (
+from labkit import load_model  # noqa: E402
+from labkit.data import calibration_batches, heldout_ids  # noqa: E402
+from labkit.evaluate import disk_bytes, evaluate_lm, saved_bytes  # noqa: E402
+from labkit.quality import chat_answers, quality  # noqa: E402
+from labkit.quant import (  # noqa: E402
     awq_quantize_model,
     export_gptq,
     gptq_quantize_model,
     load_gptq,
-    pack_model,
     rtn_quantize_model,
 )
-from labkit.quant.export import gptq_state_dict
-from labkit.quant.libs import libraries_available, run_library
-from labkit.quant.ptq import dynamic_int8, static_int8
-from labkit.quant.reference import ReferenceLogits
-from labkit.quant.walk import find_blocks, find_linears, get_weight
-from labkit.results import save_result
-from labkit.timing import decode_tokens_per_second
+from labkit.quant.export import gptq_state_dict  # noqa: E402
+from labkit.quant.libs import libraries_available, run_library  # noqa: E402
+from labkit.quant.ptq import dynamic_int8, static_int8  # noqa: E402
+from labkit.quant.reference import ReferenceLogits  # noqa: E402
+from labkit.quant.walk import get_weight, valid_group_sizes  # noqa: E402
+from labkit.results import save_result  # noqa: E402
 
+RECORD = ROOT / "benchmarks" / "results" / "quant.json"
 # GPTQ as the paper's code runs it: act-order, groups in quantization order, true-sequential
 GPTQ = dict(act_order=True, static_groups=False, true_sequential=True)
 # labkit vs library: (label, labkit's GPTQ settings, library task, the library's settings)
@@ -63,72 +73,68 @@ LIBRARY_PAIRS = [
 AWQ_TASKS = ["gptqmodel-awq", "llmcompressor-awq"]
 
 
-def packed_size(model, results) -> int:
-    """Bytes of a GPTQ-style checkpoint: packed codes for `results`, float16 for everything else."""
-    return sum(t.numel() * t.element_size() for t in gptq_state_dict(model, results).values())
+def grid(gs: int, full: bool) -> list[tuple[str, int, int, bool]]:
+    """(method, bits, group size, head) of every recipe: the targets' rows, or everything."""
+    rows = [
+        ("rtn", 4, -1, False),
+        ("gptq", 4, -1, False),
+        ("rtn", 4, gs, False),
+        ("gptq", 4, gs, False),
+        ("awq", 4, gs, False),
+        ("rtn", 3, gs, False),
+        ("gptq", 3, gs, False),
+    ]
+    if full:
+        rows += [("awq", 3, gs, False), ("rtn", 3, -1, False), ("gptq", 3, -1, False)]
+        rows += [(m, b, g, True) for m, b, g, _ in rows]
+    return rows
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument(
-        "--eval-tokens", type=int, default=0, help="held-out tokens to evaluate on; 0 = all"
-    )
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--model", default="smollm2", help="smollm2 (default), course, or any model")
+    ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens; 0 = all")
+    ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--full", action="store_true", help="every recipe, torch.ao and the head too")
     ap.add_argument(
-        "--no-head", action="store_true", help="skip the runs that also quantize the output head"
+        "--libraries",
+        default="gptq",
+        help="'gptq' (default), 'all', 'none' or task names, comma-separated",
     )
-    ap.add_argument(
-        "--libraries", default="all", help="'all', 'none' or comma-separated library tasks"
-    )
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1: robust on a shared CPU)"
-    )
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     a = ap.parse_args(argv)
+    t_start = time.perf_counter()
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model, device="cpu")
     ids = heldout_ids(tok, a.eval_tokens or None)
     ref = ReferenceLogits(model)
     calib = calibration_batches(tok, a.calib_samples, a.seq_len, seed=0)
-    gs = (
-        128
-        if all(
-            get_weight(m).shape[1] % 128 == 0
-            for b in find_blocks(model)[1]
-            for m in find_linears(b).values()
-        )
-        else -1
-    )
+    gs = max(valid_group_sizes(model), default=-1)  # SmolLM2: 64 (576 is not a multiple of 128)
     work = Path(tempfile.mkdtemp(prefix="labkit-quant-bench-"))
 
-    def speed(m):
-        return decode_tokens_per_second(m, tok, new_tokens=a.decode_tokens, runs=2)
-
-    rows = []
-    fp32 = evaluate_lm(model, ids, reference=ref)
-    model.save_pretrained(work / "fp32")
-    rows.append(
-        dict(
-            method="fp32",
-            bits=32,
-            group_size=0,
-            head=False,
-            **fp32,
-            disk_bytes=disk_bytes(work / "fp32" / "model.safetensors"),
-            decode_tok_s=speed(model),
-            quant_seconds=0.0,
-        )
-    )
+    reference_answers = chat_answers(model, tok)
+    fp32 = {**evaluate_lm(model, ids, reference=ref), **quality(model, tok, reference_answers)}
+    rows = [dict(method="fp32", bits=32, group_size=0, head=False, **fp32, quant_seconds=0.0)]
     print(
-        f"fp32: ppl {fp32['perplexity']:.3f} on {fp32['tokens']} held-out tokens; calibration {tuple(calib.shape)}",
+        f"reference: {fmt(fp32)}; {fp32['tokens']} held-out tokens, calibration {tuple(calib.shape)}",
         flush=True,
     )
 
-    def add(method, bits, group_size, head, qmodel, seconds, size, packed_model):
-        r = evaluate_lm(qmodel, ids, reference=ref)
+    def add(method, bits, group_size, head, qmodel, seconds, size):
+        r = {**evaluate_lm(qmodel, ids, reference=ref), **quality(qmodel, tok, reference_answers)}
         rows.append(
             dict(
                 method=method,
@@ -137,32 +143,30 @@ def main(argv=None):
                 head=head,
                 **r,
                 disk_bytes=size,
-                decode_tok_s=speed(packed_model),
                 quant_seconds=seconds,
             )
         )
         print(
-            f"{method:22s} {bits}-bit g{group_size:<4d} head={head!s:5s} ppl {r['perplexity']:.3f} KL {r['kl']:.5f} "
-            f"top1 {r['top1']:.4f} {seconds:.1f}s",
+            f"{method:22s} {bits}-bit g{group_size:<3d} head={head!s:5s} {fmt(r)} {seconds:.0f}s",
             flush=True,
         )
 
-    # INT8
+    def packed_size(m, results) -> int:
+        return sum(t.numel() * t.element_size() for t in gptq_state_dict(m, results).values())
+
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     res = rtn_quantize_model(m, 8, -1, granularity="channel")
-    sec = time.perf_counter() - t0
-    add("rtn-int8", 8, -1, False, m, sec, packed_size(m, res), pack_model(copy.deepcopy(m), res))
-    for name, fn in (
-        ("torch.ao-dynamic-int8", lambda: dynamic_int8(model)),
-        ("torch.ao-static-int8", lambda: static_int8(model, calib, progress=False)),
-    ):
-        t0 = time.perf_counter()
-        q = fn()
-        sec = time.perf_counter() - t0
-        add(name, 8, -1, False, q, sec, saved_bytes(q), q)
+    add("rtn-int8", 8, -1, False, m, time.perf_counter() - t0, packed_size(m, res))
+    if a.full:
+        for name, fn in (
+            ("torch.ao-dynamic-int8", lambda: dynamic_int8(model)),
+            ("torch.ao-static-int8", lambda: static_int8(model, calib, progress=False)),
+        ):
+            t0 = time.perf_counter()
+            q = fn()
+            add(name, 8, -1, False, q, time.perf_counter() - t0, saved_bytes(q))
 
-    # 4/3-bit grid, blocks only, then with the (untied) output head
     methods = {
         "rtn": lambda m, b, g, h: rtn_quantize_model(m, b, g, include_head=h),
         "gptq": lambda m, b, g, h: gptq_quantize_model(
@@ -172,58 +176,71 @@ def main(argv=None):
             m, calib, b, g, include_head=h, progress=False
         ),
     }
-    for head in (False,) if a.no_head else (False, True):
-        for bits in (4, 3):
-            for group_size in (gs, -1):
-                for method, fn in methods.items():
-                    m = copy.deepcopy(model)
-                    t0 = time.perf_counter()
-                    res = fn(m, bits, group_size, head)
-                    sec = time.perf_counter() - t0
-                    add(
-                        method,
-                        bits,
-                        group_size,
-                        head,
-                        m,
-                        sec,
-                        packed_size(m, res),
-                        pack_model(copy.deepcopy(m), res),
-                    )
+    for method, bits, group_size, head in grid(gs, a.full):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        res = methods[method](m, bits, group_size, head)
+        add(method, bits, group_size, head, m, time.perf_counter() - t0, packed_size(m, res))
 
-    # packed size target: the decoder blocks' linear weights, fp32 file vs packed 4-bit g128 file
+    size_ratio = linear_size_ratio(model, gs, work)
+    libs = compare_with_libraries(a, model, tok, ids, ref, calib, gs, work)
+
+    targets = check_targets(rows, libs, fp32, gs, size_ratio)
+    print_tables(rows, libs, fp32, targets)
+    figures = {
+        "model": a.model,
+        "eval_tokens": fp32["tokens"],
+        "calibration": [a.calib_samples, a.seq_len],
+        "group_size": gs,
+        "gptq": GPTQ,
+        "fp32": fp32,
+        "rows": rows,
+        "libraries": libs,
+        "targets": targets,
+        "linear_size_ratio_4bit": size_ratio,
+        "run_seconds": time.perf_counter() - t_start,
+    }
+    print(f"\nwrote {save_result('quant', figures)}")
+    write_record(figures, targets, a)
+
+
+def fmt(r) -> str:
+    kl = f" KL {r['kl']:.4f} top1 {r['top1']:.3f}" if "kl" in r else ""
+    return (
+        f"ppl {r['perplexity']:.3f}{kl} acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} "
+        f"chat same {r['chat_same']:.2f} prefix {r['chat_prefix']:.2f}"
+    )
+
+
+def linear_size_ratio(model, gs, work) -> float:
+    """The decoder blocks' linear weights on disk: float32 vs packed 4-bit (codes, scales, zeros)."""
     m = copy.deepcopy(model)
     res = rtn_quantize_model(m, 4, gs)
-    linear_fp32 = {
-        f"{n}.weight": get_weight(model.get_submodule(n)).detach().contiguous() for n in res
+    fp32 = {f"{n}.weight": get_weight(model.get_submodule(n)).detach().contiguous() for n in res}
+    save_file(fp32, work / "linears_fp32.safetensors")
+    packed = {
+        k: v
+        for k, v in gptq_state_dict(m, res).items()
+        if k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")
     }
-    save_file(linear_fp32, work / "linears_fp32.safetensors")
-    state = gptq_state_dict(m, res)
-    save_file(
-        {
-            k: v
-            for k, v in state.items()
-            if k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx")
-        },
-        work / "linears_packed.safetensors",
-    )
-    size_ratio = disk_bytes(work / "linears_fp32.safetensors") / disk_bytes(
+    save_file(packed, work / "linears_packed.safetensors")
+    return disk_bytes(work / "linears_fp32.safetensors") / disk_bytes(
         work / "linears_packed.safetensors"
     )
 
-    # labkit vs the libraries: 4-bit g128, symmetric, min-max scales, damp 0.01, block 128, decoder blocks
-    # only, the same calibration windows; labkit's GPTQ goes through its own export + load_gptq
-    libs = []
-    tasks = (
-        []
-        if a.libraries == "none"
-        else (
-            [p[2] for p in LIBRARY_PAIRS] + AWQ_TASKS
-            if a.libraries == "all"
-            else a.libraries.split(",")
-        )
-    )
-    if tasks and not libraries_available():
+
+def compare_with_libraries(a, model, tok, ids, ref, calib, gs, work) -> list[dict]:
+    """labkit's GPTQ (through its own export + load_gptq) and each library's, on identical settings:
+    4-bit, group size gs, symmetric, min-max scales, damp 0.01, block 128, decoder blocks only, the
+    same calibration windows and held-out tokens."""
+    if a.libraries == "none":
+        return []
+    tasks = {
+        "gptq": [p[2] for p in LIBRARY_PAIRS],
+        "all": [p[2] for p in LIBRARY_PAIRS] + AWQ_TASKS,
+    }
+    tasks = tasks.get(a.libraries, a.libraries.split(","))
+    if not libraries_available():
         print("libraries skipped: .venv-quant missing (make quant-libs)")
         tasks = []
     common = dict(
@@ -235,6 +252,7 @@ def main(argv=None):
         eval_tokens=len(ids),
         damp=0.01,
     )
+    libs = []
 
     def library(task, settings, **options):
         try:
@@ -259,6 +277,8 @@ def main(argv=None):
             )
 
     for label, ours, task, theirs in LIBRARY_PAIRS:
+        if task not in tasks:
+            continue
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         res = gptq_quantize_model(
@@ -276,85 +296,50 @@ def main(argv=None):
                 **evaluate_lm(loaded, ids, reference=ref),
             )
         )
-        if task in tasks:
-            library(task, label, **theirs)
-    m = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    awq_quantize_model(m, calib, 4, gs, progress=False)
-    libs.append(
-        dict(
-            who="labkit",
-            method="awq",
-            settings="AWQ: scale search (20-point alpha grid) + clipping search",
-            quant_seconds=time.perf_counter() - t0,
-            **evaluate_lm(m, ids, reference=ref),
-        )
-    )
+        library(task, label, **theirs)
     for task in AWQ_TASKS:
         if task in tasks:
             library(task, "the library's AWQ defaults")
+    return libs
 
-    # report
-    print(
-        f"\n{'method':22s} {'bits':>4s} {'group':>6s} {'head':>5s} {'ppl':>9s} {'Δppl':>8s} {'KL':>9s} {'top-1':>7s} "
-        f"{'size':>10s} {'tok/s':>7s} {'quant s':>8s}"
-    )
-    for r in rows:
-        print(
-            f"{r['method']:22s} {r['bits']:4d} {r['group_size']:6d} {'q' if r['head'] else 'fp16':>5s} {r['perplexity']:9.3f} "
-            f"{r['perplexity'] - fp32['perplexity']:+8.3f} {r['kl']:9.5f} {r['top1']:7.4f} "
-            f"{format_bytes(r['disk_bytes']):>10s} {r['decode_tok_s']:7.1f} {r['quant_seconds']:8.1f}"
-        )
-    print(
-        f"\n{'who':24s} {'method':6s} {'ppl':>9s} {'Δppl':>8s} {'KL':>9s} {'top-1':>7s} {'quant s':>8s}  settings"
-    )
-    for r in libs:
-        if "error" in r:
-            print(f"{r['who']:24s} {r['method']:6s} FAILED  {r['settings']}")
-        else:
-            print(
-                f"{r['who']:24s} {r['method']:6s} {r['perplexity']:9.3f} {r['perplexity'] - fp32['perplexity']:+8.3f} "
-                f"{r['kl']:9.5f} {r['top1']:7.4f} {r['quant_seconds']:8.1f}  {r['settings']}"
-            )
 
-    def row(method, bits, group_size, head=False):
+def check_targets(rows, libs, fp32, gs, size_ratio) -> list[dict]:
+    def row(method, bits, group_size):
         return next(
             r
             for r in rows
-            if r["method"] == method
-            and r["bits"] == bits
-            and r["group_size"] == group_size
-            and r["head"] == head
+            if (r["method"], r["bits"], r["group_size"], r["head"])
+            == (method, bits, group_size, False)
         )
 
-    def inc(r):
-        return r["perplexity"] - fp32["perplexity"]
-
+    increase = lambda r: r["perplexity"] - fp32["perplexity"]  # noqa: E731
     targets = []
 
     def target(name, value, limit, ok, kl_ratio=None):
         targets.append(dict(target=name, value=value, limit=limit, met=bool(ok), kl_ratio=kl_ratio))
 
     int8 = row("rtn-int8", 8, -1)["perplexity"] / fp32["perplexity"] - 1
-    target("INT8 per-channel ppl within 1% of fp32", int8, 0.01, abs(int8) <= 0.01)
-    for head in (False,) if a.no_head else (False, True):
-        where = " (+ head)" if head else ""
-        for method, bits, limit in (("gptq", 4, 0.3), ("gptq", 3, 0.4), ("awq", 4, 0.5)):
-            for group_size in (gs, -1) if method == "gptq" else (gs,):
-                ours, rtn = row(method, bits, group_size, head), row("rtn", bits, group_size, head)
-                ratio = inc(ours) / max(inc(rtn), 1e-9)
-                target(
-                    f"{method.upper()} {bits}-bit g{group_size}{where} Δppl <= {limit} x RTN's",
-                    ratio,
-                    limit,
-                    ratio <= limit,
-                    kl_ratio=ours["kl"] / rtn["kl"],
-                )
+    target(
+        "INT8 per-channel weights: ppl within 1% of the reference", int8, 0.01, abs(int8) <= 0.01
+    )
+    for method, bits, group_size, limit in (
+        ("gptq", 4, -1, 0.3),
+        ("gptq", 3, gs, 0.3),
+        ("awq", 4, gs, 0.5),
+    ):
+        ours, rtn = row(method, bits, group_size), row("rtn", bits, group_size)
+        ratio = increase(ours) / max(increase(rtn), 1e-9)
+        where = "per-channel" if group_size == -1 else f"g{group_size}"
+        target(
+            f"{method.upper()} {bits}-bit {where}: ppl increase <= {limit}x RTN's",
+            ratio,
+            limit,
+            ratio <= limit,
+            kl_ratio=ours["kl"] / rtn["kl"],
+        )
     for r in libs:
         if r["who"] != "labkit" and r.get("method") == "gptq" and "error" not in r:
-            ours = next(
-                o for o in libs if o["who"] == "labkit" and o.get("settings") == r["settings"]
-            )
+            ours = next(o for o in libs if o["who"] == "labkit" and o["settings"] == r["settings"])
             target(
                 f"labkit GPTQ ppl <= {r['who']}'s ({r['settings']})",
                 ours["perplexity"] - r["perplexity"],
@@ -368,28 +353,59 @@ def main(argv=None):
         7.2,
         size_ratio >= 7.2,
     )
+    return targets
+
+
+def print_tables(rows, libs, fp32, targets):
+    print(
+        f"\n{'method':22s} {'bits':>4s} {'group':>5s} {'head':>4s} {'ppl':>9s} {'Δppl':>8s} {'KL':>7s} "
+        f"{'top-1':>6s} {'acc':>6s} {'acc_n':>6s} {'chat=':>5s} {'size':>9s} {'quant s':>7s}"
+    )
+    for r in rows:
+        print(
+            f"{r['method']:22s} {r['bits']:4d} {r['group_size']:5d} {'q' if r['head'] else 'fp':>4s} "
+            f"{r['perplexity']:9.3f} {r['perplexity'] - fp32['perplexity']:+8.3f} {r['kl']:7.4f} "
+            f"{r['top1']:6.3f} {r['acc']:6.3f} {r['acc_norm']:6.3f} {r['chat_same']:5.2f} "
+            f"{r.get('disk_bytes', 0) / 2**20:7.1f}Mi {r['quant_seconds']:7.0f}"
+        )
+    if libs:
+        print(
+            f"\n{'who':24s} {'method':6s} {'ppl':>9s} {'Δppl':>8s} {'KL':>8s} {'top-1':>6s}  settings"
+        )
+    for r in libs:
+        if "error" in r:
+            print(f"{r['who']:24s} {r['method']:6s} FAILED  {r['settings']}")
+        else:
+            print(
+                f"{r['who']:24s} {r['method']:6s} {r['perplexity']:9.3f} "
+                f"{r['perplexity'] - fp32['perplexity']:+8.3f} {r['kl']:8.5f} {r['top1']:6.3f}  {r['settings']}"
+            )
     print()
     for t in targets:
         kl = f", KL ratio {t['kl_ratio']:.3f}" if t["kl_ratio"] is not None else ""
         print(
             f"[{'PASS' if t['met'] else 'MISS'}] {t['target']}: {t['value']:.4g} (limit {t['limit']}){kl}"
         )
-    path = save_result(
-        "quant",
-        {
-            "model": a.model or "course",
-            "eval_tokens": fp32["tokens"],
-            "threads": a.threads,
-            "calibration": [a.calib_samples, a.seq_len],
-            "gptq": GPTQ,
-            "fp32": fp32,
-            "rows": rows,
-            "libraries": libs,
-            "targets": targets,
-            "linear_size_ratio_4bit": size_ratio,
-        },
-    )
-    print(f"\nwrote {path}")
+
+
+def write_record(figures, targets, a):
+    """benchmarks/results/quant.json, committed so the README can cite the latest run."""
+    import os
+
+    record = {
+        "benchmark": "quant",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": git_commit(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {a.threads} torch threads, "
+        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
+        + f", load average {os.getloadavg()[0]:.1f} at the end",
+        "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:]),
+        "targets_met": {t["target"]: t["met"] for t in targets},
+        "figures": figures,
+    }
+    RECORD.parent.mkdir(exist_ok=True)
+    RECORD.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    print(f"wrote {RECORD}")
 
 
 if __name__ == "__main__":

@@ -67,20 +67,18 @@ def evaluate_lm(
         # batch spans of the same length; a final shorter span goes on its own
         for same in _by_length(group):
             x = torch.stack([ids[b:e] for b, e, _ in same]).to(device)
-            logp = F.log_softmax(model(input_ids=x).logits.float(), dim=-1)
-            ref_logp = (
-                F.log_softmax(reference(input_ids=x).logits.float(), dim=-1)
-                if reference is not None
-                else None
-            )
+            logits = model(input_ids=x).logits
+            ref_logits = reference(input_ids=x).logits if reference is not None else None
+            # one row at a time, scored positions only: a 49k-word vocabulary makes
+            # [batch, window, vocab] float32 copies cost gigabytes
             for row, (b, e, first) in enumerate(same):
                 pred = slice(first - b - 1, e - b - 1)  # logits at position t predict token t+1
                 targets = x[row, first - b : e - b]
-                lp = logp[row, pred]
+                lp = F.log_softmax(logits[row, pred].float(), dim=-1)
                 nll -= lp.gather(-1, targets[:, None]).sum().item()
                 count += len(targets)
-                if ref_logp is not None:
-                    rp = ref_logp[row, pred]
+                if ref_logits is not None:
+                    rp = F.log_softmax(ref_logits[row, pred].float(), dim=-1)
                     kl += (rp.exp() * (rp - lp)).sum().item()
                     agree += (rp.argmax(-1) == lp.argmax(-1)).sum().item()
     out = {"perplexity": math.exp(nll / count), "tokens": count}

@@ -77,3 +77,79 @@ def test_memory_bytes_counts_tied_weights_once(course):
     assert model.config.tie_word_embeddings
     emb = model.get_input_embeddings().weight
     assert memory_bytes(model) <= naive - emb.numel() * emb.element_size() + 1024
+
+
+# ---- quality beyond perplexity: labkit.evalset and labkit.quality ---------------------------------
+
+
+def test_committed_multiple_choice_file_is_what_the_builder_writes():
+    from labkit.evalset import MC_FILE, build, load_items, to_jsonl
+
+    assert MC_FILE.read_text(encoding="utf-8") == to_jsonl(build())
+    items = load_items()
+    assert len(items) == 120 and {len(i["choices"]) for i in items} == {4}
+    for item in items:
+        assert not item["context"].endswith(" ")
+        assert not any(c.startswith(" ") for c in item["choices"])
+        assert len(set(item["choices"])) == 4
+
+
+def test_a_malformed_item_is_a_clear_error(tmp_path):
+    from labkit.evalset import load_items
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"context": "a", "choices": ["b", "c"], "answer": 2}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: 'answer' must index 'choices'"):
+        load_items(path)
+
+
+def test_encode_pair_splits_like_lm_eval_harness(course):
+    from labkit.quality import encode_pair
+
+    _, tokenizer = course
+    ctx, cont = encode_pair(tokenizer, "She must laugh at such a", " close")
+    whole = tokenizer("She must laugh at such a close", add_special_tokens=False)["input_ids"]
+    assert ctx + cont == whole and len(cont) >= 1
+    assert tokenizer.decode(cont) == " close"
+
+
+def test_cached_choice_scores_equal_the_plain_full_sequence_ones(course):
+    from labkit.evalset import load_items
+    from labkit.quality import choice_logprobs, choice_logprobs_reference
+
+    model, tokenizer = course
+    item = load_items()[0]
+    # one choice several tokens long, so the KV-cache path scores more than the first token
+    choices = item["choices"] + ["extraordinarily unaccountable"]
+    fast = choice_logprobs(model, tokenizer, item["context"], choices)
+    plain = choice_logprobs_reference(model, tokenizer, item["context"], choices)
+    assert fast == pytest.approx(plain, abs=1e-3)
+
+
+def test_multiple_choice_accuracy_beats_chance_and_drops_for_a_broken_model(course):
+    import copy
+
+    from labkit.evalset import load_items
+    from labkit.quality import multiple_choice
+
+    model, tokenizer = course
+    items = load_items()[:24]
+    good = multiple_choice(model, tokenizer, items)
+    assert good["items"] == 24 and good["acc"] >= 0.5  # chance is 0.25
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in broken.model.layers.parameters():
+            p.add_(torch.randn_like(p) * p.abs().mean() * 3)
+    assert multiple_choice(broken, tokenizer, items)["acc"] < good["acc"]
+
+
+def test_chat_answers_are_compared_token_for_token(course):
+    from labkit.quality import compare_answers
+
+    _, tokenizer = course
+    prompts = [{"accept": ["Paris"]}, {"accept": ["seven", "7"]}]
+    paris = tokenizer("It is Paris.", add_special_tokens=False)["input_ids"]
+    other = tokenizer("It is Rome.", add_special_tokens=False)["input_ids"]
+    r = compare_answers([paris, other], [paris, paris], tokenizer, prompts)
+    assert r["chat_same"] == 0.5 and r["chat_mentions"] == 0.5
+    assert 0.5 < r["chat_prefix"] < 1.0  # "It is" matches, then the answers part

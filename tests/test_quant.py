@@ -36,6 +36,7 @@ from labkit.quant.awq import (
     search_scale,
 )
 from labkit.quant.gptq import Hessian
+from labkit.quant.layers import check_group_size, valid_group_sizes
 from labkit.quant.packing import dequantize_gptq, pack_gptq
 from labkit.quant.ptq import dynamic_int8, static_int8
 
@@ -84,6 +85,41 @@ def test_bad_group_size_and_shape_raise():
         quantize_weight(torch.randn(4, 8), 4, granularity="row")
     with pytest.raises(ValueError, match="group_size"):
         quantize_weight(torch.randn(4, 8), 4, group_size=0)
+
+
+def smollm2_shaped_llama():
+    """Tiny, but with SmolLM2's awkward widths: hidden 576 (= 4.5 x 128), MLP 1536."""
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_group_size_that_does_not_divide_a_layer_names_it_and_the_valid_choices(method):
+    model = smollm2_shaped_llama()
+    before = copy.deepcopy(model.state_dict())
+    quantize = {
+        "rtn": lambda: rtn_quantize_model(model, 4, 128),
+        "gptq": lambda: gptq_quantize_model(model, torch.zeros(1, 8, dtype=torch.long), 4, 128),
+        "awq": lambda: awq_quantize_model(model, torch.zeros(1, 8, dtype=torch.long), 4, 128),
+    }[method]
+    with pytest.raises(ValueError) as err:
+        quantize()
+    message = str(err.value)
+    assert "group_size 128" in message and "model.layers.0.self_attn.q_proj" in message
+    assert "576" in message and "use 32, 64" in message and "-1" in message
+    # nothing was touched: the error comes before any work
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert valid_group_sizes(model) == [32, 64]
+    check_group_size(model, 64)  # divides 576 and 1536
+    check_group_size(model, -1)  # per-channel needs no check
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

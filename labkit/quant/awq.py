@@ -25,7 +25,15 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .calibration import block_inputs, capture_inputs, run_block, run_calibration
-from .layers import Conv1D, find_blocks, find_linears, get_weight, set_weight, untie_output_head
+from .layers import (
+    Conv1D,
+    check_group_size,
+    find_blocks,
+    find_linears,
+    get_weight,
+    set_weight,
+    untie_output_head,
+)
 from .primitives import QuantizedWeight, quantize_weight, resolve_group_size
 
 # (previous op, the linears it feeds) per block, by attribute path. The previous op absorbs 1/s.
@@ -194,6 +202,7 @@ def awq_quantize_model(
     Each block is run on cached inputs (walk.block_inputs), the outputs of the blocks before it with
     their scales folded in but not yet quantized, as in the reference implementation.
     """
+    check_group_size(model, group_size, granularity, include_head)
     qargs: dict = dict(
         bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size
     )

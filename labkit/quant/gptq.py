@@ -32,7 +32,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import block_inputs, hooked, run_block, run_calibration, sequential_groups
-from .layers import find_blocks, find_linears, get_weight, set_weight, untie_output_head
+from .layers import (
+    check_group_size,
+    find_blocks,
+    find_linears,
+    get_weight,
+    set_weight,
+    untie_output_head,
+)
 from .primitives import (
     QuantizedWeight,
     check_bits,
@@ -190,6 +197,7 @@ def gptq_quantize_model(
     output head is untied from the embedding (untie_output_head) and quantized last, from the inputs
     the quantized model gives it. calib: token ids [n_samples, seq_len].
     """
+    check_group_size(model, group_size, granularity, include_head)
     blocks_name, blocks = find_blocks(model)
     results = {}
     qargs = dict(

@@ -2,7 +2,7 @@
 
 import torch
 
-from .layers import get_weight, quantizable_layers, set_weight
+from .layers import check_group_size, get_weight, quantizable_layers, set_weight
 from .primitives import QuantizedWeight, quantize_weight
 
 
@@ -20,6 +20,7 @@ def rtn_quantize_model(
     The model keeps float weights holding the dequantized values ("fake quantization"), so it runs
     and evaluates as usual; the returned codes can be packed (pack_model) or exported (export_gptq).
     """
+    check_group_size(model, group_size, granularity, include_head)
     results = {}
     for _, linears in quantizable_layers(model, include_head):
         for name, layer in linears.items():

@@ -15,6 +15,7 @@ from .calibration import (
 from .layers import (
     LINEAR_TYPES,
     Conv1D,
+    check_group_size,
     find_blocks,
     find_linears,
     get_weight,
@@ -22,6 +23,7 @@ from .layers import (
     quantizable_layers,
     set_weight,
     untie_output_head,
+    valid_group_sizes,
 )
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "Conv1D",
     "block_inputs",
     "capture_inputs",
+    "check_group_size",
     "find_blocks",
     "find_linears",
     "get_weight",
@@ -40,4 +43,5 @@ __all__ = [
     "sequential_groups",
     "set_weight",
     "untie_output_head",
+    "valid_group_sizes",
 ]
