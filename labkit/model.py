@@ -1,33 +1,64 @@
-"""Load the course model (shipped, offline) or any Hugging Face hub model, the same way.
+"""Load the course's models (offline) or any Hugging Face hub model, the same way.
 
-Every notebook starts with `model, tokenizer = load_model(MODEL)`. `MODEL = None` means: the
-`LABKIT_MODEL` environment variable if set, else the course model in `course_model/`. A hub id such
-as "gpt2" or "facebook/opt-125m" needs a network the first time (then the HF cache serves it).
+Every notebook starts with `model, tokenizer = load_model(MODEL)`. A name is one of:
+- None: the `LABKIT_MODEL` environment variable if set, else "course";
+- an alias: "course" (the Austen model shipped in course_model/, fastest) or "smollm2"
+  (SmolLM2-135M-Instruct, a real pretrained model provisioned by `make setup`: labkit/smollm2.py);
+- a local model directory;
+- a hub id such as "gpt2" or "facebook/opt-125m", which needs a network the first time.
+A local directory with a SHA256SUMS file (smollm2 has one) is checked against it before loading.
 """
 
 import os
+import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .checksums import SUMS, verify_checksums
 from .device import pick_device
-from .paths import COURSE_MODEL_DIR
+from .paths import COURSE_MODEL_DIR, SMOLLM2_DIR
 
 COURSE_MODEL = "course"
+SMOLLM2 = "smollm2"
+ALIASES = {COURSE_MODEL: COURSE_MODEL_DIR, SMOLLM2: SMOLLM2_DIR}
+PROVIDE_COMMAND = "make setup (or: .venv/bin/python -m labkit.smollm2)"
+REBUILD_COMMAND = ".venv/bin/python -m labkit.smollm2 --force"
+HOW_TO_GET = {
+    COURSE_MODEL: "it ships with the repository (re-clone, or retrain: python -m labkit.train)",
+    SMOLLM2: f"provide it with: {PROVIDE_COMMAND}",
+}
+HOW_TO_REPAIR = {SMOLLM2: f"rebuild it: {REBUILD_COMMAND}"}
+# "gpt2", "facebook/opt-125m": one or two names of letters, digits, '-', '_' and '.'
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def resolve_model_name(name: str | None = None) -> str:
-    """'course' (or None with no LABKIT_MODEL set) -> the shipped directory; anything else unchanged."""
+    """An alias or None -> its checked directory; a directory -> itself, checked; a hub id -> unchanged."""
     name = name or os.environ.get("LABKIT_MODEL") or COURSE_MODEL
-    if name == COURSE_MODEL:
-        if not (COURSE_MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(
-                f"course model not found in {COURSE_MODEL_DIR}; it ships with the repository "
-                "(re-clone, or retrain with `python -m labkit.train`)"
-            )
-        return str(COURSE_MODEL_DIR)
-    return name
+    if name in ALIASES:
+        path = ALIASES[name]
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model {name!r} not found in {path}; {HOW_TO_GET[name]}")
+        return check_directory(path, HOW_TO_REPAIR.get(name, f"restore {path}"))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is a folder but not a model (no config.json in it)")
+        return check_directory(path, f"restore or re-create {path}")
+    if HUB_ID.match(name) and ".." not in name:
+        return name
+    raise ValueError(
+        f"model {name!r} is neither a folder, an alias ({', '.join(ALIASES)}) nor a hub id "
+        "(like 'gpt2' or 'facebook/opt-125m')"
+    )
+
+
+def check_directory(path: Path, fix_hint: str) -> str:
+    if (path / SUMS).exists():
+        verify_checksums(path, fix_hint=f"To fix it, {fix_hint}")
+    return str(path)
 
 
 def load_tokenizer(name: str | None = None):

@@ -12,3 +12,11 @@ def course():
     import labkit
 
     return labkit.load_model(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (provisioned by `make setup`), loaded once for the whole test session."""
+    import labkit
+
+    return labkit.load_model("smollm2", device="cpu")
