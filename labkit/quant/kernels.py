@@ -85,8 +85,12 @@ def build_int4(q, zero, scale, group_size: int, bias, dtype=COMPUTE_DTYPE) -> Ca
         y = y.to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
 
-    run.packed = packed
+    run.nbytes = _nbytes(packed, scale_offset)
     return run
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def build_int8(q, zero, scale, bias, dtype=COMPUTE_DTYPE) -> Callable:
@@ -105,7 +109,7 @@ def build_int8(q, zero, scale, bias, dtype=COMPUTE_DTYPE) -> Callable:
         y = _flat(x, matmul).to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
 
-    run.packed = codes
+    run.nbytes = _nbytes(codes, scale_lowp, correction)
     return run
 
 

@@ -115,6 +115,20 @@ class QuantLinear(nn.Module):
         self.kernel()
         return self._kernel[1]
 
+    def bytes_read(self) -> int:
+        """Bytes one forward reads from the weights: the kernel's packed copy, or for the reference path
+        the packed buffers plus the float weight it writes and reads back (hence slower than float)."""
+        run = self.kernel() if self.fast and not self.cache else None
+        if run is not None:
+            return run.nbytes
+        if self.cache:
+            return self.in_features * self.out_features * 4
+        packed = (self.qweight, self.qzeros, self.scales)
+        return (
+            sum(t.numel() * t.element_size() for t in packed)
+            + 2 * 4 * self.in_features * self.out_features
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         run = self.kernel() if self.fast and not self.cache else None
         if run is not None:
