@@ -12,7 +12,6 @@ from labkit.roofline import (
     measure_read_bandwidth,
     weight_bytes_per_step,
 )
-from labkit.roofline_checks import check_decode_tok_s, reference_decode_tok_s
 
 HIDDEN, MLP, VOCAB, LAYERS, KV_HEADS = 128, 256, 512, 2, 1
 
@@ -72,11 +71,5 @@ def test_decode_bound_switches_from_memory_to_compute():
     assert decode_bound(1e9, 1e9, 0, 1, 1e10, 1e11)["tok_s"] == pytest.approx(5)
 
 
-def test_bandwidth_is_positive_and_check_accepts_the_reference(capsys):
+def test_bandwidth_is_measured_on_written_pages():
     assert measure_read_bandwidth(mib=16, runs=2) > 0
-    assert check_decode_tok_s(reference_decode_tok_s) is reference_decode_tok_s
-
-    def forgets_the_kv_cache(w, kv, flops, batch, bw, rate):
-        return batch / max(w / bw, batch * flops / rate)
-
-    assert check_decode_tok_s(forgets_the_kv_cache) is reference_decode_tok_s
