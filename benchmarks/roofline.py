@@ -33,14 +33,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from labkit.data import heldout_ids  # noqa: E402
-from labkit.engine import LLMEngine, SamplingParams  # noqa: E402
-from labkit.model import load_model  # noqa: E402
-from labkit.quant import QuantLinear, pack_model, rtn_quantize_model  # noqa: E402
-from labkit.results import save_result  # noqa: E402
-from labkit.roofline import (  # noqa: E402
+from labkit.data import heldout_ids
+from labkit.engine import LLMEngine, SamplingParams
+from labkit.model import load_model
+from labkit.quant import QuantLinear, pack_model, rtn_quantize_model
+from labkit.results import save_result
+from labkit.roofline import (
     decode_bound,
     flops_per_token,
     kv_bytes_per_token,
