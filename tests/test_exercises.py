@@ -9,6 +9,7 @@ import torch
 import labkit.checks
 import labkit.engine.checks
 import labkit.quant.checks
+import labkit.roofline_checks
 import labkit.serve.checks
 from labkit.exercises import STUB, generate, strip_solutions
 from labkit.quant import primitives
@@ -119,6 +120,16 @@ EXERCISES = {
         _Q.reference_awq_scales,
         [lambda m, a: m**a],  # not normalised
     ),
+    # notebook 03b
+    "decode_tok_s": Exercise(
+        labkit.roofline_checks.check_decode_tok_s,
+        labkit.roofline_checks.reference_decode_tok_s,
+        # forgot the KV cache reads; forgot the compute roof
+        [
+            lambda w, kv, f, b, bw, rate: b / max(w / bw, b * f / rate),
+            lambda w, kv, f, b, bw, rate: b * bw / (w + b * kv),
+        ],
+    ),
     # notebooks 04-05
     "kv_cache_bytes": Exercise(
         _E.check_kv_cache_bytes,
@@ -176,7 +187,13 @@ EXERCISES = {
 
 
 def test_every_check_function_is_in_the_registry():
-    modules = [labkit.checks, labkit.quant.checks, labkit.engine.checks, labkit.serve.checks]
+    modules = [
+        labkit.checks,
+        labkit.quant.checks,
+        labkit.engine.checks,
+        labkit.serve.checks,
+        labkit.roofline_checks,
+    ]
     defined = {
         fn
         for module in modules

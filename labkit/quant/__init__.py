@@ -3,6 +3,7 @@
 primitives.py  quantize/dequantize, symmetric/asymmetric, per-tensor/channel/group, any 2-8 bits
 packing.py     b-bit codes packed into int32 words (the GPTQ layout)
 qlinear.py     QuantLinear: a linear layer that runs from packed weights
+kernels.py     the fast int4/int8 matmuls QuantLinear runs through (PyTorch's int4pack/int8pack ops)
 layers.py      finding blocks and linears, reading and writing their weights, untying the output head
 calibration.py capturing what flows into them: hooks, calibration passes, block-by-block inputs
 rtn.py         round-to-nearest, the baseline

@@ -1,17 +1,22 @@
 """QuantLinear: a linear layer that keeps only packed integer weights and runs from them.
 
-The float weight never lives in the module: each forward unpacks the codes and applies the scales,
-then multiplies. On a GPU, fused kernels (Marlin, ExLlama) do this inside the matmul and win because
-decode is memory-bound: reading 4-bit weights moves 4x fewer bytes than fp16. In plain PyTorch on a CPU
-the unpacking is extra work, so expect *less* speed, but 8x less memory for the weights. Pass
-cache=True to keep the dequantized weight around (fast, but then memory is back to float).
+The float weight never lives in the module. Two ways to compute with the codes:
+- the reference path (`reference_forward`): unpack the codes, apply the scales, multiply. Readable, exact,
+  and slow: it writes and re-reads a full float weight every call, more bytes than fp32 itself;
+- a fast kernel (kernels.py) where one exists for these bits and groups on this device: PyTorch's int4 and
+  int8 weight-only matmuls, which dequantize inside the matmul, so decode reads 4 or 8 bits per weight
+  instead of 32. That is why weight-only quantization makes memory-bound decode faster (notebook 03b).
+`forward` takes the fast kernel when there is one (built on first use, from the packed buffers, for the
+device the layer is on) and falls back to the reference path otherwise; `kernel_name` says which ran.
+Pass fast=False to always unpack, cache=True to keep the dequantized weight (memory back to float).
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .packing import dequantize_gptq, pack_gptq, unpack_rows
+from .kernels import build_kernel
+from .packing import dequantize_gptq, pack_gptq, unpack_gptq, unpack_rows
 from .primitives import QuantizedWeight
 
 
@@ -24,6 +29,7 @@ class QuantLinear(nn.Module):
         n_groups: int,
         bias: bool = False,
         cache: bool = False,
+        fast: bool = True,
     ):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.cache = (
@@ -44,13 +50,19 @@ class QuantLinear(nn.Module):
             "bias", torch.zeros(out_features, dtype=torch.float16) if bias else None
         )
         self._cached = None
+        self.fast = fast
+        self._kernel = None  # (device, name, callable or None), built by `kernel` on first use
 
     @classmethod
     def from_quantized(
-        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, cache: bool = False
+        cls,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        cache: bool = False,
+        fast: bool = True,
     ):
         out_f, in_f = qw.q.shape
-        layer = cls(in_f, out_f, qw.bits, qw.scale.shape[1], bias is not None, cache)
+        layer = cls(in_f, out_f, qw.bits, qw.scale.shape[1], bias is not None, cache, fast)
         for name, t in pack_gptq(qw.q, qw.zero, qw.scale, qw.g_idx, qw.bits).items():
             getattr(layer, name).copy_(t)
         if bias is not None:
@@ -76,7 +88,55 @@ class QuantLinear(nn.Module):
             return w.view(self.in_features, self.out_features).t()
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
 
+    def kernel(self):
+        """The fast kernel for the current device, or None. Built once from the packed buffers: after
+        changing them (load_state_dict, copy_) call `reset_kernel()`."""
+        device = self.qweight.device
+        if self._kernel is None or self._kernel[0] != device:
+            q, zero, scale, g_idx = unpack_gptq(
+                self.qweight, self.qzeros, self.scales, self.g_idx, self.bits
+            )
+            built = build_kernel(q, zero, scale, g_idx, self.bits, self.bias)
+            self._kernel = (device, *(built or ("unpack", None)))
+        return self._kernel[2]
+
+    def reset_kernel(self) -> None:
+        self._kernel = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.reset_kernel()  # new packed buffers: rebuild the kernel on next use
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @property
+    def kernel_name(self) -> str:
+        """'int4pack', 'int8pack' or 'unpack' (the reference path): what `forward` runs."""
+        if not self.fast or self.cache:
+            return "unpack"
+        self.kernel()
+        return self._kernel[1]
+
+    def bytes_read(self) -> int:
+        """Bytes one forward reads from the weights: the kernel's packed copy, or for the reference path
+        the packed buffers plus the float weight it writes and reads back (hence slower than float)."""
+        run = self.kernel() if self.fast and not self.cache else None
+        if run is not None:
+            return run.nbytes
+        if self.cache:
+            return self.in_features * self.out_features * 4
+        packed = (self.qweight, self.qzeros, self.scales)
+        return (
+            sum(t.numel() * t.element_size() for t in packed)
+            + 2 * 4 * self.in_features * self.out_features
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        run = self.kernel() if self.fast and not self.cache else None
+        if run is not None:
+            return run(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpack, scale, multiply: the readable path every kernel is tested against."""
         if self._cached is not None:
             w = self._cached
         else:
@@ -88,5 +148,6 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"groups={self.scales.shape[0]}, bias={self.bias is not None}"
+            f"groups={self.scales.shape[0]}, bias={self.bias is not None}, "
+            f"kernel={self._kernel[1] if self._kernel else 'not built yet'}"
         )

@@ -1,0 +1,304 @@
+"""Roofline benchmark: predicted vs measured decode speed of the real model, fp32 / bf16 / int8 / int4.
+
+    .venv/bin/python benchmarks/roofline.py [--model smollm2] [--batches 1,4,16,64] [--rounds 3]
+
+Measured in this run: DRAM read bandwidth (a sum over 512 MiB of random floats), matmul FLOP/s per dtype,
+then labkit's engine (paged KV cache, the fast layers; QuantLinear's int4pack/int8pack kernels) decoding
+greedily at each batch size. Bytes per step = the weights as each layer's forward reads them + every
+sequence's KV cache; the roofline bound = batch / max(bytes / bandwidth, FLOPs / FLOP rate).
+
+Variants: fp32 (as loaded), bf16 (model.to(bfloat16)), int8 (RTN, per output channel, asymmetric) and
+int4 (RTN, groups of 64, asymmetric); both quantize the output head too (it is a fifth of the model's
+bytes). The greedy check compares each quantized model's fast kernels with its own dequantized reference
+(QuantLinear's unpack path) on the same prompts.
+
+Targets (ratios measured in this run; paired: the variants alternate within each round, each ratio is the
+median over rounds): batch-1 decode int4 >= 3.0x fp32, int8 >= 2.0x fp32; fp32 batch-1 decode >= 0.70 of
+the roofline bound from the bandwidth measured in this run; the same greedy tokens for the first 32 tokens
+of every prompt (or the first differing step and the reference's logit margin there, which says why).
+Writes results/roofline.json and the committed record benchmarks/results/roofline.json.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from labkit.data import heldout_ids
+from labkit.engine import LLMEngine, SamplingParams
+from labkit.model import load_model
+from labkit.quant import QuantLinear, pack_model, rtn_quantize_model
+from labkit.results import save_result
+from labkit.roofline import (
+    decode_bound,
+    flops_per_token,
+    kv_bytes_per_token,
+    measure_flop_rate,
+    measure_read_bandwidth,
+    sample_layers,
+    weight_bytes_per_step,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 16
+
+
+def quantized(model, bits: int):
+    """A packed copy: RTN asymmetric, int8 per output channel, int4 in groups of 64; the head too."""
+    q = copy.deepcopy(model)
+    if bits == 8:
+        results = rtn_quantize_model(q, 8, None, "channel", symmetric=False, include_head=True)
+    else:
+        results = rtn_quantize_model(q, 4, 64, "group", symmetric=False, include_head=True)
+    return pack_model(q, results)
+
+
+def reference_of(model):
+    """The same quantized model on QuantLinear's unpack path (the dequantized weight, cached)."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, QuantLinear):
+            m.fast, m.cache = False, True
+            m.reset_kernel()
+    return ref
+
+
+def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
+    """n different prompts of exactly `length` tokens, cut from the held-out Austen text."""
+    ids = heldout_ids(tokenizer, n * length).tolist()
+    return [ids[i * length : (i + 1) * length] for i in range(n)]
+
+
+def make_engine(model, tokenizer, max_batch: int, max_len: int):
+    blocks = max_batch * -(-max_len // BLOCK) + 8
+    return LLMEngine(
+        model, tokenizer, num_blocks=blocks, max_num_seqs=max_batch, enable_prefix_caching=False
+    )
+
+
+def decode(engine, batch_prompts, new_tokens: int) -> tuple[float, dict]:
+    """Prefill all prompts, then time the decode steps alone: (decode tok/s, request -> token ids)."""
+    params = SamplingParams(temperature=0, max_tokens=new_tokens + 1, ignore_eos=True)
+    for i, p in enumerate(batch_prompts):
+        engine.add_request(str(i), p, params)
+    tokens = {str(i): [] for i in range(len(batch_prompts))}
+    for out in engine.step():  # the prefill step (all prompts fit in one)
+        tokens[out.request_id] += out.new_token_ids
+    start, produced = time.perf_counter(), 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            produced += 1
+    return produced / (time.perf_counter() - start), tokens
+
+
+def first_difference(reference, prompt, ref_tokens, fast_tokens) -> dict | None:
+    """Where greedy decoding first differs, and the reference's logit margin between the two tokens."""
+    for step, (a, b) in enumerate(zip(ref_tokens, fast_tokens)):
+        if a != b:
+            ids = torch.tensor([prompt + ref_tokens[:step]])
+            with torch.no_grad():
+                logits = reference(input_ids=ids).logits[0, -1]
+            return {
+                "step": step,
+                "reference_token": a,
+                "fast_token": b,
+                "reference_logit_margin": float(logits[a] - logits[b]),
+                "reference_logit_spread": float(logits.max() - logits.min()),
+            }
+    return None
+
+
+def machine() -> dict:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+    }
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--rounds", type=int, default=3, help="paired rounds at batch 1")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--greedy-prompts", type=int, default=4)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.manual_seed(0)
+    load_before = os.getloadavg()
+
+    bandwidth = measure_read_bandwidth()
+    # each precision's compute roof: its own kernel on a 64-row batch through a 576 -> 1536 layer
+    flop_rate = {
+        name: measure_flop_rate(layer, 576, rows=64) for name, layer in sample_layers().items()
+    }
+    print(
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s; GFLOP/s "
+        + ", ".join(f"{n} {r / 1e9:.1f}" for n, r in flop_rate.items())
+        + f"; load average {load_before[0]:.1f}"
+    )
+
+    base, tokenizer = load_model(args.model, device="cpu")
+    models = {
+        "fp32": base,
+        "bf16": copy.deepcopy(base).to(torch.bfloat16),
+        "int8": quantized(base, 8),
+        "int4": quantized(base, 4),
+    }
+    kernels = {
+        name: sorted({m.kernel_name for m in model.modules() if isinstance(m, QuantLinear)})
+        for name, model in models.items()
+    }
+    max_len = args.prompt_tokens + args.new_tokens + 1
+    all_prompts = prompts(tokenizer, max(max(batches), args.greedy_prompts), args.prompt_tokens)
+
+    # 1. greedy tokens: fast kernels vs the dequantized reference, same batch of prompts
+    greedy = {}
+    for name in ("int8", "int4"):
+        ref_model = reference_of(models[name])
+        check = all_prompts[: args.greedy_prompts]
+        _, ref = decode(make_engine(ref_model, tokenizer, len(check), max_len), check, 31)
+        _, fast = decode(make_engine(models[name], tokenizer, len(check), max_len), check, 31)
+        diffs = [first_difference(ref_model, check[int(i)], ref[i][:32], fast[i][:32]) for i in ref]
+        greedy[name] = {
+            "prompts": len(check),
+            "identical": sum(d is None for d in diffs),
+            "differences": [d for d in diffs if d is not None],
+        }
+        del ref_model
+        print(f"greedy {name}: {greedy[name]['identical']}/{len(check)} prompts identical")
+
+    # 2. decode tok/s: variants alternate within each round (same machine load for each pair)
+    engines = {
+        name: make_engine(model, tokenizer, max(batches), max_len) for name, model in models.items()
+    }
+    measured = {name: {b: [] for b in batches} for name in models}
+    for batch in batches:
+        rounds = args.rounds if batch == 1 else 1
+        for r in range(rounds):
+            order = list(models) if r % 2 == 0 else list(reversed(models))
+            for name in order:
+                tok_s, _ = decode(engines[name], all_prompts[:batch], args.new_tokens)
+                measured[name][batch].append(tok_s)
+        print(
+            f"batch {batch}: "
+            + ", ".join(f"{n} {statistics.median(measured[n][batch]):.1f}" for n in models)
+            + " tok/s"
+        )
+
+    # 3. the roofline prediction for the same runs (mean context over the decode steps)
+    context = args.prompt_tokens + args.new_tokens / 2
+    figures = {}
+    for name, model in models.items():
+        weights = weight_bytes_per_step(model)
+        kv_dtype = next(model.parameters()).dtype
+        kv = int(kv_bytes_per_token(model.config, kv_dtype) * context)
+        flops = flops_per_token(model, int(context))
+        rows = {}
+        for batch in batches:
+            bound = decode_bound(weights, kv, flops, batch, bandwidth, flop_rate[name])
+            tok_s = statistics.median(measured[name][batch])
+            rows[batch] = {
+                "measured_tok_s": tok_s,
+                "runs_tok_s": measured[name][batch],
+                "bound_tok_s": bound["tok_s"],
+                "bound": bound["bound"],
+                "fraction_of_bound": tok_s / bound["tok_s"],
+            }
+        figures[name] = {
+            "weight_bytes_per_step": weights,
+            "kv_bytes_per_seq_per_step": kv,
+            "flops_per_token": flops,
+            "kernels": kernels[name],
+            "batches": rows,
+        }
+
+    print(
+        f"\n{'variant':8}{'batch':>6}{'weights MB':>11}{'bound tok/s':>12}{'measured':>10}{'ratio':>7}"
+    )
+    for name, f in figures.items():
+        for batch, row in f["batches"].items():
+            print(
+                f"{name:8}{batch:>6}{f['weight_bytes_per_step'] / 1e6:>11.1f}"
+                f"{row['bound_tok_s']:>9.1f} ({row['bound'][0]}){row['measured_tok_s']:>10.1f}"
+                f"{row['fraction_of_bound']:>7.2f}"
+            )
+
+    def paired_ratio(name):  # median of per-round ratios at batch 1
+        return statistics.median(a / b for a, b in zip(measured[name][1], measured["fp32"][1]))
+
+    ratios = {"int4_vs_fp32": paired_ratio("int4"), "int8_vs_fp32": paired_ratio("int8")}
+    ratios["bf16_vs_fp32"] = paired_ratio("bf16")
+    fp32_fraction = figures["fp32"]["batches"][1]["fraction_of_bound"]
+    targets = {
+        "int4 batch-1 decode >= 3.0x fp32": ratios["int4_vs_fp32"] >= 3.0,
+        "int8 batch-1 decode >= 2.0x fp32": ratios["int8_vs_fp32"] >= 2.0,
+        "fp32 batch-1 decode >= 0.70 of the roofline bound": fp32_fraction >= 0.70,
+        "same greedy tokens as the dequantized reference (32 tokens, every prompt)": all(
+            g["identical"] == g["prompts"] for g in greedy.values()
+        ),
+    }
+    print()
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    print(f"fp32 batch-1: {fp32_fraction:.2f} of the roofline bound")
+    for k, ok in targets.items():
+        print(f"{'PASS' if ok else 'MISS'}  {k}")
+
+    load_after = os.getloadavg()
+    record = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git_commit(),
+        "machine": machine(),
+        "load_average_before_after": [load_before, load_after],
+        "model": args.model,
+        "decode_loop": "labkit.engine.LLMEngine (paged KV cache, fast layers; QuantLinear kernels)",
+        "settings": vars(args),
+        "bandwidth_bytes_per_s": bandwidth,
+        "matmul_flop_per_s": flop_rate,
+        "figures": figures,
+        "ratios": ratios,
+        "fp32_fraction_of_bound": fp32_fraction,
+        "greedy": greedy,
+        "targets_met": targets,
+    }
+    save_result("roofline", record)
+    out = ROOT / "benchmarks" / "results" / "roofline.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Bytes per token: predict decode speed from memory bandwidth, and check the prediction.
+
+A decode step multiplies every weight matrix by a handful of vectors (one per sequence in the batch): two
+FLOPs per weight per sequence, but every weight byte read from memory once per step. A CPU does tens of
+GFLOP/s and reads ~20 GB/s, so at batch 1 the matmul waits for memory: the step takes
+
+    time = max(bytes read / bandwidth,  FLOPs / FLOP rate)          (the roofline)
+
+and bytes read = the weights (once per step, whatever the batch) + each sequence's KV cache. Hence:
+- weight-only quantization cuts the bytes, so memory-bound decode speeds up by nearly the same factor;
+- batching shares one weight read among B sequences: tokens per step grow B-fold for the same bytes, until
+  B * FLOPs per token reach the FLOP rate, where decode turns compute-bound;
+- prefill already multiplies each weight by hundreds of tokens: it is compute-bound, and neither trick helps.
+
+Everything here counts bytes and FLOPs from the model in memory and measures the machine in the run.
+"""
+
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quant.qlinear import QuantLinear
+
+
+def measure_read_bandwidth(mib: int = 512, runs: int = 5) -> float:
+    """DRAM read bandwidth in bytes/s: the best of `runs` sums over a buffer far bigger than any cache.
+    The buffer is filled with random numbers first: an untouched torch.empty reads the kernel's shared
+    zero page, which sits in cache and reports several times the real bandwidth."""
+    x = torch.randn(mib * 2**20 // 4)
+    x.sum()  # warm up the threads
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def measure_flop_rate(linear, in_features: int, rows: int = 128, runs: int = 5) -> float:
+    """FLOP/s of `linear` (x [rows, in] -> [rows, out]) on a batch of rows: the compute roof of that
+    kind of matmul. Use a layer small enough to stay in cache, so memory does not limit it."""
+    x = torch.randn(rows, in_features)
+    out_features = linear(x).shape[-1]
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        linear(x)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * in_features * out_features / best
+
+
+def linear_layers(model) -> list[nn.Module]:
+    """Every matmul weight a decode step reads: the decoder's projections and the output head."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))]
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of weights one decode step reads: each linear's weight as its forward reads it (the packed
+    kernel copy for a QuantLinear), plus one embedding row per sequence (negligible, left out)."""
+    total = 0
+    for m in linear_layers(model):
+        if isinstance(m, QuantLinear):
+            total += m.bytes_read()
+        else:
+            total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+def flops_per_token(model, context: int = 0) -> int:
+    """2 FLOPs per weight (multiply + add) plus attention over `context` past tokens (q.k and p.v)."""
+    weights = sum(m.in_features * m.out_features for m in linear_layers(model))
+    cfg = model.config
+    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * _head_dim(cfg) * context
+    return 2 * weights + attention
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of K and V one cached token holds, over all layers (read once per decode step)."""
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * _head_dim(config) * itemsize
+
+
+def decode_bound(
+    weight_bytes: int,
+    kv_bytes_per_seq: int,
+    flops_per_seq: int,
+    batch: int,
+    bandwidth: float,
+    flop_rate: float,
+) -> dict:
+    """The roofline's decode tok/s for a batch: one step reads the weights once and every sequence's KV
+    cache, and does every sequence's FLOPs; whichever takes longer sets the step time."""
+    memory_s = (weight_bytes + batch * kv_bytes_per_seq) / bandwidth
+    compute_s = batch * flops_per_seq / flop_rate
+    step_s = max(memory_s, compute_s)
+    return {
+        "tok_s": batch / step_s,
+        "memory_s": memory_s,
+        "compute_s": compute_s,
+        "bound": "memory" if memory_s >= compute_s else "compute",
+    }
+
+
+def sample_layers(in_features: int = 576, out_features: int = 1536) -> dict:
+    """One random layer per precision, as the decode path runs it, for `measure_flop_rate`."""
+    from .quant.primitives import quantize_weight
+
+    w = torch.randn(out_features, in_features) * 0.02
+    w16 = w.to(torch.bfloat16)
+    return {
+        "fp32": lambda x: F.linear(x, w),
+        "bf16": lambda x: F.linear(x.to(torch.bfloat16), w16),
+        "int8": QuantLinear.from_quantized(quantize_weight(w, 8, False, "channel")),
+        "int4": QuantLinear.from_quantized(quantize_weight(w, 4, False, "group", 64)),
+    }

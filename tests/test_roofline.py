@@ -1,0 +1,75 @@
+"""Bytes and FLOPs per decode step (labkit.roofline): counted from the model, checked by hand."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from labkit.quant import pack_model, rtn_quantize_model
+from labkit.roofline import (
+    decode_bound,
+    flops_per_token,
+    kv_bytes_per_token,
+    measure_read_bandwidth,
+    weight_bytes_per_step,
+)
+
+HIDDEN, MLP, VOCAB, LAYERS, KV_HEADS = 128, 256, 512, 2, 1
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=MLP,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=KV_HEADS,
+        head_dim=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+# q, k, v, o, gate, up, down per layer, then the output head
+LINEAR_WEIGHTS = (
+    LAYERS * (2 * HIDDEN * HIDDEN + 2 * HIDDEN * 64 + 3 * HIDDEN * MLP) + VOCAB * HIDDEN
+)
+
+
+def test_weight_bytes_and_flops_count_every_linear_once():
+    model = tiny_llama()
+    assert weight_bytes_per_step(model) == 4 * LINEAR_WEIGHTS
+    assert weight_bytes_per_step(model.to(torch.bfloat16)) == 2 * LINEAR_WEIGHTS
+    assert flops_per_token(model) == 2 * LINEAR_WEIGHTS
+    # attention over 10 past tokens: q.k and p.v, 2 FLOPs each per head dimension, every head
+    assert flops_per_token(model, 10) == 2 * LINEAR_WEIGHTS + 4 * LAYERS * 2 * 64 * 10
+
+
+def test_int4_reads_codes_and_group_scales_only():
+    model = tiny_llama()
+    pack_model(model, rtn_quantize_model(model, 4, 64, symmetric=False, include_head=True))
+    groups = LINEAR_WEIGHTS // 64
+    # half a byte per code, a bfloat16 (scale, offset) pair per group
+    assert weight_bytes_per_step(model) == LINEAR_WEIGHTS // 2 + groups * 2 * 2
+
+
+def test_kv_bytes_per_token():
+    cfg = tiny_llama().config
+    assert kv_bytes_per_token(cfg, torch.float32) == 2 * LAYERS * KV_HEADS * 64 * 4
+    assert kv_bytes_per_token(cfg, torch.bfloat16) == 2 * LAYERS * KV_HEADS * 64 * 2
+
+
+def test_decode_bound_switches_from_memory_to_compute():
+    memory = decode_bound(1e9, 0, 2e8, 1, bandwidth=1e10, flop_rate=1e11)
+    assert memory["bound"] == "memory" and memory["tok_s"] == pytest.approx(10)
+    # 1000 sequences: 2e11 FLOPs per step at 1e11 FLOP/s take 2 s, the weights 0.1 s
+    compute = decode_bound(1e9, 0, 2e8, 1000, bandwidth=1e10, flop_rate=1e11)
+    assert compute["bound"] == "compute" and compute["tok_s"] == pytest.approx(500)
+    # every sequence's KV cache is read too
+    assert decode_bound(1e9, 1e9, 0, 1, 1e10, 1e11)["tok_s"] == pytest.approx(5)
+
+
+def test_bandwidth_is_measured_on_written_pages():
+    assert measure_read_bandwidth(mib=16, runs=2) > 0
