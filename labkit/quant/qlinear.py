@@ -51,7 +51,9 @@ class QuantLinear(nn.Module):
         )
         self._cached = None
         self.fast = fast
-        self._kernel = None  # (device, name, callable or None), built by `kernel` on first use
+        self._kernel: tuple | None = (
+            None  # (device, name, callable or None), built by `kernel` on first use
+        )
 
     @classmethod
     def from_quantized(
@@ -113,6 +115,7 @@ class QuantLinear(nn.Module):
         if not self.fast or self.cache:
             return "unpack"
         self.kernel()
+        assert self._kernel is not None  # kernel() just built it
         return self._kernel[1]
 
     def bytes_read(self) -> int:
