@@ -19,8 +19,10 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .async_engine import AsyncEngine, EngineDead
+from labkit.engine import SamplingParams
+
 from .detokenize import IncrementalDetokenizer
+from .engine_client import EngineClient, EngineDead
 from .metrics import HTTPMetricsMiddleware, ServerMetrics
 from .protocol import (
     APIError,
@@ -62,19 +64,13 @@ class Server:
 
     def __init__(
         self,
-        engine,
+        engine: EngineClient,
         tokenizer,
         model_name: str,
         api_key: str | None = None,
         max_waiting: int = 256,
         context_length: int | None = None,
     ):
-        # imported here so the protocol tests need no engine
-        from labkit.engine import (
-            SamplingParams,
-        )
-
-        self.SamplingParams = SamplingParams
         self.tokenizer, self.model_name, self.api_key, self.max_waiting = (
             tokenizer,
             model_name,
@@ -82,12 +78,11 @@ class Server:
             max_waiting,
         )
         self.metrics = ServerMetrics(model_name)
-        # an LLMEngine is driven by a thread of this process; an EngineProcess drives one in its own process
-        self.loop = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
-        self.loop.metrics = self.metrics
-        self.context_length = context_length or self.loop.max_context
-        self.vocab_size = self.loop.vocab_size
-        self.max_running = self.loop.max_num_seqs
+        self.engine = engine
+        engine.metrics = self.metrics
+        self.context_length = context_length or engine.limits.max_context
+        self.vocab_size = engine.limits.vocab_size
+        self.max_running = engine.limits.max_num_seqs
         self.draining = False
 
     # ---- request -> (prompt ids, sampling params) ------------------------------------------------
@@ -159,7 +154,7 @@ class Server:
                 code="context_length_exceeded",
             )
         try:
-            return self.SamplingParams(
+            return SamplingParams(
                 temperature=req.temperature,
                 top_p=req.top_p,
                 top_k=max(0, req.top_k),
@@ -182,13 +177,13 @@ class Server:
                 code="server_draining",
                 headers={"Retry-After": "1", "Connection": "close"},
             )
-        if not self.loop.alive:
+        if not self.engine.alive:
             raise APIError(503, "The engine is not running.", type="server_error")
         # deterministic (no stale engine stats): the batch's worth of running requests + the queue
-        if self.loop.num_active >= self.max_running + self.max_waiting:
+        if self.engine.num_active >= self.max_running + self.max_waiting:
             raise APIError(
                 429,
-                f"Server busy: {self.loop.num_active} requests in flight "
+                f"Server busy: {self.engine.num_active} requests in flight "
                 f"(limit {self.max_running} running + {self.max_waiting} waiting). Retry later.",
                 type="rate_limit_error",
                 code="queue_full",
@@ -201,7 +196,7 @@ class Server:
         queue-limit check before any of them is counted."""
         self.admit()
         rid = new_id("req")
-        return rid, self.loop.submit(rid, prompt_ids, params)
+        return rid, self.engine.submit(rid, prompt_ids, params)
 
     async def generate(self, rid: str, out: asyncio.Queue, stop: list[str] | None):
         """Async iterator of (text_delta, finish_reason | None, num_output_tokens).
@@ -233,7 +228,7 @@ class Server:
                 if detok.stopped or item.finished:
                     done = True
                     if not item.finished:
-                        self.loop.abort(rid, reason="stop")  # a stop string the engine did not see
+                        self.engine.abort(rid, reason="stop")  # a stop string the engine did not see
                     reason = "stop" if detok.stopped else item.finish_reason
                     yield delta, reason, item.num_output_tokens
                     return
@@ -241,7 +236,7 @@ class Server:
                     yield delta, None, item.num_output_tokens
         finally:
             if not done:
-                self.loop.abort(rid)
+                self.engine.abort(rid)
 
     async def collect(self, request: Request, prompt_ids, params, stop) -> tuple[str, str, int]:
         """Run to completion (non-streaming), aborting if the client disconnects meanwhile."""
@@ -263,7 +258,7 @@ class Server:
                     task.cancel()
                     raise APIError(499, "client disconnected")
         finally:
-            self.loop.abort(rid)  # a no-op if it finished; frees the blocks if we were cancelled
+            self.engine.abort(rid)  # a no-op if it finished; frees the blocks if we were cancelled
 
     async def stream(
         self,
@@ -284,7 +279,7 @@ class Server:
             first = await agen.__anext__()
         except BaseException:
             await agen.aclose()
-            self.loop.abort(req_id)
+            self.engine.abort(req_id)
             raise
 
         chunk_event = _sse_template(make_chunk)
@@ -308,7 +303,7 @@ class Server:
                 yield _sse(err.body())
             finally:
                 await agen.aclose()  # client gone -> generator's finally aborts the request
-                self.loop.abort(req_id)  # (and if the generator never ran: a no-op once finished)
+                self.engine.abort(req_id)  # (and if the generator never ran: a no-op once finished)
 
         return StreamingResponse(
             events(),
@@ -329,10 +324,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app):
-        srv.loop.start()
+        srv.engine.start()
         yield
         srv.draining = True  # the drain phase (cli.DrainingServer) and uvicorn have let in-flight requests finish
-        srv.loop.stop()
+        srv.engine.stop()
 
     app = FastAPI(title="labkit serve", lifespan=lifespan)
     app.state.server = srv
@@ -360,16 +355,18 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        if not srv.loop.alive:
-            return JSONResponse(
-                {"status": "engine loop not running", "error": repr(srv.loop.error)}, 503
-            )
+        """Liveness: 503 only when nothing but a restart of the server can help."""
+        if srv.engine.state == "failed":
+            return JSONResponse({"status": "failed", "reason": srv.engine.reason}, 503)
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready():
-        if srv.draining or not srv.loop.alive:
-            return JSONResponse({"status": "draining" if srv.draining else "not ready"}, 503)
+        """Readiness: 200 only when a request sent now would be served."""
+        if srv.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        if not srv.engine.alive:
+            return JSONResponse({"status": srv.engine.state, "reason": srv.engine.reason}, 503)
         return {"status": "ready", "model": srv.model_name}
 
     @app.get("/metrics")
