@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from labkit import load_model  # noqa: E402
-from labkit.engine import LLMEngine  # noqa: E402
+from labkit.engine import EngineConfig, LLMEngine  # noqa: E402
 from labkit.engine.baselines import generate_no_cache, hf_generate_sequential, static_batch_generate  # noqa: E402
 from labkit.engine.checks import reference_greedy_with_cache  # noqa: E402
 from labkit.engine.vllm_runner import PairedRunner, vllm_available  # noqa: E402
@@ -49,7 +49,10 @@ def main(argv=None):
     )
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument(
-        "--max-num-seqs", type=int, default=32, help="continuous max running = static batch size"
+        "--max-num-seqs",
+        type=int,
+        default=EngineConfig.max_num_seqs,
+        help="continuous max running = static batch size",
     )
     ap.add_argument(
         "--long-fraction",
@@ -128,7 +131,7 @@ def main(argv=None):
         "output_tokens": tokens,
         "output_lengths": lengths,
     }
-    engine = LLMEngine(model, tok, max_num_seqs=args.max_num_seqs)
+    engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=args.max_num_seqs))
     run_engine(engine, workload[:4], tag="warmup")
     systems = {}
     if not args.skip_hf:
@@ -174,7 +177,7 @@ def main(argv=None):
         "static_tokens_per_step": static_slots / out["static_steps"],
         "continuous_tokens_per_step": tokens / out["continuous_steps"],
     }
-    check = LLMEngine(model, tok, max_num_seqs=args.max_num_seqs)
+    check = LLMEngine(model, tok, EngineConfig(max_num_seqs=args.max_num_seqs))
     from labkit.engine import SamplingParams
 
     for i, (p, k) in enumerate(workload):

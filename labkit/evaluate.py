@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-def context_length(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 1024))
+from .model import context_length
 
 
 def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:

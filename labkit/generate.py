@@ -2,6 +2,8 @@
 
 import torch
 
+from .model import context_length
+
 
 @torch.no_grad()
 def generate_text(
@@ -17,7 +19,7 @@ def generate_text(
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     n_prompt = inputs["input_ids"].shape[1]
-    limit = int(getattr(model.config, "max_position_embeddings", 1024))
+    limit = context_length(model)
     if n_prompt + max_new_tokens > limit:
         raise ValueError(
             f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "

@@ -55,5 +55,14 @@ def load_model(
     return model, load_tokenizer(path)
 
 
+# a config that does not say how long a context it was trained for gets LlamaConfig's default
+FALLBACK_CONTEXT_LENGTH = 2048
+
+
+def context_length(model) -> int:
+    """The longest sequence (prompt + generated tokens) the model takes, from its config."""
+    return int(getattr(model.config, "max_position_embeddings", FALLBACK_CONTEXT_LENGTH))
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())

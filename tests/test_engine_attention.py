@@ -1,6 +1,7 @@
 """labkit.engine.attention: paged decode (embedding_bag, in place) and prefill (gather) attention equal plain
 dense attention over each sequence's own keys, with grouped-query heads, scattered blocks and ragged lengths;
-and the engine on a grouped-query Llama gives the same greedy tokens as transformers."""
+and the gather-based reference (attention_reference.py); and the engine on a grouped-query Llama gives the
+same greedy tokens as transformers."""
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from labkit.engine.attention import (
     decode_attention,
     prefill_attention,
 )
+from labkit.engine.attention_reference import paged_attention
 from labkit.engine.kv_cache import KVShape, PagedKVCache
 
 HEADS, KV_HEADS, DIM, BLOCK, NUM_BLOCKS = 4, 2, 8, 4, 40
@@ -145,3 +147,56 @@ def test_a_half_precision_cache_under_a_float32_model_gives_the_same_greedy_toke
     assert all(
         outs[torch.bfloat16][k][:4] == outs[torch.float32][k][:4] for k in outs[torch.float32]
     )
+
+
+@pytest.mark.parametrize("lengths", [[1], [4, 5, 1, 13], [16, 3, 9, 8, 12]])
+def test_fast_decode_equals_the_gather_reference(lengths):
+    cache, tables, _ = filled_cache(lengths, seed=1)
+    q = torch.randn(len(lengths), HEADS, DIM)
+    batch = build_decode_batch(
+        list(range(len(lengths))), lengths, tables, HEADS, KV_HEADS, NUM_BLOCKS, BLOCK, DIM, "cpu"
+    )
+    out = decode_attention(q, cache.k[0], cache.v[0], batch, 0.3)
+    for b, (n, table) in enumerate(zip(lengths, tables)):
+        ref = paged_attention(q[b : b + 1], cache.k[0], cache.v[0], table, n - 1, 0.3)
+        torch.testing.assert_close(out[b : b + 1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_prefill_equals_the_gather_reference():
+    lengths, starts = [7, 13, 5, 1], [0, 9, 3, 4]
+    cache, tables, _ = filled_cache([s + n for s, n in zip(starts, lengths)], seed=2)
+    q = torch.randn(sum(lengths), HEADS, DIM)
+    batch = build_prefill_batch(list(range(sum(lengths))), starts, lengths, tables, BLOCK, "cpu")
+    out = prefill_attention(q, cache.k[0], cache.v[0], batch, 0.3)
+    first = 0
+    for table, s, n in zip(tables, starts, lengths):
+        ref = paged_attention(q[first : first + n], cache.k[0], cache.v[0], table, s, 0.3)
+        torch.testing.assert_close(out[first : first + n], ref, rtol=1e-5, atol=1e-5)
+        first += n
+
+
+def test_the_gather_reference_equals_dense_attention():
+    lengths = [6, 11]
+    cache, tables, dense = filled_cache(lengths, seed=3)
+    for n, table, (k, v) in zip(lengths, tables, dense):
+        q = torch.randn(n, HEADS, DIM)
+        ref = paged_attention(q, cache.k[0], cache.v[0], table, 0, 0.3)
+        torch.testing.assert_close(
+            ref, dense_attention(q, k, v, 0.3, causal_start=0), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_copy_blocks_copies_keys_and_values_of_every_layer():
+    cache = PagedKVCache(KVShape(2, KV_HEADS, DIM, 64), 6, BLOCK, torch.float32, "cpu")
+    for t in cache.k + cache.v:
+        t.normal_()
+    before = [t.clone() for t in cache.k + cache.v]
+    cache.copy_blocks([(1, 4), (2, 0)])
+    for layer in range(2):
+        k, v = cache.k[layer], cache.v[layer]
+        torch.testing.assert_close(k[:, 4], before[layer][:, 1])
+        torch.testing.assert_close(k[:, 0], before[layer][:, 2])
+        torch.testing.assert_close(
+            v[:, 4 * BLOCK : 5 * BLOCK], before[2 + layer][:, BLOCK : 2 * BLOCK]
+        )
+        torch.testing.assert_close(k[:, 3], before[layer][:, 3])  # others untouched

@@ -95,3 +95,121 @@ def test_prefix_sharing_and_eviction():
     assert c.num_computed_tokens == 2  # the last token is always recomputed
     bm.check_invariants([c])
     assert bm.prefix_cache_hit_rate == 3 / 5
+
+
+def test_sequence_block_helpers():
+    seq = Sequence("s", list(range(10)), 10, SamplingParams(), 0, block_size=4)
+    assert (seq.num_blocks, seq.num_full_blocks, seq.last_block_num_tokens) == (3, 2, 2)
+    assert seq.block(0) == [0, 1, 2, 3] and seq.block(2) == [8, 9]
+    seq.token_ids += [10, 11]
+    assert (seq.num_blocks, seq.last_block_num_tokens) == (3, 4)
+
+
+def test_a_prefix_hit_compares_tokens_not_just_a_hash():
+    # CPython hashes -1 like -2, so these two one-block prefixes have the same hash()
+    assert hash((None, (-1, 5))) == hash((None, (-2, 5)))
+    bm = BlockManager(num_blocks=6, block_size=2)
+    a = Sequence("a", [-1, 5, 7], 3, SamplingParams(), 0)
+    bm.allocate(a)
+    a.num_computed_tokens = 3
+    bm.register_full_blocks(a)
+    assert bm.cached_prefix(Sequence("b", [-1, 5, 9], 3, SamplingParams(), 1)) == a.block_table[:1]
+    assert bm.cached_prefix(Sequence("c", [-2, 5, 9], 3, SamplingParams(), 2)) == []
+
+
+def test_admission_looks_the_prefix_up_once():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    calls = []
+    lookup = bm.cached_prefix
+    bm.cached_prefix = lambda seq: calls.append(seq) or lookup(seq)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    sched.add(Sequence("a", [1, 2, 3, 4, 5], 5, SamplingParams(), 0))
+    sched.schedule()
+    assert len(calls) == 1
+
+
+def test_forked_samples_share_blocks_and_copy_on_write():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    parent = Sequence("r", [1, 2, 3, 4, 5], 5, SamplingParams(n=3), 0)
+    assert parent.num_slots == 3
+    sched.add(parent)
+    (chunk,) = sched.schedule()
+    parent.num_computed_tokens += chunk.num_tokens
+    children = [Sequence("r", [1, 2, 3, 4, 5], 5, parent.params, 0, index=i) for i in (1, 2)]
+    for child in children:
+        sched.fork(parent, child)
+    samples = [parent, *children]
+    parent.pending_forks = 0
+    assert all(s.block_table == parent.block_table for s in samples)  # same physical blocks
+    assert [bm.ref_count[b] for b in parent.block_table] == [3, 3, 3]
+    bm.check_invariants(samples)
+    shared_tail = parent.block_table[
+        2
+    ]  # holds token 5 only: the samples write their next token there
+    for i, s in enumerate(samples):
+        s.token_ids.append(10 + i)
+    chunks = sched.schedule()
+    assert [c.num_tokens for c in chunks] == [1, 1, 1]
+    copies = bm.take_copies()
+    assert copies == [
+        (shared_tail, parent.block_table[2]),
+        (shared_tail, children[0].block_table[2]),
+    ]
+    assert children[1].block_table[2] == shared_tail  # the last holder writes in place
+    assert len({s.block_table[2] for s in samples}) == 3
+    assert [bm.ref_count[b] for b in parent.block_table[:2]] == [3, 3]  # full blocks stay shared
+    bm.check_invariants(samples)
+    for s in samples:
+        sched.finish(s, "length")
+    bm.check_invariants([])
+    assert bm.num_free == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    n=st.integers(1, 3),
+    num_blocks=st.integers(7, 16),  # one sequence (9 + 4 tokens) always fits
+    budget=st.integers(1, 12),
+)
+def test_forked_samples_never_leak_under_preemption(lengths, n, num_blocks, budget):
+    """Requests for n samples, forking when their prompt is done, through a small cache: preemption,
+    copy-on-write and finishing keep the invariants and free every block."""
+    bm = BlockManager(num_blocks, block_size=2)
+    sched = Scheduler(bm, max_num_seqs=3, max_num_batched_tokens=budget)
+    for i, length in enumerate(lengths):
+        sched.add(
+            Sequence(f"r{i}", list(range(length)), length, SamplingParams(n=n, max_tokens=4), i)
+        )
+    for _ in range(300):
+        if not sched.has_unfinished():
+            break
+        chunks = sched.schedule()
+        assert chunks, "scheduler stalled with work queued"
+        bm.take_copies()
+        for c in chunks:
+            seq = c.seq
+            seq.num_computed_tokens += c.num_tokens
+            bm.register_full_blocks(seq)
+            if not c.completes:
+                continue
+            for index in range(1, seq.pending_forks + 1):
+                child = Sequence(
+                    seq.request_id,
+                    list(seq.token_ids),
+                    seq.num_prompt_tokens,
+                    seq.params,
+                    seq.arrival,
+                    index=index,
+                )
+                sched.fork(seq, child)
+            seq.pending_forks = 0
+        for seq in [s for s in sched.running if s.num_computed_tokens == s.num_tokens]:
+            seq.token_ids.append(7)
+            if seq.num_output_tokens >= seq.params.max_tokens:
+                sched.finish(seq, "length")
+        bm.check_invariants(sched.running)
+        assert sum(s.num_slots for s in sched.running) <= 3
+    assert not sched.has_unfinished()
+    assert bm.num_free == num_blocks, "blocks leaked"

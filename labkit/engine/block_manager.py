@@ -4,19 +4,28 @@ The KV cache is cut into `num_blocks` blocks of `block_size` token slots. A sequ
 (logical block i -> physical block id) and grows one block at a time, so at most `block_size - 1` slots
 per sequence are ever wasted, instead of reserving `max_context` slots up front.
 
-Prefix caching: a full block is named by a hash of (hash of the block before it, its tokens), i.e. by the
-whole prefix up to its end. A new sequence whose prompt starts with the same full blocks shares them
-(reference count + 1) instead of recomputing them. Freed blocks keep their contents and hash until they
-are handed out again (least recently freed first), so a later request can still hit them.
+A block can be shared: `ref_count[b]` says by how many sequences. Two things share blocks:
+- Prefix caching: a full block is named by its *key*, (hash of the prefix before it, its tokens), i.e. by
+  the whole prefix up to its end. A new sequence whose prompt starts with the same full blocks shares them
+  instead of recomputing them. The cache is a dict keyed by the key itself, so a lookup compares the
+  tokens (a hash collision alone can never hand out another prompt's block). Freed blocks keep their
+  contents and key until they are handed out again (least recently freed first), so a later request can
+  still hit them.
+- Parallel sampling (n > 1): the n samples of one prompt `fork` from the sequence that prefilled it and
+  share all its blocks, the last partial one included (vLLM paper, section 4.4). A sequence about to write
+  into a block it shares gets its own copy first (copy-on-write); the engine copies the contents in the
+  KV cache before the next forward pass (`take_copies`).
+Invariants (check_invariants, called by the tests after every operation): a block's ref_count equals the
+number of live block tables listing it; it is on the free list exactly when that is 0; both prefix-cache
+maps agree.
 """
 
 from collections import OrderedDict
 
 from .sequence import Sequence
 
-
-def block_hash(parent: int | None, tokens: list[int]) -> int:
-    return hash((parent, tuple(tokens)))
+# what names a full block in the prefix cache: (hash of the blocks before it, its token ids)
+BlockKey = tuple[int | None, tuple[int, ...]]
 
 
 class BlockManager:
@@ -30,8 +39,11 @@ class BlockManager:
         self.ref_count = [0] * num_blocks
         # eviction order
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.hash_of: dict[int, int] = {}  # physical block -> hash of the prefix it holds
-        self.block_of: dict[int, int] = {}  # hash -> physical block (the prefix cache)
+        self.key_of: dict[int, BlockKey] = {}  # physical block -> the prefix it holds
+        self.block_of: dict[BlockKey, int] = {}  # prefix -> physical block (the prefix cache)
+        self.copies: list[
+            tuple[int, int]
+        ] = []  # copy-on-write (src, dst) not yet made in the cache
         self.cache_queries = self.cache_hits = 0  # prompt blocks looked up / found
 
     # ---- accounting ---------------------------------------------------------------------------------
@@ -50,68 +62,101 @@ class BlockManager:
     def _take_free_block(self) -> int:
         # least recently freed: its cached prefix is the stalest
         block, _ = self.free.popitem(last=False)
-        old = self.hash_of.pop(block, None)
+        old = self.key_of.pop(block, None)
         if old is not None and self.block_of.get(old) == block:
             del self.block_of[old]
         self.ref_count[block] = 1
         return block
 
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
+    def cached_prefix(self, seq: Sequence) -> list[int]:
         """Physical blocks already holding this sequence's leading full blocks. The last token is never
-        taken from the cache: its forward pass is what produces the next token's logits."""
-        if not self.enable_prefix_caching:
+        taken from the cache: its forward pass is what produces the next token's logits. A sequence that
+        still needs its prompt's logprobs takes nothing: every prompt position has to run."""
+        seq.block_size = self.block_size  # its block helpers count in this cache's blocks
+        if not self.enable_prefix_caching or seq.wants_prompt_logits:
             return []
         found, parent = [], None
         for i in range((seq.num_tokens - 1) // self.block_size):
-            h = block_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            block = self.block_of.get(h)
+            key = (parent, tuple(seq.block(i)))
+            block = self.block_of.get(key)  # the dict compares the tokens, not just a hash
             if block is None:
                 break
             found.append(block)
-            parent = h
+            parent = hash(key)
         return found
 
-    def can_allocate(self, seq: Sequence) -> bool:
-        cached = self._cached_prefix(seq)
+    def can_allocate(self, seq: Sequence, cached: list[int] | None = None) -> bool:
+        """Enough free blocks for `seq`, given its `cached` prefix blocks (default: look them up)?"""
+        if cached is None:
+            cached = self.cached_prefix(seq)
         # hits that still count as free
         reusable_free = sum(1 for b in cached if self.ref_count[b] == 0)
         return self.num_free - reusable_free >= self.blocks_needed(seq.num_tokens) - len(cached)
 
-    def allocate(self, seq: Sequence) -> None:
-        """Give a waiting sequence blocks for all its current tokens, reusing cached prefix blocks."""
+    def allocate(self, seq: Sequence, cached: list[int] | None = None) -> None:
+        """Give a waiting sequence blocks for all its current tokens, starting with its `cached` prefix
+        blocks (the scheduler looks them up once per admission with cached_prefix)."""
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
-        if not self.can_allocate(seq):
+        if cached is None:
+            cached = self.cached_prefix(seq)
+        if not self.can_allocate(seq, cached):
             raise RuntimeError("allocate() without enough free blocks; call can_allocate() first")
-        cached = self._cached_prefix(seq)
-        n_full_prompt_blocks = (seq.num_tokens - 1) // self.block_size
-        self.cache_queries += n_full_prompt_blocks
+        self.cache_queries += (seq.num_tokens - 1) // self.block_size
         self.cache_hits += len(cached)
         for block in cached:
             if self.ref_count[block] == 0:
                 del self.free[block]
             self.ref_count[block] += 1
             seq.block_table.append(block)
-            seq.block_hashes.append(self.hash_of[block])
+            seq.block_hashes.append(hash(self.key_of[block]))
         for _ in range(self.blocks_needed(seq.num_tokens) - len(cached)):
             seq.block_table.append(self._take_free_block())
         seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_size
 
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` shares all of `parent`'s blocks (and what is computed in them); see copy_on_write."""
+        assert not child.block_table, f"{child.request_id} already holds blocks"
+        for block in parent.block_table:
+            self.ref_count[block] += 1
+        child.block_table, child.block_hashes = list(parent.block_table), list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.block_size = self.block_size
+
+    def _new_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks to take for `seq` to write its tokens up to `num_tokens`: new ones at the end, plus one
+        copy if the first block it writes into is shared (only a forked, partial block can be)."""
+        first = seq.num_computed_tokens // self.block_size
+        shared = first < len(seq.block_table) and self.ref_count[seq.block_table[first]] > 1
+        return self.blocks_needed(num_tokens) - len(seq.block_table) + shared
+
     def can_append(self, seq: Sequence, num_tokens: int | None = None) -> bool:
         """Enough free blocks for the sequence to hold `num_tokens` (default: all its tokens)?"""
-        need = self.blocks_needed(seq.num_tokens if num_tokens is None else num_tokens) - len(
-            seq.block_table
+        return self._new_blocks(seq, seq.num_tokens if num_tokens is None else num_tokens) <= (
+            self.num_free
         )
-        return need <= self.num_free
 
     def append(self, seq: Sequence, num_tokens: int | None = None) -> None:
-        """Grow the block table to cover `num_tokens` slots (a decode step adds a block every block_size)."""
-        need = self.blocks_needed(seq.num_tokens if num_tokens is None else num_tokens) - len(
-            seq.block_table
-        )
-        if need > self.num_free:
+        """Grow the block table to cover `num_tokens` slots (a decode step adds a block every block_size),
+        copying first a shared block it is about to write into."""
+        num_tokens = seq.num_tokens if num_tokens is None else num_tokens
+        if self._new_blocks(seq, num_tokens) > self.num_free:
             raise RuntimeError("append() without a free block; call can_append() first")
-        for _ in range(need):
+        self._copy_on_write(seq)
+        for _ in range(self.blocks_needed(num_tokens) - len(seq.block_table)):
             seq.block_table.append(self._take_free_block())
+
+    def _copy_on_write(self, seq: Sequence) -> None:
+        i = seq.num_computed_tokens // self.block_size
+        if i < len(seq.block_table) and self.ref_count[seq.block_table[i]] > 1:
+            old, new = seq.block_table[i], self._take_free_block()
+            self.ref_count[old] -= 1
+            seq.block_table[i] = new
+            self.copies.append((old, new))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) block copies that copy-on-write asked for since the last call."""
+        copies, self.copies = self.copies, []
+        return copies
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a forward pass: name every newly *computed* full block so later prompts can share it."""
@@ -119,12 +164,11 @@ class BlockManager:
             return
         while len(seq.block_hashes) < seq.num_computed_tokens // self.block_size:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = block_hash(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            seq.block_hashes.append(h)
+            key = (seq.block_hashes[-1] if seq.block_hashes else None, tuple(seq.block(i)))
+            seq.block_hashes.append(hash(key))
             block = seq.block_table[i]
-            if h not in self.block_of and block not in self.hash_of:
-                self.block_of[h], self.hash_of[block] = block, h
+            if key not in self.block_of and block not in self.key_of:
+                self.block_of[key], self.key_of[block] = block, key
 
     def free_seq(self, seq: Sequence) -> None:
         """Release a sequence's blocks (finished, aborted or preempted). Shared blocks stay with the others."""
@@ -151,8 +195,9 @@ class BlockManager:
                 f"block {b}: ref_count {self.ref_count[b]} but {owners[b]} owners"
             )
             assert (b in self.free) == (owners[b] == 0), f"block {b}: free-list membership wrong"
-        for h, b in self.block_of.items():
-            assert self.hash_of.get(b) == h, "prefix-cache maps disagree"
+        for key, b in self.block_of.items():
+            assert self.key_of.get(b) == key, "prefix-cache maps disagree"
+            assert len(key[1]) == self.block_size, "only full blocks are cached"
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -7,19 +7,32 @@
 One `step()` = schedule (which sequences, how many tokens each) -> one forward pass over all of them ->
 sample one token for each sequence whose prompt is fully in the cache -> check stop conditions -> free
 the blocks of finished ones. Single-threaded by design: the caller owns it.
+
+A request can also ask for n samples (prefilled once, then forked: the samples share the prompt's blocks),
+for the logprob of each generated token, and for the logprobs of its prompt (with max_tokens=0, only
+those: a scoring request, what lm-eval's loglikelihood tasks send). The logits rows a step needs are
+the sampled positions plus, for such requests, every prompt position (ScheduledChunk says which).
+
+One request cannot take the others down: whatever fails for one request inside `step()` (sampling, its
+logprobs, its stop check) finishes that request with finish_reason "error" and frees its blocks; the
+rest of the batch carries on. (A failure of the batched forward pass itself is the engine's, and raises.)
 """
 
+import logging
 from dataclasses import dataclass
 from itertools import count
 
 import torch
 
 from .block_manager import BlockManager
+from .config import EngineConfig
 from .kv_cache import KVShape, PagedKVCache, default_num_blocks, kv_bytes_per_token
 from .model_runner import ModelRunner, check_supported
-from .sampling import SamplingParams, sample
-from .scheduler import Scheduler
-from .sequence import Sequence
+from .sampling import SamplingParams, TokenLogprob, is_int, sample, token_logprobs
+from .scheduler import ScheduledChunk, Scheduler
+from .sequence import Sequence, Status
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,9 +40,14 @@ class StepOutput:
     request_id: str
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None (still running)
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None (still running)
     num_prompt_tokens: int
     num_output_tokens: int
+    index: int = 0  # which of the request's n samples (each finishes on its own)
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when asked for
+    # once, in the first output of sample 0, when asked for (the first prompt token has None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: str | None = None  # finish_reason "error": what went wrong, safe to show a client
 
 
 @dataclass
@@ -44,50 +62,34 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 2048,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        kv_cache_dtype: torch.dtype | None = None,
-    ):
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, **options):
+        """config: an EngineConfig; or its fields as keywords (LLMEngine(model, tok, max_num_seqs=8))."""
         check_supported(model)
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-        if num_blocks is not None and (not isinstance(num_blocks, int) or num_blocks < 1):
-            raise ValueError(
-                f"num_blocks must be None (sized from a memory budget) or an int >= 1, got {num_blocks!r}"
-            )
+        config = self.config = EngineConfig.build(config, **options)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        dtype = kv_cache_dtype or next(model.parameters()).dtype
+        dtype = config.kv_cache_dtype or next(model.parameters()).dtype
         self.kv_shape = KVShape.of(model)
         self.max_context = self.kv_shape.max_context
-        if num_blocks is None:
-            num_blocks = default_num_blocks(
-                self.kv_shape, dtype, block_size, max_num_seqs, self.device
-            )
-        self.block_size = block_size
-        self.cache = PagedKVCache(self.kv_shape, num_blocks, block_size, dtype, self.device)
+        num_blocks = config.num_blocks or default_num_blocks(
+            self.kv_shape, dtype, config.block_size, config.max_num_seqs, self.device
+        )
+        self.block_size = config.block_size
+        self.cache = PagedKVCache(self.kv_shape, num_blocks, self.block_size, dtype, self.device)
         self.kv_bytes_per_token = kv_bytes_per_token(self.kv_shape, dtype)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config)
         self.runner = ModelRunner(model, self.cache)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = {eos} if isinstance(eos, int) else set()
-        self.requests: dict[str, Sequence] = {}
+        # request id -> its live samples (one until its prompt is prefilled, then up to n)
+        self.requests: dict[str, list[Sequence]] = {}
         self._arrivals = count()
         self._pending: list[StepOutput] = []  # aborts, reported by the next step()
         self.num_steps = 0
-        self.history: list[
-            list[str]
-        ] = []  # request ids run at each step (for timeline plots); see record_history
+        # request ids run at each step (for timeline plots); see record_history
+        self.history: list[list[str]] = []
         self.record_history = False
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ class LLMEngine:
             )
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        elif isinstance(prompt, (list, tuple)) and all(is_int(t) for t in prompt):
             ids = list(prompt)
         else:
             raise ValueError("prompt must be a str or a list of token ids (ints)")
@@ -128,24 +130,55 @@ class LLMEngine:
                 f"whole cache holds {self.block_manager.num_blocks * self.block_size}; "
                 f"raise num_blocks or lower max_tokens"
             )
-        gen = (
-            torch.Generator(device=self.device).manual_seed(params.seed)
-            if params.seed is not None
-            else None
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(
+                f"n ({params.n} samples) exceeds max_num_seqs ({self.scheduler.max_num_seqs}), the "
+                f"sequences that can run at once; lower n or raise max_num_seqs"
+            )
+        seq = Sequence(
+            request_id,
+            ids,
+            len(ids),
+            params,
+            next(self._arrivals),
+            generator=self._generator(params, 0),
+            block_size=self.block_size,
         )
-        seq = Sequence(request_id, ids, len(ids), params, next(self._arrivals), generator=gen)
-        self.requests[request_id] = seq
+        self.requests[request_id] = [seq]
         self.scheduler.add(seq)
 
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        """Sample `index` of a seeded request draws from its own generator, seeded with seed + index
+        (as vLLM does): reproducible, whatever else shares the batch."""
+        if params.seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(params.seed + index)
+
     def abort_request(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks; the next step() reports it with reason "abort"."""
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
-            return
-        self.scheduler.finish(seq, "abort")
-        self._pending.append(
-            StepOutput(request_id, [], True, "abort", seq.num_prompt_tokens, seq.num_output_tokens)
-        )
+        """Stop a request (all its samples) now and free its KV blocks; the next step() reports each sample
+        with reason "abort"."""
+        self._pending += self._finish_request(request_id, "abort")
+
+    def _finish_request(self, request_id: str, reason: str, error: str | None = None):
+        """End every live sample of a request; one finished StepOutput per sample not yet finished."""
+        outputs = []
+        for seq in self.requests.pop(request_id, []):
+            self.scheduler.finish(seq, reason)
+            # a sequence that has not forked yet stands for its samples to come, too
+            for index in range(seq.index, seq.index + seq.num_slots):
+                outputs.append(
+                    StepOutput(
+                        request_id,
+                        [],
+                        True,
+                        reason,
+                        seq.num_prompt_tokens,
+                        seq.num_output_tokens,
+                        index=index,
+                        error=error,
+                    )
+                )
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -171,52 +204,149 @@ class LLMEngine:
         self.num_steps += 1
         if self.record_history:
             self.history.append([c.seq.request_id for c in chunks])
-        completes = [c.completes for c in chunks]
-        inputs = self.runner.prepare(
-            [
-                (
-                    c.seq.token_ids[
-                        c.seq.num_computed_tokens : c.seq.num_computed_tokens + c.num_tokens
-                    ],
-                    c.seq.num_computed_tokens,
-                    c.seq.block_table,
-                )
-                for c in chunks
-            ],
-            completes,
-        )
-        logits = self.runner.forward(inputs)
-        sampling = [c.seq for c, done in zip(chunks, completes) if done]
-        new_tokens = (
-            sample(
-                logits,
-                [s.params for s in sampling],
-                [s.generator for s in sampling],
-                self.generator,
-            )
-            if sampling
-            else []
-        )
-        for c in chunks:
-            c.seq.num_computed_tokens += c.num_tokens
-            self.block_manager.register_full_blocks(c.seq)
-        for seq, token in zip(sampling, new_tokens):
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason:
-                self.scheduler.finish(seq, reason)
-                del self.requests[seq.request_id]
-            outputs.append(
-                StepOutput(
-                    seq.request_id,
-                    [token],
-                    reason is not None,
-                    reason,
-                    seq.num_prompt_tokens,
-                    seq.num_output_tokens,
-                )
-            )
+        self.cache.copy_blocks(self.block_manager.take_copies())
+        logits = self.runner.forward(self.runner.prepare(chunks))  # rows in chunk order
+        draws: list[tuple[Sequence, int]] = []  # (sample, its logits row): what to sample this step
+        row = 0
+        for chunk in chunks:
+            seq, first_row, num_scored = chunk.seq, row, len(chunk.prompt_logprob_positions)
+            row += num_scored + chunk.samples
+            if seq.status is Status.FINISHED:  # its request failed earlier in this step
+                continue
+            seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.register_full_blocks(seq)
+            try:
+                if num_scored:
+                    scored = logits[first_row : first_row + num_scored]
+                    self._record_prompt_logprobs(seq, chunk, scored)
+                if chunk.samples:
+                    draws += [(s, first_row + num_scored) for s in self._fork(seq)]
+                elif chunk.completes:  # a scoring-only request (max_tokens=0): done
+                    outputs += self._finish_scoring(seq)
+            except Exception as e:
+                outputs += self._fail(seq, "scoring its prompt", e)
+        for (seq, row), token in zip(draws, self._sample(logits, draws)):
+            if seq.status is Status.FINISHED:  # its request failed earlier in this step
+                continue
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                outputs.append(self._advance(seq, token, logits[row : row + 1]))
+            except Exception as e:
+                outputs += self._fail(seq, "sampling its next token", e)
         return outputs
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """The samples drawing from this sequence's logits: itself, plus, the first time a request for
+        n > 1 samples gets here (its prompt is in the cache), n - 1 new sequences sharing its blocks."""
+        samples = [seq]
+        for index in range(1, seq.pending_forks + 1):
+            child = Sequence(
+                seq.request_id,
+                list(seq.token_ids),
+                seq.num_prompt_tokens,
+                seq.params,
+                seq.arrival,
+                generator=self._generator(seq.params, index),
+                block_size=self.block_size,
+                index=index,
+            )
+            self.scheduler.fork(seq, child)
+            self.requests[seq.request_id].append(child)
+            samples.append(child)
+        seq.pending_forks = 0
+        return samples
+
+    def _sample(self, logits: torch.Tensor, draws: list[tuple[Sequence, int]]) -> list:
+        """One token per draw, sampled together; if that fails, each draw alone, so that only the
+        failing ones get an exception instead of a token."""
+        if not draws:
+            return []
+        index = [r for _, r in draws]
+        # the common step (one sample per row, in order) needs no gather
+        rows = logits if index == list(range(len(logits))) else logits[index]
+        params, gens = [s.params for s, _ in draws], [s.generator for s, _ in draws]
+        try:
+            return sample(rows, params, gens, self.generator)
+        except Exception:
+            tokens = []
+            for i in range(len(draws)):
+                try:
+                    tokens += sample(
+                        rows[i : i + 1], params[i : i + 1], gens[i : i + 1], self.generator
+                    )
+                except Exception as e:
+                    tokens.append(e)
+            return tokens
+
+    def _advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> StepOutput:
+        """Append a sampled token (logits [1, V]: what it was sampled from) and check the stop conditions."""
+        seq.token_ids.append(token)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = token_logprobs(logits, [token], seq.params.logprobs)
+            seq.cumulative_logprob += logprobs[0].logprob
+        first_of_request = seq.index == 0 and seq.num_output_tokens == 1
+        reason = self._finish_reason(seq, token)
+        if reason:
+            self._finish_sample(seq, reason)
+        return StepOutput(
+            seq.request_id,
+            [token],
+            reason is not None,
+            reason,
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
+            index=seq.index,
+            logprobs=logprobs,
+            prompt_logprobs=seq.prompt_logprobs if first_of_request else None,
+        )
+
+    def _finish_sample(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        samples = self.requests[seq.request_id]
+        samples.remove(seq)
+        if not samples:
+            del self.requests[seq.request_id]
+
+    def _record_prompt_logprobs(self, seq: Sequence, chunk: ScheduledChunk, logits: torch.Tensor):
+        """logits [len(positions), V] at this chunk's prompt-logprob positions: position p scores p + 1."""
+        positions = chunk.prompt_logprob_positions
+        targets = seq.token_ids[positions.start + 1 : positions.stop + 1]
+        seq.prompt_logprobs += token_logprobs(logits, targets, seq.params.prompt_logprobs)
+
+    def _finish_scoring(self, seq: Sequence) -> list[StepOutput]:
+        """A max_tokens=0 request is done once its prompt is scored: one output per sample."""
+        self.requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq, "length")
+        return [
+            StepOutput(
+                seq.request_id,
+                [],
+                True,
+                "length",
+                seq.num_prompt_tokens,
+                0,
+                index=index,
+                prompt_logprobs=seq.prompt_logprobs if index == 0 else None,
+            )
+            for index in range(seq.num_slots)
+        ]
+
+    def _fail(self, seq: Sequence, doing: str, error: Exception) -> list[StepOutput]:
+        """Finish the request whose processing raised `error`, with a message safe for its client (the
+        details, traceback included, go to the log)."""
+        log.error(
+            "request %s failed while %s; it is finished with reason 'error'",
+            seq.request_id,
+            doing,
+            exc_info=error,
+        )
+        message = (
+            f"the engine failed while {doing} ({type(error).__name__}); this request was stopped, "
+            "the others continue"
+        )
+        return self._finish_request(seq.request_id, "error", message)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -241,5 +371,6 @@ class LLMEngine:
         done: dict[str, list[int]] = {}
         while self.has_unfinished_requests():
             for out in self.step():
-                done.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.index == 0:
+                    done.setdefault(out.request_id, []).extend(out.new_token_ids)
         return done

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import context_length
+
 
 @dataclass(frozen=True)
 class KVShape:
@@ -27,7 +29,7 @@ class KVShape:
             num_layers=cfg.num_hidden_layers,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-            max_context=int(getattr(cfg, "max_position_embeddings", 2048)),
+            max_context=context_length(model),
         )
 
 
@@ -104,6 +106,19 @@ class PagedKVCache:
             1, index[0], k.transpose(0, 1).reshape(h, -1).to(k_cache.dtype)
         )
         v_cache.index_copy_(1, index[1], v.transpose(0, 1).to(v_cache.dtype))
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy the contents of block src into block dst, in every layer, for each (src, dst): a
+        copy-on-write of a block that forked samples shared (block_manager.py)."""
+        if not copies:
+            return
+        src, dst = (torch.tensor(x, device=self.k[0].device) for x in zip(*copies))
+        bs = self.block_size
+        src_slots = (src[:, None] * bs + torch.arange(bs, device=src.device)).reshape(-1)
+        dst_slots = (dst[:, None] * bs + torch.arange(bs, device=dst.device)).reshape(-1)
+        for k, v in zip(self.k, self.v):
+            k[:, dst] = k[:, src]
+            v[:, dst_slots] = v[:, src_slots]
 
     @property
     def nbytes(self) -> int:

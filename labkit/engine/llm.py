@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import load_model
-from .engine import LLMEngine
-from .sampling import SamplingParams
+from .config import EngineConfig
+from .engine import LLMEngine, StepOutput
+from .sampling import SamplingParams, TokenLogprob
 
 _DTYPES = {
     "float32": torch.float32,
@@ -28,7 +29,8 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    cumulative_logprob: float | None = None
+    cumulative_logprob: float | None = None  # with logprobs: the sum of the tokens' logprobs
+    logprobs: list[TokenLogprob] | None = None  # one per token, when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -36,8 +38,11 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput] = field(default_factory=list)
+    outputs: list[CompletionOutput] = field(default_factory=list)  # n of them, by index
     finished: bool = True
+    prompt_logprobs: list[TokenLogprob | None] | None = (
+        None  # when SamplingParams.prompt_logprobs is set
+    )
 
 
 class LLM:
@@ -45,6 +50,7 @@ class LLM:
         self,
         model=None,
         tokenizer=None,
+        config: EngineConfig | None = None,
         dtype="float32",
         device: str | None = None,
         max_model_len: int | None = None,
@@ -52,8 +58,8 @@ class LLM:
         **engine_kwargs,
     ):
         """model: None (the course model), a hub id / local path, or an already loaded model (then pass its
-        tokenizer too). Remaining keyword arguments go to LLMEngine (block_size, num_blocks, max_num_seqs,
-        seed, ...). `max_model_len` caps the context like vLLM's; `enforce_eager` is accepted so vLLM-style
+        tokenizer too). config: an EngineConfig; remaining keyword arguments are its fields (block_size,
+        num_blocks, max_num_seqs, seed, ...). `max_model_len` caps the context like vLLM's; `enforce_eager` is accepted so vLLM-style
         code runs unchanged (labkit always runs eagerly: there is no graph capture to skip)."""
         if model is None or isinstance(model, str):
             if isinstance(dtype, str):
@@ -66,7 +72,7 @@ class LLM:
             tokenizer = tokenizer or tok
         elif tokenizer is None:
             raise ValueError("pass tokenizer=... together with an already loaded model")
-        self.engine = LLMEngine(model, tokenizer, **engine_kwargs)
+        self.engine = LLMEngine(model, tokenizer, config, **engine_kwargs)
         if max_model_len is not None:
             if not 0 < max_model_len <= self.engine.max_context:
                 raise ValueError(
@@ -110,24 +116,32 @@ class LLM:
             if isinstance(prompt, dict):
                 prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
             self.engine.add_request(rid, prompt, p)
-            seq = self.engine.requests[rid]
+            prompt_ids = list(self.engine.requests[rid][0].token_ids)
             order.append(rid)
             outputs[rid] = RequestOutput(
-                rid, prompt if isinstance(prompt, str) else None, list(seq.token_ids)
+                rid, prompt if isinstance(prompt, str) else None, prompt_ids
             )
-        tokens: dict[str, list[int]] = {rid: [] for rid in order}
-        reasons: dict[str, str | None] = {}
+        samples: dict[tuple[str, int], list[StepOutput]] = {}  # (request, index) -> its outputs
         while self.engine.has_unfinished_requests():
             for step_out in self.engine.step():
-                tokens[step_out.request_id] += step_out.new_token_ids
-                if step_out.finished:
-                    reasons[step_out.request_id] = step_out.finish_reason
+                samples.setdefault((step_out.request_id, step_out.index), []).append(step_out)
+                if step_out.prompt_logprobs is not None:
+                    outputs[step_out.request_id].prompt_logprobs = step_out.prompt_logprobs
         for rid, p in zip(order, params):
-            ids, reason = tokens[rid], reasons.get(rid)
-            outputs[rid].outputs.append(
-                CompletionOutput(0, self.detokenize(ids, p, reason), ids, reason)
-            )
+            for index in range(p.n):
+                outputs[rid].outputs.append(self._completion(index, samples[rid, index], p))
         return [outputs[rid] for rid in order]
+
+    def _completion(self, index: int, steps: list[StepOutput], params: SamplingParams):
+        """One sample's CompletionOutput from its StepOutputs."""
+        ids = [t for s in steps for t in s.new_token_ids]
+        reason = steps[-1].finish_reason
+        logprobs = None
+        if params.logprobs is not None:
+            logprobs = [lp for s in steps for lp in s.logprobs or []]
+        cumulative = sum(lp.logprob for lp in logprobs) if logprobs is not None else None
+        text = self.detokenize(ids, params, reason)
+        return CompletionOutput(index, text, ids, reason, cumulative, logprobs)
 
     def detokenize(self, ids: list[int], params: SamplingParams, reason: str | None) -> str:
         """Text as vLLM returns it: special tokens, a final stop token and a matched stop string left out."""
@@ -143,14 +157,13 @@ class LLM:
 
 class VLLMStyleEngine:
     """`llm.llm_engine`, with vLLM's step-level interface: step() returns RequestOutput objects carrying the
-    *cumulative* token ids of each request that advanced. Lets one script drive either engine by hand."""
+    *cumulative* token ids of each request (each sample, for n > 1) that advanced. Lets one script drive either engine by hand."""
 
     def __init__(self, engine: LLMEngine):
         self.engine, self._tokens, self._prompts = engine, {}, {}
 
     def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
         self.engine.add_request(request_id, prompt, params)
-        self._tokens[request_id] = []
         self._prompts[request_id] = prompt
 
     def abort_request(self, request_ids) -> None:
@@ -163,7 +176,7 @@ class VLLMStyleEngine:
     def step(self) -> list[RequestOutput]:
         outs = []
         for o in self.engine.step():
-            ids = self._tokens[o.request_id]
+            ids = self._tokens.setdefault((o.request_id, o.index), [])
             ids += o.new_token_ids
             prompt = self._prompts[o.request_id]
             outs.append(
@@ -171,10 +184,12 @@ class VLLMStyleEngine:
                     o.request_id,
                     prompt if isinstance(prompt, str) else None,
                     [],
-                    [CompletionOutput(0, "", list(ids), o.finish_reason)],
+                    [CompletionOutput(o.index, "", list(ids), o.finish_reason)],
                     o.finished,
                 )
             )
             if o.finished:
-                del self._tokens[o.request_id], self._prompts[o.request_id]
+                del self._tokens[o.request_id, o.index]
+                if o.request_id not in self.engine.requests:
+                    del self._prompts[o.request_id]
         return outs

@@ -25,6 +25,7 @@ from .attention import (
 )
 from .fast_layers import FastLayer, RotaryTable, fast_rms_norm, fused_linear
 from .kv_cache import KVShape, PagedKVCache
+from .scheduler import ScheduledChunk
 
 
 def check_supported(model) -> None:
@@ -49,7 +50,7 @@ class StepInput:
     cache_index: tuple  # where each token's K/V is written (PagedKVCache.write_index)
     decode: DecodeBatch | None  # the sequences that feed one token this step
     prefill: PrefillBatch | None  # the sequences that feed a prompt (or a chunk of one)
-    # [S] flat index of the last token of each sequence that samples this step
+    # [R] flat index of each token whose logits are needed: sampled, or scoring a prompt token
     logits_index: torch.Tensor
 
 
@@ -71,37 +72,34 @@ class ModelRunner:
         head = fused_linear([model.lm_head])
         self.lm_head = lambda x: head(x)[0]
 
-    def prepare(
-        self, chunks: list[tuple[list[int], int, list[int]]], sample_flags: list[bool]
-    ) -> StepInput:
-        """chunks[i] = (token ids to run, position of the first one, the sequence's block table).
+    def prepare(self, chunks: list[ScheduledChunk]) -> StepInput:
+        """The step's flat batch from the scheduler's chunks (each: a sequence's tokens from `start`).
         Decode chunks (1 token) and prefill chunks are attended separately: decode reads the cache in place,
-        prefill gathers (so a long prompt does not make every decode token pay for padded queries)."""
+        prefill gathers (so a long prompt does not make every decode token pay for padded queries).
+        The logits rows come out in chunk order: a chunk's prompt-logprob positions, then its sampled
+        position (see LLMEngine.step)."""
         bs = self.block_size
         ids, pos, slots, logits_index = [], [], [], []
         dec_index, dec_context, dec_tables = [], [], []  # decode: one token per sequence
-        pre_index, pre_starts, pre_lengths, pre_tables = (
-            [],
-            [],
-            [],
-            [],
-        )  # prefill: a prompt or a chunk of one
-        for (tokens, start, table), samples in zip(chunks, sample_flags):
-            first = len(ids)
-            for j, t in enumerate(tokens):
+        # prefill: a prompt or a chunk of one
+        pre_index, pre_starts, pre_lengths, pre_tables = [], [], [], []
+        for chunk in chunks:
+            start, table, first = chunk.start, chunk.seq.block_table, len(ids)
+            for j, t in enumerate(chunk.token_ids):
                 ids.append(t)
                 pos.append(start + j)
                 slots.append(table[(start + j) // bs] * bs + (start + j) % bs)
-            if samples:
+            logits_index += [first + p - start for p in chunk.prompt_logprob_positions]
+            if chunk.samples:
                 logits_index.append(len(ids) - 1)
-            if len(tokens) == 1:
+            if chunk.num_tokens == 1:
                 dec_index.append(first)
                 dec_context.append(start + 1)
                 dec_tables.append(table)
             else:
-                pre_index += range(first, first + len(tokens))
+                pre_index += range(first, first + chunk.num_tokens)
                 pre_starts.append(start)
-                pre_lengths.append(len(tokens))
+                pre_lengths.append(chunk.num_tokens)
                 pre_tables.append(table)
         t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         s = self.shape
@@ -131,7 +129,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Run all tokens, write their K/V into the cache, return logits [S, vocab] for the sampled ones."""
+        """Run all tokens, write their K/V into the cache, return logits [R, vocab] at logits_index."""
         hidden = self.model.model.embed_tokens(step.input_ids)  # [T, hidden]
         cos, sin = self.rotary(hidden, step.positions)  # [T, head_dim]
         T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads

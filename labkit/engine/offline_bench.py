@@ -34,7 +34,9 @@ def main(which: str, spec_path: str, out_path: str) -> None:
         model=spec["model"],
         dtype=spec.get("dtype", "float32"),
         max_model_len=spec.get("max_model_len", 512),
-        max_num_seqs=spec.get("max_num_seqs", 32),
+        max_num_seqs=spec[
+            "max_num_seqs"
+        ],  # vllm_runner always sets it (from EngineConfig's default)
         seed=0,
         enforce_eager=spec.get("enforce_eager", True),
         enable_prefix_caching=spec.get("enable_prefix_caching", True),

@@ -7,42 +7,62 @@ Every step has a budget of `max_num_batched_tokens` tokens and `max_num_seqs` se
    queue, to be recomputed later (vLLM's default "recompute" preemption; the prefix cache often makes
    the recompute cheap).
 2. Then waiting sequences are admitted in arrival order (FIFO) while budget and free blocks last. A
-   sequence that does not fit blocks the ones behind it - no overtaking, so nobody starves.
+   sequence that does not fit blocks the ones behind it - no overtaking, so nobody starves. A request
+   for n samples takes n of the `max_num_seqs` slots from admission on: it forks into n sequences when
+   its prompt is done (`fork`), and each of them is scheduled (and preempted) on its own from then on.
 So a finished request's slot is refilled on the very next step: that is the whole trick.
 """
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .config import EngineConfig
 from .sequence import Sequence, Status
 
 
 @dataclass
 class ScheduledChunk:
+    """One sequence's share of a step: `num_tokens` tokens from position `start` (a snapshot taken when
+    scheduled; the engine advances the sequence after the forward pass)."""
+
     seq: Sequence
-    num_tokens: int  # tokens fed this step, starting at seq.num_computed_tokens
+    num_tokens: int
+    start: int = field(init=False)
+    completes: bool = field(
+        init=False
+    )  # reaches the last known token: the step yields the next one
+
+    def __post_init__(self):
+        self.start = self.seq.num_computed_tokens
+        self.completes = self.start + self.num_tokens == self.seq.num_tokens
 
     @property
-    def completes(self) -> bool:
-        """True if this chunk reaches the last known token, so the step produces the next one."""
-        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids[self.start : self.start + self.num_tokens]
+
+    @property
+    def samples(self) -> bool:
+        """Does the step sample a token for this sequence? (Not for a scoring-only request.)"""
+        return self.completes and self.seq.params.max_tokens > 0
+
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """Positions whose logits give a prompt token's logprob not yet recorded (position p scores
+        token p + 1; the prompt's last position predicts the first generated token, not a prompt one)."""
+        if not self.seq.wants_prompt_logits:
+            return range(0)
+        first = max(self.start, len(self.seq.prompt_logprobs) - 1)
+        return range(first, min(self.start + self.num_tokens, self.seq.num_prompt_tokens - 1))
 
 
 class Scheduler:
-    def __init__(
-        self,
-        block_manager: BlockManager,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 2048,
-    ):
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError(
-                f"max_num_seqs and max_num_batched_tokens must be >= 1, "
-                f"got {max_num_seqs}, {max_num_batched_tokens}"
-            )
+    def __init__(self, block_manager: BlockManager, config: EngineConfig | None = None, **options):
+        """config: the engine's EngineConfig, or its fields as keywords (max_num_seqs=8, ...)."""
+        config = EngineConfig.build(config, **options)
         self.blocks = block_manager
-        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the last one is preempted first
         self.num_preemptions = 0
@@ -52,6 +72,12 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run `child`, a new sample of `parent`'s request, sharing its blocks (parallel sampling)."""
+        self.blocks.fork(parent, child)
+        child.status = Status.RUNNING
+        self.running.append(child)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -63,7 +89,7 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        scheduled: set[str] = set()
+        scheduled: set[Sequence] = set()
         preempted = False
         for seq in list(self.running):
             if budget == 0:
@@ -73,7 +99,7 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             end = seq.num_computed_tokens + n
             while not self.blocks.can_append(seq, end):
-                victim = next(s for s in reversed(self.running) if s.request_id not in scheduled)
+                victim = next(s for s in reversed(self.running) if s not in scheduled)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -82,22 +108,28 @@ class Scheduler:
                 continue
             self.blocks.append(seq, end)
             chunks.append(ScheduledChunk(seq, n))
-            scheduled.add(seq.request_id)
+            scheduled.add(seq)
             budget -= n
         # admit new work only if nobody had to be preempted (otherwise we would just thrash)
-        while (
-            self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs
-        ):
+        # (a request for n samples takes n slots: it forks when its prompt is done)
+        slots = sum(s.num_slots for s in self.running)
+        while self.waiting and not preempted and budget > 0:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            if slots + seq.num_slots > self.max_num_seqs:
+                break
+            cached = self.blocks.cached_prefix(seq)  # looked up once per admission
+            if not self.blocks.can_allocate(seq, cached):
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq)  # may start with num_computed_tokens > 0 (prefix-cache hit)
+            self.blocks.allocate(
+                seq, cached
+            )  # may start with num_computed_tokens > 0 (a cache hit)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            slots += seq.num_slots
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             chunks.append(ScheduledChunk(seq, n))
-            scheduled.add(seq.request_id)
+            scheduled.add(seq)
             budget -= n
         return chunks
 

@@ -1,12 +1,16 @@
 """A request inside the engine: its tokens so far, how many of them are already in the KV cache, and the
-block table that says where in the paged cache those keys and values live."""
+block table that says where in the paged cache those keys and values live.
+
+A request asking for n > 1 samples starts as one Sequence (index 0) that prefills the prompt once; when its
+first token is sampled, it forks into n Sequences that share the prompt's blocks (see block_manager.py).
+"""
 
 import enum
 from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -15,7 +19,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the n samples of a request share its id and its prompt
 class Sequence:
     request_id: str
     token_ids: list[int]  # prompt followed by everything generated so far
@@ -23,6 +27,8 @@ class Sequence:
     params: SamplingParams
     arrival: int  # order of arrival: the scheduler is FIFO on this
     generator: torch.Generator | None = None
+    block_size: int = 16  # the engine's block size, for the block helpers below
+    index: int = 0  # which of the request's n samples this is
     status: Status = Status.WAITING
     # tokens whose K/V are in the cache (the rest still need a forward)
     num_computed_tokens: int = 0
@@ -30,6 +36,17 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash of each *full* block
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission
     finish_reason: str | None = None
+    # the samples still to split off when the prompt is done (n - 1, then 0)
+    pending_forks: int = 0
+    # None unless asked for; [None, logprob of prompt token 1, ...] as the prefill computes them
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float = 0.0  # of the generated tokens (when logprobs are asked for)
+
+    def __post_init__(self):
+        if self.index == 0 and not self.num_output_tokens:
+            self.pending_forks = self.params.n - 1
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
@@ -42,3 +59,33 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_slots(self) -> int:
+        """Running slots (of max_num_seqs) this sequence takes: its samples to come included."""
+        return 1 + self.pending_forks
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """True while some prompt token still lacks its logprob: every prompt position must then run."""
+        return (
+            self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+        )
+
+    # ---- block helpers (nano-vllm style) ------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        """Blocks its tokens fill (the last one possibly in part)."""
+        return -(-self.num_tokens // self.block_size)
+
+    @property
+    def num_full_blocks(self) -> int:
+        return self.num_tokens // self.block_size
+
+    @property
+    def last_block_num_tokens(self) -> int:
+        return self.num_tokens - (self.num_blocks - 1) * self.block_size
+
+    def block(self, i: int) -> list[int]:
+        """The token ids of logical block i."""
+        return self.token_ids[i * self.block_size : (i + 1) * self.block_size]

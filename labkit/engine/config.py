@@ -1,0 +1,68 @@
+"""EngineConfig: every knob of the engine in one validated place, with the one copy of each default.
+
+The engine, the scheduler, `LLM`, the server and the benchmarks all read their settings from here, so a
+default (how many sequences run at once, how big a block is) is written once and checked once:
+
+    LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=8))
+    LLMEngine(model, tokenizer, max_num_seqs=8)              # the same: keywords build the config
+"""
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # KV blocks in the cache; None = sized from a memory budget
+    max_num_seqs: int = 32  # sequences running at once (the batch size of a decode step)
+    max_num_batched_tokens: int = 2048  # tokens one step may feed in (long prompts are chunked)
+    enable_prefix_caching: bool = True  # share the KV blocks of identical prompt prefixes
+    seed: int = 0  # the engine's generator, used by requests that bring no seed of their own
+    kv_cache_dtype: torch.dtype | None = None  # None = the model's dtype
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            require_int(name, getattr(self, name), low=1)
+        if self.num_blocks is not None:
+            require_int(
+                "num_blocks",
+                self.num_blocks,
+                low=1,
+                hint="None (sized from a memory budget) or an int",
+            )
+        require_int("seed", self.seed, low=-(2**63))
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}"
+            )
+        if self.kv_cache_dtype is not None and not isinstance(self.kv_cache_dtype, torch.dtype):
+            raise ValueError(
+                f"kv_cache_dtype must be None (the model's dtype) or a torch.dtype, "
+                f"got {self.kv_cache_dtype!r}"
+            )
+
+    @classmethod
+    def build(cls, config: "EngineConfig | None" = None, **overrides) -> "EngineConfig":
+        """`config` (or the defaults) with keyword overrides, e.g. build(None, max_num_seqs=8); an unknown
+        keyword is an error that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; the options are {sorted(known)}")
+        if config is None:
+            return cls(**overrides)
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
+        return replace(config, **overrides)
+
+
+INT64_MAX = 2**63 - 1
+
+
+def require_int(name: str, value, low: int, high: int = INT64_MAX, hint: str = "an int") -> None:
+    """A real int (not a bool, not a float) in low..high, else a ValueError that names the parameter."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        bounds = f">= {low}" if high == INT64_MAX else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {hint} {bounds}, got {value!r}")
