@@ -10,8 +10,7 @@ which the functions below put in OpenAI's two shapes:
 As in vLLM, a completions `top_logprobs` entry holds the k most likely tokens plus the chosen one.
 """
 
-from labkit.engine import StepOutput
-from labkit.engine.engine import TokenLogprob
+from labkit.engine import StepOutput, TokenLogprob
 
 from .detokenize import IncrementalDetokenizer
 

@@ -18,6 +18,7 @@ import sys
 
 import uvicorn
 
+from labkit.engine import EngineConfig
 from labkit.model import resolve_model_name
 from labkit.paths import REPO_ROOT
 
@@ -56,10 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="require `Authorization: Bearer KEY` (default: env LABKIT_API_KEY; none = open)",
     )
     ap.add_argument(
-        "--max-num-seqs", type=int, default=32, help="most sequences in one running batch"
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help=f"most sequences in one running batch (default {EngineConfig.max_num_seqs})",
     )
     ap.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step"
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help=f"token budget of one engine step (default {EngineConfig.max_num_batched_tokens})",
     )
     ap.add_argument(
         "--max-model-len",
@@ -74,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size",
         type=int,
         default=None,
-        help="tokens per KV block (default: labkit 16; with --backend vllm, vLLM's own choice: its CPU "
+        help=f"tokens per KV block (default: labkit {EngineConfig.block_size}; with --backend vllm, vLLM's own choice: its CPU "
         "attention needs a multiple of 32)",
     )
     ap.add_argument(
@@ -138,9 +145,9 @@ def vllm_command(args, python: str | None = None) -> list[str]:
         "--dtype",
         args.dtype,
         "--max-num-seqs",
-        str(args.max_num_seqs),
+        str(engine_config(args).max_num_seqs),
         "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
+        str(engine_config(args).max_num_batched_tokens),
         "--served-model-name",
         args.served_model_name or "course",
     ]
@@ -159,11 +166,18 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         dtype=args.dtype,
         device=args.device,
         threads=args.threads,
-        block_size=args.block_size or 16,
-        num_blocks=args.num_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        config=engine_config(args),
     )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine flags given on the command line over EngineConfig's defaults (kept there only)."""
+    given = {
+        name: getattr(args, name)
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens")
+        if getattr(args, name) is not None
+    }
+    return EngineConfig.build(None, **given)
 
 
 def exec_vllm(args: argparse.Namespace) -> None:
@@ -227,7 +241,7 @@ def main(argv=None) -> int:
     server = DrainingServer(config, app.state.server, args.drain_timeout)
     print(
         f"labkit serve: {config.host}:{config.port} model={app.state.server.model_name} "
-        f"kv_blocks={engine.limits.num_blocks} max_num_seqs={args.max_num_seqs} "
+        f"kv_blocks={engine.limits.num_blocks} max_num_seqs={engine.limits.max_num_seqs} "
         f"engine={args.engine_mode}"
         + (f" (pid {engine.pid})" if args.engine_mode == "process" else ""),
         flush=True,

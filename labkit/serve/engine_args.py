@@ -5,12 +5,12 @@ spawn) and builds its own model and engine from it; the HTTP process uses it to 
 without loading any weights. One object, so neither side depends on the other's attribute names.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from labkit.engine import LLMEngine
+from labkit.engine import EngineConfig, LLMEngine
 from labkit.model import load_model, load_tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,10 +23,7 @@ class EngineArgs:
     dtype: str = "float32"
     device: str | None = None  # None: cuda when present
     threads: int | None = None  # torch CPU threads (None: torch's choice)
-    block_size: int = 16
-    num_blocks: int | None = None  # None: sized from a memory budget
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
+    config: EngineConfig = field(default_factory=EngineConfig)  # KV blocks, batch limits...
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -54,11 +51,4 @@ class EngineArgs:
     def build_engine(self) -> LLMEngine:
         if self.threads:
             torch.set_num_threads(self.threads)
-        return LLMEngine(
-            self.load_model(),
-            self.load_tokenizer(),
-            block_size=self.block_size,
-            num_blocks=self.num_blocks,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-        )
+        return LLMEngine(self.load_model(), self.load_tokenizer(), self.config)

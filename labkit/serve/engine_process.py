@@ -165,7 +165,7 @@ class EngineProcess:
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         if not self.alive:
             raise EngineDead(f"The engine is not running ({self.state}); retry shortly.")
-        out = self.tracker.add(request_id, len(prompt_ids), getattr(params, "n", 1))
+        out = self.tracker.add(request_id, len(prompt_ids), params.n)
         if not self.child.send(Add(request_id, prompt_ids, params)):
             self._died()
         return out

@@ -68,7 +68,7 @@ class EngineThread:
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         if not self.alive:
             raise EngineDead(f"The engine is not running ({self.state}).")
-        out = self.tracker.add(request_id, len(prompt_ids), getattr(params, "n", 1))
+        out = self.tracker.add(request_id, len(prompt_ids), params.n)
         self._inbox.put(Add(request_id, prompt_ids, params))
         self._wake.set()
         return out

@@ -17,6 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from labkit.engine.sampling import MAX_LOGPROBS, MAX_N
+
 from .errors import APIError
 
 __all__ = ["APIError"]  # (re-exported: handlers raise it from here too)
@@ -24,8 +26,6 @@ __all__ = ["APIError"]  # (re-exported: handlers raise it from here too)
 INT64_MAX = 2**63 - 1
 F32_TINY = 1.1754943508222875e-38  # the smallest normal float32: below it a value rounds to 0
 MIN_TEMPERATURE = 1e-5  # logits / T overflows float32 for smaller T; vLLM treats T < 1e-5 as greedy
-MAX_LOGPROBS = 20  # OpenAI's limit for logprobs / top_logprobs
-MAX_N = 16  # parallel samples per request
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 
 
