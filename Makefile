@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lab test notebooks check-notebooks clean
+.PHONY: setup lab test unit lint deadcode notebooks check-notebooks clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,28 @@ TEST_DEPS :=
 
 test: setup $(TEST_DEPS)
 	$(BIN)/python -m pytest
+
+# The quick check while you work: labkit's unit tests, without notebooks, servers, separate venvs or the
+# slow tests (markers in pyproject.toml, applied in tests/conftest.py). About a minute or two.
+UNIT_MARKERS := not slow and not server and not external and not notebook
+unit: setup $(CI_STAMP)
+	$(BIN)/python -m pytest tests -q -m "$(UNIT_MARKERS)"
+
+# Lint, format and type checks (tools from the `lint` extra); .ci/run runs this before the tests.
+LINT_STAMP := $(VENV)/.lint-tools
+LINT_PATHS := labkit tests benchmarks
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[lint]"
+	touch $@
+
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+
+# Candidates for dead code (vulture): a list to read, not a gate; it cannot see uses in notebooks.
+deadcode: $(LINT_STAMP)
+	$(BIN)/vulture labkit benchmarks --min-confidence 60 || true
 
 # Instructors: edit solutions/, then regenerate the student copies.
 notebooks: setup

@@ -21,14 +21,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from labkit import load_model  # noqa: E402
-from labkit.engine import EngineConfig, LLMEngine  # noqa: E402
-from labkit.engine.baselines import generate_no_cache, hf_generate_sequential, static_batch_generate  # noqa: E402
-from labkit.engine.checks import reference_greedy_with_cache  # noqa: E402
-from labkit.engine.vllm_runner import PairedRunner, vllm_available  # noqa: E402
-from labkit.engine.workload import mixed_workload, run_engine  # noqa: E402
-from labkit.results import save_result  # noqa: E402
-from labkit.timing import time_it  # noqa: E402
+from labkit import load_model
+from labkit.engine import EngineConfig, LLMEngine
+from labkit.engine.baselines import generate_no_cache, hf_generate_sequential, static_batch_generate
+from labkit.engine.checks import reference_greedy_with_cache
+from labkit.engine.vllm_runner import PairedRunner, vllm_available
+from labkit.engine.workload import mixed_workload, run_engine
+from labkit.results import save_result
+from labkit.timing import time_it
 
 
 def median_run(runs: list[dict]) -> dict:

@@ -24,24 +24,24 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from labkit import load_model  # noqa: E402
-from labkit.data import calibration_batches, heldout_ids  # noqa: E402
-from labkit.evaluate import disk_bytes, evaluate_lm, format_bytes, saved_bytes  # noqa: E402
+from labkit import load_model
+from labkit.data import calibration_batches, heldout_ids
+from labkit.evaluate import disk_bytes, evaluate_lm, format_bytes, saved_bytes
 from labkit.quant import (
     awq_quantize_model,
     export_gptq,
     gptq_quantize_model,
     load_gptq,
-    pack_model,  # noqa: E402
+    pack_model,
     rtn_quantize_model,
 )
-from labkit.quant.export import gptq_state_dict  # noqa: E402
-from labkit.quant.libs import libraries_available, run_library  # noqa: E402
-from labkit.quant.ptq import dynamic_int8, static_int8  # noqa: E402
-from labkit.quant.reference import ReferenceLogits  # noqa: E402
-from labkit.quant.walk import find_blocks, find_linears, get_weight  # noqa: E402
-from labkit.results import save_result  # noqa: E402
-from labkit.timing import decode_tokens_per_second  # noqa: E402
+from labkit.quant.export import gptq_state_dict
+from labkit.quant.libs import libraries_available, run_library
+from labkit.quant.ptq import dynamic_int8, static_int8
+from labkit.quant.reference import ReferenceLogits
+from labkit.quant.walk import find_blocks, find_linears, get_weight
+from labkit.results import save_result
+from labkit.timing import decode_tokens_per_second
 
 # GPTQ as the paper's code runs it: act-order, groups in quantization order, true-sequential
 GPTQ = dict(act_order=True, static_groups=False, true_sequential=True)
@@ -103,7 +103,9 @@ def main(argv=None):
         else -1
     )
     work = Path(tempfile.mkdtemp(prefix="labkit-quant-bench-"))
-    speed = lambda m: decode_tokens_per_second(m, tok, new_tokens=a.decode_tokens, runs=2)  # noqa: E731
+
+    def speed(m):
+        return decode_tokens_per_second(m, tok, new_tokens=a.decode_tokens, runs=2)
 
     rows = []
     fp32 = evaluate_lm(model, ids, reference=ref)
@@ -325,7 +327,9 @@ def main(argv=None):
             and r["head"] == head
         )
 
-    inc = lambda r: r["perplexity"] - fp32["perplexity"]  # noqa: E731
+    def inc(r):
+        return r["perplexity"] - fp32["perplexity"]
+
     targets = []
 
     def target(name, value, limit, ok, kl_ratio=None):

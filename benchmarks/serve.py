@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx  # noqa: E402
+import httpx
 
-from labkit.results import save_result  # noqa: E402
-from labkit.serve.launch import ServerProcess  # noqa: E402
-from labkit.serve.loadgen import run_load, workload  # noqa: E402
+from labkit.results import save_result
+from labkit.serve.launch import ServerProcess
+from labkit.serve.loadgen import run_load, workload
 
 
 def scrape(url: str) -> dict[str, float]:

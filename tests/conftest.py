@@ -5,6 +5,33 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the course must never need the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Which tests `make unit` leaves out, in one place (the markers are declared in pyproject.toml):
+#   server    starts a server or an engine process (ports, subprocesses, signals)
+#   external  needs a separate venv (.venv-vllm, .venv-quant)
+#   slow      more than a few seconds on a 2-core CPU
+# Keys are a test module, or module::test for one test (all its parameters).
+MARKS = {
+    "test_serve.py": ("server", "slow"),
+    "test_serve.py::test_backend_vllm_serves_the_same_api": ("external",),
+    "test_serve_engine_process.py": ("server", "slow"),
+    "test_quant_libs.py": ("external", "slow"),
+    "test_engine_vllm.py": ("external", "slow"),
+    "test_vllm_gptq.py": ("external", "slow"),
+    "test_workers.py::test_a_bench_worker_runs_labkit_engine_twice": ("slow",),
+    "test_train.py::test_a_short_training_run_produces_a_loadable_llama": ("slow",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.notebook)
+            continue
+        name = getattr(item, "originalname", item.name)
+        for key in (item.path.name, f"{item.path.name}::{name}"):
+            for mark in MARKS.get(key, ()):
+                item.add_marker(getattr(pytest.mark, mark))
+
 
 @pytest.fixture(scope="session")
 def course():

@@ -1,8 +1,17 @@
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import nbformat
 import pytest
+import torch
 
-from labkit import checks
+import labkit.checks
+import labkit.engine.checks
+import labkit.quant.checks
+import labkit.serve.checks
 from labkit.exercises import STUB, generate, strip_solutions
+from labkit.quant import primitives
 
 
 def test_solution_block_becomes_an_indented_stub():
@@ -52,23 +61,155 @@ def test_stale_and_orphan_copies_are_detected(tmp_path):
     assert any("orphan" in s for s in generate(sol, stu, check=True))
 
 
-def test_every_solution_exercise_passes_its_own_check(capsys):
-    assert (
-        checks.check_perplexity_from_nll(checks.reference_perplexity_from_nll)
-        is checks.reference_perplexity_from_nll
-    )
+# ---- every exercise check: accepts the reference, rejects wrong answers, falls back when unsolved ----
+
+
+@dataclass
+class Exercise:
+    check: Callable
+    reference: Callable
+    wrong: list[Callable]  # plausible mistakes, each of which the check must catch
+    needs_model: bool = False  # the check also takes (model, prompt_ids): the course model's
+
+
+def _shifted_greedy(model, prompt_ids, n):  # one token off: the cache fed the prompt twice, say
+    return labkit.engine.checks.reference_greedy_with_cache(model, prompt_ids, n + 1)[1:]
+
+
+def _one_short_greedy(model, prompt_ids, n):
+    return labkit.engine.checks.reference_greedy_with_cache(model, prompt_ids, n - 1)
+
+
+_Q, _E, _S = labkit.quant.checks, labkit.engine.checks, labkit.serve.checks
+EXERCISES = {
+    # notebook 00
+    "perplexity_from_nll": Exercise(
+        labkit.checks.check_perplexity_from_nll,
+        labkit.checks.reference_perplexity_from_nll,
+        [lambda nll, n: nll / n],  # forgot the exp
+    ),
+    # notebooks 01-03
+    "quantize_symmetric": Exercise(
+        _Q.check_quantize_symmetric,
+        primitives.quantize_symmetric,
+        [lambda x, b: (torch.round(x), x.abs().max())],
+    ),
+    "quantize_asymmetric": Exercise(
+        _Q.check_quantize_asymmetric,
+        primitives.quantize_asymmetric,
+        [lambda x, b: primitives.quantize_symmetric(x, b) + (0,)],
+    ),
+    "fake_quantize_groups": Exercise(
+        _Q.check_fake_quantize_groups,
+        _Q.reference_fake_quantize_groups,
+        [lambda w, b, g: w, lambda w, b, g: _Q.reference_fake_quantize_groups(w, b, w.shape[1])],
+    ),
+    "int8_linear_dynamic": Exercise(
+        _Q.check_int8_linear_dynamic,
+        _Q.reference_int8_linear_dynamic,
+        [lambda x, wq, s: x @ wq.float().t()],  # forgot the scales
+    ),
+    "hessian": Exercise(
+        _Q.check_hessian,
+        _Q.reference_hessian,
+        [lambda x: x.t() @ x],  # forgot 2/n
+    ),
+    "awq_scales": Exercise(
+        _Q.check_awq_scales,
+        _Q.reference_awq_scales,
+        [lambda m, a: m**a],  # not normalised
+    ),
+    # notebooks 04-05
+    "kv_cache_bytes": Exercise(
+        _E.check_kv_cache_bytes,
+        _E.reference_kv_cache_bytes,
+        [
+            lambda layers, heads, dim, tokens, nbytes: layers * heads * dim * tokens * nbytes
+        ],  # K only
+    ),
+    "greedy_with_cache": Exercise(
+        _E.check_greedy_with_cache,
+        _E.reference_greedy_with_cache,
+        [_shifted_greedy, _one_short_greedy],
+        needs_model=True,
+    ),
+    "slot_for": Exercise(
+        _E.check_slot_for,
+        _E.reference_slot_for,
+        [lambda table, pos, bs: table[pos // bs] + pos % bs],  # forgot * block_size
+    ),
+    "static_batch_work": Exercise(
+        _E.check_static_batch_work,
+        _E.reference_static_batch_work,
+        [lambda lengths, bs: sum(lengths)],  # that is continuous batching's work
+    ),
+    # notebooks 07-09
+    "parse_sse": Exercise(
+        _S.check_parse_sse,
+        _S.reference_parse_sse,
+        [lambda lines: ("".join(lines), None)],
+    ),
+    "latency_summary": Exercise(
+        _S.check_latency_summary,
+        _S.reference_latency_summary,
+        # TPOT over every token, the first one's wait included
+        [
+            lambda sent, t: {
+                "ttft": t[0] - sent,
+                "tpot": (t[-1] - sent) / len(t),
+                "e2e": t[-1] - sent,
+            }
+        ],
+    ),
+    "histogram_quantile": Exercise(
+        _S.check_histogram_quantile,
+        _S.reference_histogram_quantile,
+        # the bucket's upper bound, without interpolating inside it
+        [lambda q, buckets: next(le for le, c in buckets if c >= q * buckets[-1][1])],
+    ),
+    "cost_per_1k_tokens": Exercise(
+        _S.check_cost_per_1k_tokens,
+        _S.reference_cost_per_1k_tokens,
+        [lambda price, tps, util=1.0: price / (tps * 3600) * 1000],  # ignored utilisation
+    ),
+}
+
+
+def test_every_check_function_is_in_the_registry():
+    modules = [labkit.checks, labkit.quant.checks, labkit.engine.checks, labkit.serve.checks]
+    defined = {
+        fn
+        for module in modules
+        for name, fn in inspect.getmembers(module, inspect.isfunction)
+        if name.startswith("check_") and fn.__module__ == module.__name__
+    }
+    registered = {exercise.check for exercise in EXERCISES.values()}
+    missing = sorted(fn.__qualname__ for fn in defined - registered)
+    assert not missing, f"add these checks to EXERCISES in {__file__}: {missing}"
+
+
+@pytest.fixture(scope="module")
+def greedy_args(course):
+    model, tokenizer = course
+    return model, tokenizer("It is a truth universally acknowledged")["input_ids"], 8  # 8 tokens
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_check_accepts_the_reference_and_rejects_wrong_answers(name, capsys, request):
+    exercise = EXERCISES[name]
+    extra = request.getfixturevalue("greedy_args") if exercise.needs_model else ()
+
+    def check(student):
+        return exercise.check(student, *extra)
+
+    assert check(exercise.reference) is exercise.reference
     assert "[ok]" in capsys.readouterr().out
+    for wrong in exercise.wrong:
+        assert check(wrong) is exercise.reference, f"{name}: a wrong answer was accepted"
+        assert "[x]" in capsys.readouterr().out
 
-
-def test_unsolved_and_wrong_exercises_fall_back_to_the_reference(capsys):
-    def unsolved(nll, n):
+    def unsolved(*args):
         raise NotImplementedError
 
-    assert checks.check_perplexity_from_nll(unsolved) is checks.reference_perplexity_from_nll
+    assert check(unsolved) is exercise.reference
     assert "not solved yet" in capsys.readouterr().out
-
-    def wrong(nll, n):
-        return nll / n  # forgot the exp
-
-    assert checks.check_perplexity_from_nll(wrong) is checks.reference_perplexity_from_nll
-    assert "expected" in capsys.readouterr().out

@@ -60,7 +60,7 @@ def build_decode_batch(
     device,
 ) -> DecodeBatch:
     """context_lens[b] = keys sequence b attends to (its new token included); tables[b] = its block table."""
-    B, bs, arange = len(context_lens), block_size, lambda n: torch.arange(n, device=device)  # noqa: E731
+    B, bs, arange = len(context_lens), block_size, lambda n: torch.arange(n, device=device)
     max_blocks = -(-max(context_lens) // bs)
     table = torch.tensor(
         [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables], device=device

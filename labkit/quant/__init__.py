@@ -3,14 +3,15 @@
 primitives.py  quantize/dequantize, symmetric/asymmetric, per-tensor/channel/group, any 2-8 bits
 packing.py     b-bit codes packed into int32 words (the GPTQ layout)
 qlinear.py     QuantLinear: a linear layer that runs from packed weights
-walk.py        finding blocks and linears, capturing their calibration inputs, untying the output head
+layers.py      finding blocks and linears, reading and writing their weights, untying the output head
+calibration.py capturing what flows into them: hooks, calibration passes, block-by-block inputs
 rtn.py         round-to-nearest, the baseline
 gptq.py        GPTQ (Hessian, damping, Cholesky, lazy blocks, groups, act-order)
 awq.py         AWQ (activation-aware scale search folded into the previous op, clipping search)
 ptq.py         INT8 dynamic and static quantization with torch.ao
 export.py      pack, save and load checkpoints in the GPTQ format (vLLM, transformers, GPTQModel)
 reference.py   a float model's logits computed once, to compare many quantized variants against it
-libs.py        run the production libraries (GPTQModel, llm-compressor, torchao) in their own venv
+libs.py        the production libraries (GPTQModel, llm-compressor, torchao), run by labkit.workers
 """
 
 from .awq import awq_quantize_model

@@ -24,19 +24,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .calibration import block_inputs, capture_inputs, run_block, run_calibration
+from .layers import Conv1D, find_blocks, find_linears, get_weight, set_weight, untie_output_head
 from .primitives import QuantizedWeight, quantize_weight, resolve_group_size
-from .walk import (
-    Conv1D,
-    block_inputs,
-    capture_inputs,
-    find_blocks,
-    find_linears,
-    get_weight,
-    run_block,
-    run_calibration,
-    set_weight,
-    untie_output_head,
-)
 
 # (previous op, the linears it feeds) per block, by attribute path. The previous op absorbs 1/s.
 SCALE_GROUPS = {
@@ -82,11 +72,7 @@ def scale_groups(block: nn.Module):
 
 
 def _out_features(op: nn.Module) -> int:
-    return (
-        get_weight(op).shape[0]
-        if isinstance(op, (nn.Linear, Conv1D) if Conv1D else nn.Linear)
-        else op.weight.shape[0]
-    )
+    return get_weight(op).shape[0] if isinstance(op, (nn.Linear, Conv1D)) else op.weight.shape[0]
 
 
 @torch.no_grad()
@@ -94,7 +80,7 @@ def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], s: torch.Tensor)
     """W <- W diag(s) for each linear; prev's output <- prev's output / s. The network's function is unchanged."""
     if isinstance(prev, nn.Linear):
         prev.weight.div_(s[:, None])
-    elif Conv1D and isinstance(prev, Conv1D):
+    elif isinstance(prev, Conv1D):
         prev.weight.div_(s[None, :])
     else:  # LayerNorm / RMSNorm: y = x_hat * weight (+ bias)
         prev.weight.div_(s)
@@ -208,7 +194,9 @@ def awq_quantize_model(
     Each block is run on cached inputs (walk.block_inputs), the outputs of the blocks before it with
     their scales folded in but not yet quantized, as in the reference implementation.
     """
-    qargs = dict(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    qargs: dict = dict(
+        bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size
+    )
     _, blocks = find_blocks(model)
     clip_ratios: dict[str, torch.Tensor] = {}
     names = {m: n for n, m in model.named_modules()}

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .layers import get_weight, output_head
 from .primitives import QuantizedWeight
 from .qlinear import QuantLinear
-from .walk import get_weight, output_head
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

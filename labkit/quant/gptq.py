@@ -31,6 +31,8 @@ the reference does; dead inputs (H_jj = 0, never active in calibration) get H_jj
 import torch
 from tqdm.auto import tqdm
 
+from .calibration import block_inputs, hooked, run_block, run_calibration, sequential_groups
+from .layers import find_blocks, find_linears, get_weight, set_weight, untie_output_head
 from .primitives import (
     QuantizedWeight,
     check_bits,
@@ -39,18 +41,6 @@ from .primitives import (
     quantize_values,
     resolve_group_size,
     scale_zero_from_range,
-)
-from .walk import (
-    block_inputs,
-    find_blocks,
-    find_linears,
-    get_weight,
-    hooked,
-    run_block,
-    run_calibration,
-    sequential_groups,
-    set_weight,
-    untie_output_head,
 )
 
 
@@ -145,7 +135,8 @@ def gptq_quantize_weight(
             elif 0 < gs < n and col % gs == 0:  # new group: fit it to the weights as updated so far
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
                 scale, zero = _params(upcoming, bits, symmetric, per_tensor=False)
-                scales.append(scale), zeros.append(zero)
+                scales.append(scale)
+                zeros.append(zero)
             w_col, d = W1[:, i : i + 1], Hinv1[i, i]
             q = quantize_values(w_col, scale, zero, bits)
             codes[:, col] = q[:, 0]

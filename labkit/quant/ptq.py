@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .walk import find_blocks, find_linears
+from .layers import find_blocks, find_linears
 
 
 def dynamic_int8(model) -> nn.Module:

@@ -18,7 +18,8 @@ class ReferenceLogits:
     """Callable like a model (`ref(input_ids=x).logits`); remembers the logits of each batch it saw."""
 
     def __init__(self, model, dtype: torch.dtype = torch.float16):
-        self.model, self.dtype, self.cache = model, dtype, {}
+        self.model, self.dtype = model, dtype
+        self.cache: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, **kwargs):

