@@ -210,7 +210,7 @@ def test_seed_generate_endpoint(server):
         ({"prompt": PROMPT, "max_tokens": 510}, 400, "maximum context length is 512"),
         ({"prompt": PROMPT, "temperature": -1}, 400, "temperature"),
         ({"prompt": PROMPT, "top_p": 0}, 400, "top_p"),
-        ({"prompt": PROMPT, "n": 2}, 400, "n=1"),
+        ({"prompt": PROMPT, "n": 17}, 400, "n"),
         ({"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
         ({"prompt": ""}, 400, "empty"),
         ({"prompt": [1, 2, 99999]}, 400, "token ids"),

@@ -106,11 +106,29 @@ def test_both_engine_modes_match_offline_reject_and_free_blocks(mode):
         assert m["vllm:request_success_total"] >= 2  # the completed request and the aborted stream
 
 
-def test_engine_process_death_fails_clients_and_probes():
-    """kill -9 the engine process mid-request: a running stream ends with an error event, a waiting
-    non-streaming request gets a 503, /health and /ready report it, new requests are refused with 503."""
+def wait_ready(srv: ServerProcess, timeout: float) -> float:
+    """Seconds until /ready says 200 (the timeout if it never does)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if httpx.get(srv.url + "/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_engine_process_death_fails_clients_then_recovers():
+    """kill -9 the engine process mid-request: a running stream ends with an error event and a waiting
+    non-streaming request gets a 503 (no request hangs); the server restarts the engine and is ready
+    again within 2x its start-up time, with the same answers as before."""
+    t0 = time.monotonic()
     srv = ServerProcess(threads=1, max_num_seqs=4).start()
+    startup = time.monotonic() - t0
     try:
+        greedy = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        before = httpx.post(srv.url + "/v1/completions", json=greedy, timeout=60).json()
         body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}
         with (
             concurrent.futures.ThreadPoolExecutor(1) as pool,
@@ -122,21 +140,53 @@ def test_engine_process_death_fails_clients_and_probes():
             assert next(lines).startswith("data: {")  # tokens are flowing
             in_flight = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=60)
             time.sleep(0.3)
-            os.kill(engine_pid(srv), signal.SIGKILL)
+            old = engine_pid(srv)
+            os.kill(old, signal.SIGKILL)
+            killed = time.monotonic()
             data = [line[6:] for line in lines if line.startswith("data: ")]
             assert data[-1] != "[DONE]"
             err = json.loads(data[-1])["error"]
             assert "engine process" in err["message"] and err["type"] == "server_error"
             refused = in_flight.result()
         assert refused.status_code == 503 and "engine" in refused.json()["error"]["message"]
-        health = httpx.get(srv.url + "/health")
-        assert health.status_code == 503 and "exit code -9" in health.json()["error"]
-        assert httpx.get(srv.url + "/ready").status_code == 503
-        again = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
-        assert again.status_code == 503 and "not running" in again.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health").json() == {"status": "ok"}  # alive: do not kill it
+        wait_ready(srv, timeout=2 * startup + 10)
+        recovery = time.monotonic() - killed
+        assert httpx.get(srv.url + "/ready").status_code == 200, srv.output()
+        assert recovery <= 2 * startup, (
+            f"ready {recovery:.1f}s after the kill; start-up {startup:.1f}s"
+        )
+        assert engine_pid(srv) != old
+        after = httpx.post(srv.url + "/v1/completions", json=greedy, timeout=60).json()
+        assert after["choices"][0]["text"] == before["choices"][0]["text"]
+        log = srv.output()
+        assert "died (killed by signal SIGKILL)" in log and "restart 1" in log, log
     finally:
         code = srv.stop()
     assert code in (0, -signal.SIGTERM), srv.output()
+
+
+def test_a_crash_loop_is_bounded_and_ready_says_why():
+    """After more deaths than --max-engine-restarts within the window, the server stops restarting:
+    /ready and /health stay 503 and say why, requests get a clean 503."""
+    srv = ServerProcess(threads=1, max_engine_restarts=0).start()
+    try:
+        os.kill(engine_pid(srv), signal.SIGKILL)
+        deadline = time.time() + 20
+        while (r := httpx.get(srv.url + "/ready")).json()["status"] != "failed":
+            assert time.time() < deadline, r.text
+            time.sleep(0.05)
+        assert r.status_code == 503 and "died 1 times" in r.json()["reason"]
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        refused = httpx.post(srv.url + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+        assert (
+            refused.status_code == 503 and refused.json()["error"]["code"] == "engine_unavailable"
+        )
+        time.sleep(1.0)
+        assert [role for role in srv.processes().values()].count("engine") == 0
+    finally:
+        srv.stop()
 
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])

@@ -58,17 +58,27 @@ def test_detokenizer_never_emits_half_characters(tok):
 
 def test_request_validation():
     assert CompletionRequest(prompt=["one prompt"]).prompt == "one prompt"
+    assert CompletionRequest(prompt=[[1, 2]]).prompt == [1, 2]
     assert CompletionRequest(prompt="x", stop="END").stop == ["END"]
+    ok = CompletionRequest(prompt="x", n=2, logprobs=5, echo=True, max_tokens=0)
+    assert (ok.n, ok.logprobs, ok.echo, ok.max_tokens) == (2, 5, True, 0)
     for bad in [
-        dict(prompt="x", n=2),
+        dict(prompt="x", n=0),
         dict(prompt=["a", "b"]),
         dict(prompt="x", temperature=3),
+        dict(prompt="x", temperature=1e-300),
         dict(prompt="x", top_p=0),
+        dict(prompt="x", top_p=1e-300),
         dict(prompt="x", max_tokens=0),
+        dict(prompt="x", max_tokens=True),
+        dict(prompt="x", seed=2**64),
+        dict(prompt="x", stream="yes"),
         dict(prompt="x", stop=["a"] * 5),
         dict(prompt="x", presence_penalty=1.0),
-        dict(prompt="x", logprobs=5),
-        dict(prompt="x", echo=True),
+        dict(prompt="x", logprobs=21),
+        dict(prompt="x", best_of=2),
+        dict(prompt="x", suffix="y"),
+        dict(prompt="\ud800"),
     ]:
         with pytest.raises(ValidationError):
             CompletionRequest(**bad)
@@ -76,6 +86,10 @@ def test_request_validation():
         ChatCompletionRequest(messages=[])
     with pytest.raises(ValidationError):
         ChatCompletionRequest(messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}])
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], top_logprobs=2)
     parts = ChatCompletionRequest(
         messages=[
             {

@@ -1,12 +1,18 @@
 """labkit.serve: labkit's engine as an OpenAI-compatible service. Read in this order:
 
-protocol.py        the OpenAI request/response shapes and the error format
+protocol.py        the OpenAI request/response shapes, strictly parsed, and the error format
+errors.py          one OpenAI-shaped error body for every failure, never a traceback
 detokenize.py      token ids -> streamable text, stop strings
-async_engine.py    one background thread owns the engine; asyncio talks to it through a queue
-engine_process.py  the same interface with the engine in its own process (the default: no shared GIL)
+engine_client.py   the small protocol app.py relies on, whichever way the engine is driven
+tracker.py         the requests in flight: where their outputs go, the latency metrics they feed
+messages.py        the typed commands and events between the HTTP side and the engine
+engine_thread.py   driver 1: one background thread owns the engine (--engine-mode thread)
+engine_process.py  driver 2: the engine in its own, supervised process (the default: no shared GIL)
+engine_args.py     what the engine is built from (model, dtype, KV blocks...), for both drivers
 metrics.py         Prometheus metrics under vLLM's names
 app.py             the FastAPI routes: /v1/completions, /v1/chat/completions, /v1/models, /generate, ...
+draining.py        uvicorn with a drain phase on SIGTERM
 cli.py             `labkit serve`
 launch.py          start/stop a server subprocess from a notebook, test or benchmark
-loadgen.py         N concurrent streaming clients: TTFT, TPOT, e2e percentiles, throughput
+loadgen/           N concurrent streaming clients: TTFT, TPOT, e2e percentiles, throughput
 """

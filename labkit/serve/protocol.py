@@ -1,162 +1,259 @@
 """The OpenAI wire format: request bodies we accept, and the JSON shapes we send back.
 
-Only the fields this server honours are declared; unknown fields are ignored (as vLLM does), and
-fields we cannot honour (n > 1, logprobs, echo, penalties) are refused with a 400 instead of being
-silently dropped, so a client never believes it got something it did not.
+Requests are parsed strictly, so what the OpenAPI document (/openapi.json) declares is what the server
+enforces: a boolean is not a number, "yes" is not a boolean, a float is not an integer, and numbers
+must survive the trip into the engine's tensors (no value that becomes 0, inf or nan in float32, no
+integer beyond int64). Unknown fields are ignored, as vLLM does, but OpenAI or vLLM parameters this
+server cannot honour (tools, response_format, best_of, penalties...) are refused with a 400 that names
+them, so a client never believes it got something it did not.
+
+The response models at the end document the responses (/openapi.json); the handlers build plain dicts.
 """
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from labkit.engine.sampling import MAX_LOGPROBS, MAX_N
+
+from .errors import APIError
+
+__all__ = ["APIError"]  # (re-exported: handlers raise it from here too)
+
+INT64_MAX = 2**63 - 1
+F32_TINY = 1.1754943508222875e-38  # the smallest normal float32: below it a value rounds to 0
+MIN_TEMPERATURE = 1e-5  # logits / T overflows float32 for smaller T; vLLM treats T < 1e-5 as greedy
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 
 
-class APIError(Exception):
-    """Raised anywhere in a handler; the app turns it into OpenAI's error JSON with this status."""
+def _unicode_text(text: str) -> str:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "text must be valid Unicode: it contains a lone surrogate (\\ud800-\\udfff)"
+        ) from None
+    return text
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type,
-            param,
-            code,
+
+def _temperature(t: float) -> float:
+    if 0 < t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}: smaller values "
+            f"overflow float32 logits"
         )
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    return t
 
 
-class StreamOptions(BaseModel):
+Text = Annotated[str, AfterValidator(_unicode_text)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Temperature = Annotated[
+    float,
+    Field(
+        ge=0.0,
+        le=2.0,
+        json_schema_extra={"anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE}]},
+    ),
+    AfterValidator(_temperature),
+]
+
+
+def _top_p(p: float) -> float:
+    if not F32_TINY <= p <= 1:
+        raise ValueError(
+            f"top_p must be in (0, 1] and not round to 0 in float32 (>= {F32_TINY:.3g})"
+        )
+    return p
+
+
+TopP = Annotated[
+    float, Field(json_schema_extra={"minimum": F32_TINY, "maximum": 1.0}), AfterValidator(_top_p)
+]
+Unsupported = Annotated[float, Field(ge=0.0, le=0.0)]  # penalties: only 0 (off) is accepted
+
+# parameters OpenAI or vLLM define that labkit's engine cannot honour, with the values that mean "off"
+UNSUPPORTED: dict[str, tuple] = {
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "prompt_logprobs": (None,),
+    "min_tokens": (None, 0),
+    "min_p": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names, plus vLLM's extras)."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)  # vLLM extra; 0 or -1 = off
-    n: int = 1
+    model: Text | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX)] = 0  # vLLM extra; 0 or -1 = off
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # vLLM extra
+    stop: (
+        Text
+        | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(max_length=MAX_STOP)]
+        | None
+    ) = None
+    stop_token_ids: list[TokenId] | None = None  # vLLM extra
     ignore_eos: bool = False  # vLLM extra: benchmarks use it for fixed-length outputs
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: bool | int | None = None
-    user: str | None = None
+    seed: Int64 | None = None
+    presence_penalty: Unsupported = 0.0
+    frequency_penalty: Unsupported = 0.0
+    user: Text | None = None
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n):
-        if n != 1:
-            raise ValueError("only n=1 is supported (send several requests for several samples)")
-        return n
+    unsupported: ClassVar[dict[str, tuple]] = UNSUPPORTED
 
-    @field_validator("stop")
+    @model_validator(mode="before")
     @classmethod
-    def _stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be up to 4 non-empty strings")
-        return stops or None
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, off in cls.unsupported.items():
+                if name in data and not any(data[name] == v for v in off):
+                    raise PydanticCustomError(
+                        "unsupported",
+                        "{param} is not supported by labkit's engine; leave it out",
+                        {"param": name},
+                    )
+        return data
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value):
-        if value != 0:
-            raise ValueError(
-                "presence/frequency penalties are not supported by labkit's engine; leave them at 0"
+    @model_validator(mode="after")
+    def _stops(self):
+        if self.stop == "":
+            raise PydanticCustomError(
+                "empty_stop", "stop strings must not be empty", {"param": "stop"}
             )
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported by labkit's engine")
-        return value
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = self.stop or None
+        return self
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+Prompt = (
+    Annotated[Text, Field(min_length=1)]
+    | Annotated[list[TokenId], Field(min_length=1)]
+    | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    | Annotated[
+        list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)
+    ]
+)
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
-    suffix: str | None = None
+    prompt: Prompt = Field(
+        description="One prompt: text or token ids (a list holding one of them is accepted too; "
+        "batches of several prompts are not: send one request per prompt)"
+    )
+    max_tokens: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = Field(
+        default=None,
+        description="default 16; 0 only with echo (score the prompt, generate nothing)",
+    )
+    echo: bool = Field(default=False, description="return the prompt before the completion")
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        default=None,
+        description="log-probability of each token, and of the `logprobs` most likely alternatives",
+    )
 
     @model_validator(mode="after")
     def _single_prompt(self):
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ValueError("batched prompts are not supported: send one request per prompt")
+        if isinstance(p, list) and isinstance(p[0], (str, list)):
             self.prompt = p[0]
-        if self.echo or self.suffix:
-            raise ValueError("echo and suffix are not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise PydanticCustomError(
+                "max_tokens_zero",
+                "max_tokens must be >= 1 (0 is allowed only with echo, to score the prompt)",
+                {"param": "max_tokens"},
+            )
         return self
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TextPart(_Strict):
+    type: Literal["text"] = Field(description="only text parts are supported")
+    text: Text
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict]
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    name: Text | None = None
 
     def text(self) -> str:
-        """OpenAI allows content as a list of parts; we accept the text parts."""
+        """OpenAI allows content as a list of parts; we accept text parts and join them."""
         if isinstance(self.content, str):
             return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise ValueError(
-                    f"content part of type {part.get('type')!r} is not supported (text only)"
-                )
-            parts.append(part.get("text", ""))
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_Sampling):
+    unsupported: ClassVar[dict[str, tuple]] = {**UNSUPPORTED, "echo": (None, False)}  # (vLLM's)
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # the newer name for max_tokens
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = Field(
+        default=None, description="the newer name for max_tokens"
+    )
+    logprobs: bool = Field(default=False, description="log-probability of each output token")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        default=None, description="with logprobs: this many most likely alternatives per token"
+    )
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError(
+                "top_logprobs", "top_logprobs needs logprobs: true", {"param": "top_logprobs"}
+            )
+        return self
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(_Strict):
     """The course seed's original endpoint: plain JSON in, plain JSON out (kept for old clients)."""
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1)
-    max_new_tokens: int = Field(default=60, ge=1)
-    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    seed: int | None = None
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    prompt: Annotated[Text, Field(min_length=1)]
+    max_new_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] = 60
+    temperature: Temperature = 0.8
+    top_p: TopP = 0.95
+    seed: Int64 | None = None
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -174,52 +271,55 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion_body(
-    rid: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    use: dict | None,
-    chunk: bool = False,
-) -> dict:
+def completion_body(rid: str, model: str, choices: list[dict], use: dict | None) -> dict:
     body = {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": choices,
     }
-    if use is not None or not chunk:
+    if use is not None:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish_reason: str | None, use: dict | None) -> dict:
+def completion_choice(index: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def chat_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:
     return {
         "id": rid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "choices": choices,
         "usage": use,
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+def chat_choice(index: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": reason,
+    }
+
+
+def chat_chunk(rid: str, model: str, choices: list[dict]) -> dict:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": choices,
     }
+
+
+def chat_chunk_choice(index: int, delta: dict, reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
 
 
 def usage_chunk(rid: str, model: str, object_: str, use: dict) -> dict:
@@ -232,3 +332,106 @@ def usage_chunk(rid: str, model: str, object_: str, use: dict) -> dict:
         "choices": [],
         "usage": use,
     }
+
+
+# ---- response models: the OpenAPI document's description of what the handlers send --------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None: the prompt's first token (nothing before it)
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length", "abort", "error"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length", "abort", "error"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length", "abort", "error"] | None
+    usage: Usage
+
+
+class Status(BaseModel):
+    status: str = Field(description="ok / ready, or starting / restarting / draining / failed")
+    model: str | None = None
+    reason: str | None = Field(default=None, description="why not, in words")

@@ -1,0 +1,70 @@
+"""What a load test measures: one record per request, and percentiles over a run.
+
+TTFT  time to first token: request sent -> first text chunk (queueing + prefill)
+TPOT  time per output token after the first: (e2e - TTFT) / (output tokens - 1)  (decode speed seen)
+e2e   request sent -> last chunk
+throughput  output tokens of all requests / wall time of the whole run
+"""
+
+import statistics
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestRecord:
+    ok: bool
+    ttft: float | None = None
+    e2e: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    text: str = ""
+    error: str | None = None
+    disconnected: bool = False  # we hung up on purpose (disconnect tests)
+
+    @property
+    def tpot(self) -> float | None:
+        if not self.ok or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    wall: float
+    records: list[RequestRecord] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        ok = [r for r in self.records if r.ok]
+        out = sum(r.output_tokens for r in ok)
+        s = {
+            "concurrency": self.concurrency,
+            "requests": len(self.records),
+            "ok": len(ok),
+            "errors": sum(1 for r in self.records if not r.ok and not r.disconnected),
+            "disconnected": sum(1 for r in self.records if r.disconnected),
+            "output_tokens": out,
+            "wall_s": self.wall,
+            "throughput_tok_s": out / self.wall if self.wall else 0.0,
+            "requests_per_s": len(ok) / self.wall if self.wall else 0.0,
+        }
+        for name, values in (
+            ("ttft", [r.ttft for r in ok]),
+            ("tpot", [r.tpot for r in ok if r.tpot is not None]),
+            ("e2e", [r.e2e for r in ok]),
+        ):
+            for q in (50, 95, 99):
+                s[f"{name}_p{q}_s"] = percentile(values, q)
+            s[f"{name}_mean_s"] = statistics.fmean(values) if values else float("nan")
+        return s

@@ -1,0 +1,94 @@
+"""/openapi.json that describes what the server really does, so schema-driven tools (clients,
+schemathesis in the tests) can trust it.
+
+FastAPI's default document claims every route answers 422 with its own validation-error shape, and that
+every response is JSON. This server answers 400 in OpenAI's shape (errors.py), streams
+text/event-stream when asked, and /metrics is Prometheus text. The request constraints come from
+protocol.py's strict models, which are what the server enforces.
+"""
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from .protocol import (
+    ChatCompletionResponse,
+    CompletionResponse,
+    ErrorResponse,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    Status,
+)
+
+# one server-sent event (as OpenAPI < 3.2 describes an event stream): `data: {chunk JSON}`, one per
+# update, then `data: [DONE]`; an error after the headers went out comes as `data: {"error": ...}`
+SSE = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
+}
+
+
+def _errors(*statuses: int) -> dict:
+    return {s: {"model": ErrorResponse} for s in statuses}
+
+
+GENERATION_ERRORS = _errors(400, 401, 404, 429, 500, 503)
+
+RESPONSES: dict[tuple[str, str], dict] = {
+    ("POST", "/v1/completions"): {
+        200: {"model": CompletionResponse, "content": SSE},
+        **GENERATION_ERRORS,
+    },
+    ("POST", "/v1/chat/completions"): {
+        200: {"model": ChatCompletionResponse, "content": SSE},
+        **GENERATION_ERRORS,
+    },
+    ("POST", "/generate"): {200: {"model": GenerateResponse}, **_errors(400, 401, 429, 500, 503)},
+    ("GET", "/v1/models"): {200: {"model": ModelList}, **_errors(401)},
+    ("GET", "/v1/models/{model}"): {200: {"model": ModelCard}, **_errors(401, 404)},
+    ("GET", "/health"): {200: {"model": Status}, 503: {"model": Status}},
+    ("GET", "/ready"): {200: {"model": Status}, 503: {"model": Status}},
+    ("GET", "/metrics"): {
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus",
+        }
+    },
+}
+
+
+def document_routes(app: FastAPI, max_n: int, max_tokens: int) -> None:
+    """Drop FastAPI's 422 from the document (the routes declare RESPONSES), and write this server's
+    limits (its batch size bounds n, its context bounds max_tokens) into the request schemas."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            schemas = schema["components"]["schemas"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            limits = {"n": max_n, "max_tokens": max_tokens, "max_completion_tokens": max_tokens}
+            limits["max_new_tokens"] = max_tokens
+            for request in ("CompletionRequest", "ChatCompletionRequest", "GenerateRequest"):
+                for name, value in limits.items():
+                    if name in schemas[request]["properties"]:
+                        set_maximum(schemas[request]["properties"][name], value)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def set_maximum(prop: dict, value: int) -> None:
+    """Lower the integer maximum of a property (in each branch of an anyOf with null)."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = min(branch.get("maximum", value), value)
