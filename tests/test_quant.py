@@ -235,7 +235,9 @@ def test_quantlinear_matches_dequantized_weight_and_is_small(bits, symmetric):
     ql = QuantLinear.from_quantized(qw, lin.bias.data)
     x = torch.randn(3, 5, 256)
     expect = torch.nn.functional.linear(x, qw.dequantize(), lin.bias.data.half().float())
-    torch.testing.assert_close(ql(x), expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ql.reference_forward(x), expect, rtol=1e-5, atol=1e-5)
+    # the fast kernel (where this CPU has one) runs in bfloat16: close to the same product, not exact
+    assert relative_error(ql(x), expect) < 1e-2
     packed_bytes = sum(b.numel() * b.element_size() for n, b in ql.named_buffers() if n != "bias")
     assert 256 * 96 * 4 / packed_bytes > 32 / bits * 0.75  # scales, zeros and g_idx cost a little
 
@@ -468,13 +470,23 @@ def test_export_load_roundtrip_matches_fake_quant(tmp_path, act_order, gs):
             if name.rsplit(".", 1)[0] not in results:
                 p.copy_(p.half().float())
     ids = calib_ids(2, 16, seed=3)
-    torch.testing.assert_close(
-        loaded(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-4
-    )
     packed = pack_model(copy.deepcopy(model), results)
-    torch.testing.assert_close(
-        packed(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
-    )
+    for quantized, reference in ((loaded, ref), (packed, model)):
+        expect = reference(input_ids=ids).logits
+        use_fast_kernels(quantized, False)  # the readable unpack path: exact up to float rounding
+        torch.testing.assert_close(quantized(input_ids=ids).logits, expect, rtol=1e-4, atol=1e-4)
+        use_fast_kernels(quantized, True)  # bfloat16 kernels: close, not exact
+        assert relative_error(quantized(input_ids=ids).logits, expect) < 2e-2
+
+
+def use_fast_kernels(model, fast: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.fast = fast
+
+
+def relative_error(actual: torch.Tensor, expect: torch.Tensor) -> float:
+    return ((actual - expect).norm() / expect.norm()).item()
 
 
 def test_export_rejects_quantized_head(tmp_path):
