@@ -84,6 +84,11 @@ def validation_message(err: dict) -> str:
         return f"The request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})."
     if len(err["loc"]) <= 1 and err["type"] in ("missing", "model_attributes_type", "dict_type"):
         return "The request body must be a JSON object, sent with Content-Type: application/json."
+    if (
+        err["type"] in ("string_too_short", "too_short")
+        and (err.get("ctx") or {}).get("min_length") == 1
+    ):
+        return f"{param_of(err['loc']) or 'body'}: must not be empty"
     message = err["msg"].removeprefix("Value error, ")
     if (err.get("ctx") or {}).get("param"):  # our own model-level checks name it in the message
         return message
