@@ -87,7 +87,9 @@ def start(spec: dict):
 
     run("warmup", [[p, 4] for p, _ in spec["workload"][:4]])
     texts = llm.generate(
-        [p for p, _ in spec["workload"][:3]], SamplingParams(temperature=0, max_tokens=24)
+        [p for p, _ in spec["workload"][:3]],
+        SamplingParams(temperature=0, max_tokens=24),
+        use_tqdm=False,  # vLLM's progress bar divides by its elapsed time, which can be 0 here
     )
     info = {
         "engine": which,
