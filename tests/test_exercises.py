@@ -81,6 +81,34 @@ def _one_short_greedy(model, prompt_ids, n):
     return labkit.engine.checks.reference_greedy_with_cache(model, prompt_ids, n - 1)
 
 
+def _gptq_divided_by_u_squared(W, U, quantize):
+    W, Q = W.clone(), torch.zeros_like(W)
+    for j in range(W.shape[1]):
+        Q[:, j] = quantize(W[:, j])
+        W[:, j + 1 :] -= ((W[:, j] - Q[:, j]) / U[j, j] ** 2)[:, None] * U[j, j + 1 :][None, :]
+    return Q
+
+
+def _awq_search(x_mean, G, W, quantize, n_grid, unscale=True, use_G=True):
+    G = G if use_G else torch.eye(len(G))
+    best = (float("inf"), 0.0, None)
+    for alpha in [i / n_grid for i in range(n_grid)]:
+        s = labkit.quant.checks.reference_awq_scales(x_mean, alpha)
+        W_hat = quantize(W * s) / s if unscale else quantize(W * s)
+        err = labkit.quant.checks.output_error(W, W_hat, G).item()
+        if err < best[0]:
+            best = (err, alpha, s)
+    return best[1], best[2]
+
+
+def _awq_search_without_unscaling(x_mean, G, W, quantize, n_grid=20):
+    return _awq_search(x_mean, G, W, quantize, n_grid, unscale=False)
+
+
+def _awq_search_on_weight_error(x_mean, G, W, quantize, n_grid=20):
+    return _awq_search(x_mean, G, W, quantize, n_grid, use_G=False)
+
+
 _Q, _E, _S = labkit.quant.checks, labkit.engine.checks, labkit.serve.checks
 EXERCISES = {
     # notebook 00
@@ -119,6 +147,20 @@ EXERCISES = {
         _Q.check_awq_scales,
         _Q.reference_awq_scales,
         [lambda m, a: m**a],  # not normalised
+    ),
+    "gptq_columns": Exercise(
+        _Q.check_gptq_columns,
+        _Q.reference_gptq_columns,
+        [
+            # RTN: no update of the remaining columns
+            lambda W, U, quantize: torch.stack([quantize(W[:, j]) for j in range(W.shape[1])], 1),
+            _gptq_divided_by_u_squared,
+        ],
+    ),
+    "awq_search": Exercise(
+        _Q.check_awq_search,
+        _Q.reference_awq_search,
+        [_awq_search_without_unscaling, _awq_search_on_weight_error],
     ),
     # notebook 03b
     "decode_tok_s": Exercise(
@@ -230,3 +272,33 @@ def test_check_accepts_the_reference_and_rejects_wrong_answers(name, capsys, req
 
     assert check(unsolved) is exercise.reference
     assert "not solved yet" in capsys.readouterr().out
+
+
+def test_gptq_columns_reference_is_labkits_gptq():
+    """The exercise's one-column-at-a-time loop gives labkit's lazy-block GPTQ (per-channel grid)."""
+    W, U, _, _ = labkit.quant.checks._gptq_problem()
+    X = torch.randn(200, 32, generator=torch.Generator().manual_seed(1))
+    H = 2 * X.t() @ X / len(X)
+    qw, _ = labkit.quant.gptq_quantize_weight(W, H, 4, granularity="channel", block_size=8)
+    Hd = H + 0.01 * torch.diag(H).mean() * torch.eye(32)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    rtn = primitives.quantize_weight(W, 4, True, "channel")
+    scale, zero = rtn.scale[:, 0], rtn.zero[:, 0]
+
+    def quantize(col):
+        return (torch.clamp(torch.round(col / scale) + zero, 0, 15) - zero) * scale
+
+    ours = labkit.quant.checks.reference_gptq_columns(W, U, quantize)
+    assert torch.allclose(ours, qw.dequantize(), atol=1e-4)
+    assert not torch.allclose(ours, rtn.dequantize(), atol=1e-4)  # and GPTQ did move something
+
+
+def test_awq_search_reference_is_labkits_search_scale():
+    from labkit.quant.awq import search_scale
+
+    x_mean, G, W, quantize = labkit.quant.checks._awq_problem()
+    alpha, s = labkit.quant.checks.reference_awq_search(x_mean, G, W, quantize, 20)
+    qargs = dict(bits=3, symmetric=False, granularity="group", group_size=16)
+    s_lab, alpha_lab = search_scale(x_mean, G, [W], qargs, 20)
+    assert alpha == alpha_lab and alpha > 0
+    assert torch.allclose(s, s_lab, atol=1e-5)
