@@ -21,11 +21,8 @@ Writes results/roofline.json and the committed record benchmarks/results/rooflin
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +36,7 @@ from labkit.data import heldout_ids
 from labkit.engine import LLMEngine, SamplingParams
 from labkit.model import load_model
 from labkit.quant import QuantLinear, pack_model, rtn_quantize_model
-from labkit.results import save_result
+from labkit.results import save_record
 from labkit.roofline import (
     decode_bound,
     flops_per_token,
@@ -118,31 +115,6 @@ def first_difference(reference, prompt, ref_tokens, fast_tokens) -> dict | None:
                 "reference_logit_spread": float(logits.max() - logits.min()),
             }
     return None
-
-
-def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-    }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main():
@@ -277,27 +249,21 @@ def main():
         print(f"{'PASS' if ok else 'MISS'}  {k}")
 
     load_after = os.getloadavg()
-    record = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": git_commit(),
-        "machine": machine(),
+    context = {
         "load_average_before_after": [load_before, load_after],
         "model": args.model,
         "decode_loop": "labkit.engine.LLMEngine (paged KV cache, fast layers; QuantLinear kernels)",
         "settings": vars(args),
+    }
+    figures = {
         "bandwidth_bytes_per_s": bandwidth,
         "matmul_flop_per_s": flop_rate,
-        "figures": figures,
+        "decode": figures,
         "ratios": ratios,
         "fp32_fraction_of_bound": fp32_fraction,
         "greedy": greedy,
-        "targets_met": targets,
     }
-    save_result("roofline", record)
-    out = ROOT / "benchmarks" / "results" / "roofline.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    print("wrote", out)
+    print("wrote", save_record("roofline", figures, targets, **context))
 
 
 if __name__ == "__main__":

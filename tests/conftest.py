@@ -26,6 +26,7 @@ MARKS = {
     # the course model through the engine: 25-50 s of CPU per test measured on 2 busy cores
     "test_engine.py": ("slow",),
     "test_engine_requests.py": ("slow",),
+    "test_golden.py": ("slow",),
 }
 
 
