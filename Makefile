@@ -35,8 +35,13 @@ lab: setup
 TEST_DEPS :=
 -include mk/*.mk
 
+# Two pytest workers: the suite is mostly single-threaded work (one notebook, one server, one engine at a
+# time), so a second worker roughly halves it on 2 cores. Each notebook (and each test module) stays on one
+# worker, its cells in order (--dist loadscope); tests/conftest.py gives every worker one torch thread.
+# `make test PYTEST_WORKERS=0` runs everything in this one process, as before.
+PYTEST_WORKERS ?= 2
 test: setup $(TEST_DEPS)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadscope)
 
 # The quick check while you work: labkit's unit tests, without notebooks, servers, separate venvs or the
 # slow tests (markers in pyproject.toml, applied in tests/conftest.py). About a minute or two.

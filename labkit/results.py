@@ -32,7 +32,10 @@ def save_result(name: str, data: dict) -> str:
         **data,
     }
     path = RESULTS_DIR / f"{name}.json"
-    path.write_text(json.dumps(record, indent=2, default=float))
+    # write, then rename: a notebook reading it (09 reads 07's) never sees a half-written file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, default=float))
+    os.replace(tmp, path)
     return str(path)
 
 
