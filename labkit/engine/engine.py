@@ -257,7 +257,9 @@ class LLMEngine:
         seq.pending_forks = 0
         return samples
 
-    def _sample(self, logits: torch.Tensor, draws: list[tuple[Sequence, int]]) -> list:
+    def _sample(
+        self, logits: torch.Tensor, draws: list[tuple[Sequence, int]]
+    ) -> list[int | Exception]:
         """One token per draw, sampled together; if that fails, each draw alone, so that only the
         failing ones get an exception instead of a token."""
         if not draws:
@@ -266,10 +268,10 @@ class LLMEngine:
         # the common step (one sample per row, in order) needs no gather
         rows = logits if index == list(range(len(logits))) else logits[index]
         params, gens = [s.params for s, _ in draws], [s.generator for s, _ in draws]
+        tokens: list[int | Exception] = []
         try:
-            return sample(rows, params, gens, self.generator)
+            tokens += sample(rows, params, gens, self.generator)
         except Exception:
-            tokens = []
             for i in range(len(draws)):
                 try:
                     tokens += sample(
@@ -277,7 +279,7 @@ class LLMEngine:
                     )
                 except Exception as e:
                     tokens.append(e)
-            return tokens
+        return tokens
 
     def _advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> StepOutput:
         """Append a sampled token (logits [1, V]: what it was sampled from) and check the stop conditions."""
@@ -311,9 +313,12 @@ class LLMEngine:
 
     def _record_prompt_logprobs(self, seq: Sequence, chunk: ScheduledChunk, logits: torch.Tensor):
         """logits [len(positions), V] at this chunk's prompt-logprob positions: position p scores p + 1."""
+        recorded, k = seq.prompt_logprobs, seq.params.prompt_logprobs
+        # a chunk has prompt-logprob positions only for a sequence that asked for them
+        assert recorded is not None and k is not None
         positions = chunk.prompt_logprob_positions
         targets = seq.token_ids[positions.start + 1 : positions.stop + 1]
-        seq.prompt_logprobs += token_logprobs(logits, targets, seq.params.prompt_logprobs)
+        recorded += token_logprobs(logits, targets, k)
 
     def _finish_scoring(self, seq: Sequence) -> list[StepOutput]:
         """A max_tokens=0 request is done once its prompt is scored: one output per sample."""

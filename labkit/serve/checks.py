@@ -123,7 +123,7 @@ def reference_histogram_quantile(q: float, buckets: list[tuple[float, float]]) -
 
 def check_histogram_quantile(student: Callable) -> Callable:
     inf = float("inf")
-    cases = [
+    cases: list[tuple[float, list[tuple[float, float]]]] = [
         (0.5, [(1.0, 0), (2.0, 10), (inf, 10)]),  # all in (1, 2]: the median is 1.5
         (0.95, [(10.0, 0), (30.0, 60), (inf, 60)]),  # the alert-rule test case: 29
         (0.9, [(0.1, 50), (0.5, 90), (1.0, 100), (inf, 100)]),

@@ -25,6 +25,7 @@ from labkit.paths import REPO_ROOT
 from .app import create_app
 from .draining import DrainingServer
 from .engine_args import DTYPES, EngineArgs
+from .engine_client import EngineClient
 from .engine_process import EngineProcess
 from .engine_thread import EngineThread
 
@@ -212,16 +213,19 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("labkit.serve").setLevel(logging.INFO)
     spec = engine_args(args)
+    engine: EngineClient
     if args.engine_mode == "process":
         # started first: the child loads the model while this process loads the tokenizer
-        engine = EngineProcess(
+        process = EngineProcess(
             spec, max_restarts=args.max_engine_restarts, restart_window=args.restart_window
         )
         tokenizer = spec.load_tokenizer()
-        engine.wait_ready()
+        engine = process.wait_ready()
+        where = f" (pid {process.pid})"
     else:
         llm_engine = spec.build_engine()
         engine, tokenizer = EngineThread(llm_engine), llm_engine.tokenizer
+        where = ""
     app = create_app(
         engine,
         tokenizer,
@@ -242,8 +246,7 @@ def main(argv=None) -> int:
     print(
         f"labkit serve: {config.host}:{config.port} model={app.state.server.model_name} "
         f"kv_blocks={engine.limits.num_blocks} max_num_seqs={engine.limits.max_num_seqs} "
-        f"engine={args.engine_mode}"
-        + (f" (pid {engine.pid})" if args.engine_mode == "process" else ""),
+        f"engine={args.engine_mode}{where}",
         flush=True,
     )
     try:

@@ -272,7 +272,7 @@ TASKS = {
 
 
 # every option a task reads, with its default; a request overrides any of them
-OPTIONS = {
+OPTIONS: dict[str, object] = {
     "model": None,
     "out": "",
     "bits": 4,
