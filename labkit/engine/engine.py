@@ -26,7 +26,7 @@ import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .kv_cache import KVShape, PagedKVCache, default_num_blocks, kv_bytes_per_token
+from .kv_cache import KVShape, PagedKVCache, default_num_blocks
 from .model_runner import ModelRunner, check_supported
 from .sampling import SamplingParams, TokenLogprob, is_int, sample, token_logprobs
 from .scheduler import ScheduledChunk, Scheduler
@@ -76,7 +76,6 @@ class LLMEngine:
         )
         self.block_size = config.block_size
         self.cache = PagedKVCache(self.kv_shape, num_blocks, self.block_size, dtype, self.device)
-        self.kv_bytes_per_token = kv_bytes_per_token(self.kv_shape, dtype)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config)
         self.runner = ModelRunner(model, self.cache)
@@ -287,7 +286,6 @@ class LLMEngine:
         logprobs = None
         if seq.params.logprobs is not None:
             logprobs = token_logprobs(logits, [token], seq.params.logprobs)
-            seq.cumulative_logprob += logprobs[0].logprob
         first_of_request = seq.index == 0 and seq.num_output_tokens == 1
         reason = self._finish_reason(seq, token)
         if reason:

