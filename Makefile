@@ -5,6 +5,10 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The environments (the course venv, then vLLM's, the quantization libraries', lm-eval's, the Debian tools
+# and the model conversion) are independent: make builds them side by side. Set-up is mostly downloads and
+# unpacking, so this roughly halves it; `make -j1 test` builds one at a time.
+MAKEFLAGS += --jobs=4
 
 .PHONY: setup lab test unit lint deadcode notebooks check-notebooks clean
 
@@ -31,8 +35,13 @@ lab: setup
 TEST_DEPS :=
 -include mk/*.mk
 
+# Two pytest workers: the suite is mostly single-threaded work (one notebook, one server, one engine at a
+# time), so a second worker roughly halves it on 2 cores. Each notebook (and each test module) stays on one
+# worker, its cells in order (--dist loadscope); tests/conftest.py gives every worker one torch thread.
+# `make test PYTEST_WORKERS=0` runs everything in this one process, as before.
+PYTEST_WORKERS ?= 2
 test: setup $(TEST_DEPS)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadscope)
 
 # The quick check while you work: labkit's unit tests, without notebooks, servers, separate venvs or the
 # slow tests (markers in pyproject.toml, applied in tests/conftest.py). About a minute or two.

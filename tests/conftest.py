@@ -4,6 +4,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the course must never need the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-core machine: one torch thread each (inherited by the notebooks'
+    # kernels and the servers they start), so two busy workers never fight over cores with spinning threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Which tests `make unit` leaves out, in one place (the markers are declared in pyproject.toml):
 #   server    starts a server or an engine process (ports, subprocesses, signals)
@@ -26,6 +33,7 @@ MARKS = {
     # the course model through the engine: 25-50 s of CPU per test measured on 2 busy cores
     "test_engine.py": ("slow",),
     "test_engine_requests.py": ("slow",),
+    "test_golden.py": ("slow",),
 }
 
 

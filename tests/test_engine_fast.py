@@ -16,6 +16,7 @@ from labkit.engine.fast_layers import (
     prepacked_linear,
 )
 from labkit.quant import pack_model, rtn_quantize_model
+from labkit.quant.qlinear import fused_kernel
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,27 @@ def test_layer_pieces_match_the_model_modules(model_tok):
     assert fast_rms_norm(torch.nn.LayerNorm(4)).__class__ is torch.nn.LayerNorm
 
 
-def test_engine_runs_packed_quantlinear_models_through_their_own_modules(model_tok):
+def test_quantlinear_projections_fuse_into_one_kernel_with_the_same_outputs(model_tok):
+    model, _ = model_tok
+    qmodel = copy.deepcopy(model)
+    pack_model(qmodel, rtn_quantize_model(qmodel, bits=4, group_size=128))
+    attn, mlp = qmodel.model.layers[0].self_attn, qmodel.model.layers[0].mlp
+    x = torch.randn(3, attn.q_proj.in_features, generator=torch.Generator().manual_seed(0))
+    for group in ([attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]):
+        assert fused_kernel(group) is not None  # one packed weight for the group
+        for got, module in zip(fused_linear(group)(x), group):
+            torch.testing.assert_close(got, module(x), rtol=1e-2, atol=1e-2)
+    # a layer without a fast kernel (the readable unpack path forced) is not fused: each runs its own
+    attn.k_proj.fast = False
+    assert fused_kernel([attn.q_proj, attn.k_proj, attn.v_proj]) is None
+    for got, module in zip(
+        fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])(x),
+        (attn.q_proj, attn.k_proj, attn.v_proj),
+    ):
+        torch.testing.assert_close(got, module(x))
+
+
+def test_engine_runs_packed_quantlinear_models_like_generate(model_tok):
     model, tok = model_tok
     qmodel = copy.deepcopy(model)
     pack_model(qmodel, rtn_quantize_model(qmodel, bits=4, group_size=128))

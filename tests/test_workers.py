@@ -5,6 +5,7 @@ test_vllm_gptq.py and test_quant_libs.py."""
 
 import io
 import json
+import subprocess
 import sys
 import textwrap
 from contextlib import redirect_stdout
@@ -20,6 +21,7 @@ from labkit.workers.protocol import MARK, encode_request, parse_answer, serve
 # protocol.py is standard library only, so the stand-in imports it without labkit (and torch): it starts
 # in a fraction of a second
 STAND_IN = """
+import subprocess
 import sys
 import time
 
@@ -122,3 +124,9 @@ def test_a_bench_worker_runs_labkit_engine_twice():
     assert [len(t) for t in first["token_ids"]] == [6, 3]
     assert first["token_ids"] == second["token_ids"]  # greedy: the same tokens every run
     assert first["output_tokens"] == 9 and first["tokens_per_s"] > 0
+
+
+def test_the_worker_protocol_imports_without_torch():
+    """llama.cpp's venv has no torch: `labkit.workers.protocol` (and labkit's package) must not need it."""
+    code = "import sys, labkit.workers.protocol; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

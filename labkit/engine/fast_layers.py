@@ -6,6 +6,8 @@ two for every model):
 - fuse the projections that read the same input: q, k and v become one [q+k+v, hidden] matmul, gate and up
   one [2 x mlp, hidden] matmul; 7 matmuls per layer become 4;
 - on a CPU, let oneDNN re-lay each fused weight out once into its blocked format (`prepacked_linear`);
+- the same fusion for 4-/8-bit QuantLinears that share a fast kernel (one packed weight, one activation
+  conversion to bfloat16 instead of three);
 - RMSNorm as one fused op (`F.rms_norm`) and the rotary cos/sin as a table lookup by position.
 Anything this does not recognise (a quantized `QuantLinear`, another norm, a dynamic rotary scaling) keeps
 running through the model's own module, so the runner works on every model it worked on before.
@@ -15,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ..quant.qlinear import QuantLinear, fused_kernel
 
 KNOWN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 STATIC_ROPE = {"default", "linear", "llama3"}  # cos/sin depend on the position only: a table works
@@ -46,7 +50,13 @@ def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> 
 
 def fused_linear(modules: list) -> Callable:
     """One callable x -> tuple of each module's output. Plain `nn.Linear`s are concatenated into one weight
-    (and pre-packed on a CPU); anything else is called one by one."""
+    (and pre-packed on a CPU); QuantLinears with the same fast kernel into one packed low-bit weight;
+    anything else is called one by one."""
+    sizes = [m.out_features for m in modules]
+    if len(modules) > 1 and all(isinstance(m, QuantLinear) for m in modules):
+        fused = fused_kernel(modules)
+        if fused is not None:
+            return lambda x: fused(x).split_with_sizes(sizes, dim=-1)
     if not all(type(m) is torch.nn.Linear for m in modules):
         return lambda x: tuple(m(x) for m in modules)
     weight = torch.cat([m.weight.detach() for m in modules])
@@ -58,7 +68,6 @@ def fused_linear(modules: list) -> Callable:
                 for m in modules
             ]
         )
-    sizes = [m.out_features for m in modules]
     run = prepacked_linear(weight, bias) or (lambda x: F.linear(x, weight, bias))
     if len(modules) == 1:
         return lambda x: (run(x),)

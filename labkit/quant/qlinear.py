@@ -11,6 +11,8 @@ device the layer is on) and falls back to the reference path otherwise; `kernel_
 Pass fast=False to always unpack, cache=True to keep the dequantized weight (memory back to float).
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -154,3 +156,32 @@ class QuantLinear(nn.Module):
             f"groups={self.scales.shape[0]}, bias={self.bias is not None}, "
             f"kernel={self._kernel[1] if self._kernel else 'not built yet'}"
         )
+
+
+def fused_kernel(layers: list["QuantLinear"]) -> Callable | None:
+    """One fast kernel for several QuantLinears that read the same input (q/k/v; gate/up): their codes
+    stacked along the output dimension, so a decode step converts the activation once and runs one
+    matmul instead of three (the split is the caller's). None where the layers' kernels differ (bits,
+    groups, act-order) or no kernel applies: then each layer runs its own forward."""
+    first = layers[0]
+    if not all(
+        isinstance(m, QuantLinear)
+        and m.fast
+        and not m.cache
+        and m.bits == first.bits
+        and m.in_features == first.in_features
+        and m.scales.shape[0] == first.scales.shape[0]
+        and torch.equal(m.g_idx, first.g_idx)
+        and m.kernel() is not None
+        for m in layers
+    ):
+        return None
+    parts = [unpack_gptq(m.qweight, m.qzeros, m.scales, m.g_idx, m.bits) for m in layers]
+    q, zero, scale = (torch.cat([p[i] for p in parts]) for i in range(3))  # each [sum(out), ...]
+    bias = None
+    if any(m.bias is not None for m in layers):
+        bias = torch.cat(
+            [m.bias if m.bias is not None else m.scales.new_zeros(m.out_features) for m in layers]
+        ).float()
+    built = build_kernel(q, zero, scale, first.g_idx, first.bits, bias)
+    return None if built is None else built[1]

@@ -1,0 +1,24 @@
+"""llama.cpp's batch-1 decode speed on a GGUF file, from the main venv: llama_worker in .venv-llama."""
+
+from .client import run_worker
+from .venvs import LLAMA_PYTHON
+
+
+def llama_available() -> tuple[bool, str]:
+    """(True, the llama.cpp venv's python) or (False, what to run to build it)."""
+    if not LLAMA_PYTHON.exists():
+        return False, f"{LLAMA_PYTHON} not found: build it with `make llama` (mk/llama.mk)"
+    return True, str(LLAMA_PYTHON)
+
+
+def decode_speed(
+    gguf, prompt_ids: list[int], new_tokens: int, threads: int, rounds: int = 3
+) -> dict:
+    """{'tokens_per_s': [one per round], 'token_ids': greedy ids, ...} measured by llama_worker."""
+    ok, why = llama_available()
+    if not ok:
+        raise RuntimeError(why)
+    request = dict(
+        gguf=str(gguf), prompt_ids=prompt_ids, new_tokens=new_tokens, threads=threads, rounds=rounds
+    )
+    return run_worker(LLAMA_PYTHON, "labkit.workers.llama_worker", request, timeout=600)
