@@ -356,7 +356,9 @@ def _allocation_cases():
 def check_allocate_blocks(student, block_size: int = 2):
     def test(fn):
         for name, prompts, hash_fn, hint in _allocation_cases():
-            mine, theirs = ({}, list(range(100, 120))), ({}, list(range(100, 120)))
+            # (prefix cache: hash -> (block id, key), free block ids), one copy per side
+            mine: tuple[dict, list[int]] = ({}, list(range(100, 120)))
+            theirs: tuple[dict, list[int]] = ({}, list(range(100, 120)))
             for prompt in prompts:
                 want = reference_allocate_blocks(prompt, block_size, *mine, hash_fn)
                 got = fn(list(prompt), block_size, *theirs, hash_fn)
