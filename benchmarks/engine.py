@@ -37,6 +37,7 @@ from labkit.engine.kv_budget import (
     run_static_contiguous,
     sharegpt_like_lengths,
 )
+from labkit.engine.kv_cache import KVShape, kv_bytes_per_token
 from labkit.engine.vllm_runner import PairedRunner, vllm_available
 from labkit.engine.workload import mixed_workload, run_engine
 from labkit.results import save_record
@@ -160,10 +161,10 @@ def main(argv=None):
     )
     budget_workload = build_workload(heldout_ids(tok, None), lengths)
     budget = args.kv_budget_tokens
-    probe = LLMEngine(model, tok, EngineConfig(num_blocks=1))
     out["equal_memory"] = {
         "kv_budget_tokens": budget,
-        "kv_budget_bytes": budget * probe.kv_bytes_per_token,
+        "kv_budget_bytes": budget
+        * kv_bytes_per_token(KVShape.of(model), next(model.parameters()).dtype),
         "requests": args.budget_requests,
         "length_scale": args.length_scale,
         "max_tokens": args.max_tokens,
@@ -171,7 +172,6 @@ def main(argv=None):
         "mean_output": statistics.mean(o for _, o in lengths),
         **ceilings(budget_workload, args.max_tokens, budget),
     }
-    del probe
     static_runs, paged_runs = [], []
     for r in range(args.repeats):
         static_runs.append(

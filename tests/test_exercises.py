@@ -1,4 +1,5 @@
 import inspect
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,6 +110,42 @@ def _awq_search_on_weight_error(x_mean, G, W, quantize, n_grid=20):
     return _awq_search(x_mean, G, W, quantize, n_grid, use_G=False)
 
 
+def _schedule_waiting_first(running, waiting, free, bs, max_seqs, budget):  # admits before decoding
+    chunks, preempted, free = _E.reference_schedule(
+        [], waiting, free, bs, max_seqs - len(running), budget
+    )
+    more, pre2, free = _E.reference_schedule(running, [], free, bs, max_seqs, budget)
+    return chunks + more, preempted + pre2, free
+
+
+def _schedule_oldest_victim(running, waiting, free, bs, max_seqs, budget):  # preempts the oldest
+    out = _E.reference_schedule(running[::-1], waiting, free, bs, max_seqs, budget)
+    running.reverse()
+    return out
+
+
+def _allocate_unverified(tokens, bs, cache, free, hash_fn=hash):  # trusts the hash alone
+    table, parent, cached = [], None, 0
+    for i in range(-(-len(tokens) // bs)):
+        key = (parent, tuple(tokens[i * bs : (i + 1) * bs]))
+        hit = cache.get(hash_fn(key))
+        if i == cached // bs and i < (len(tokens) - 1) // bs and hit is not None:
+            table.append(hit[0])
+            cached += bs
+        else:
+            table.append(free.pop(0))
+            if len(key[1]) == bs and hash_fn(key) not in cache:
+                cache[hash_fn(key)] = (table[-1], key)
+        parent = hash_fn(key)
+    return table, cached
+
+
+def _allocate_no_parent(tokens, bs, cache, free, hash_fn=hash):  # a block named by its tokens only
+    return _E.reference_allocate_blocks(
+        tokens, bs, cache, free, lambda key: hash_fn((None, key[1]))
+    )
+
+
 _Q, _E, _S = labkit.quant.checks, labkit.engine.checks, labkit.serve.checks
 EXERCISES = {
     # notebook 00
@@ -196,6 +233,27 @@ EXERCISES = {
         _E.reference_static_batch_work,
         [lambda lengths, bs: sum(lengths)],  # that is continuous batching's work
     ),
+    "schedule": Exercise(
+        _E.check_schedule,
+        _E.reference_schedule,
+        [_schedule_waiting_first, _schedule_oldest_victim],
+    ),
+    "allocate_blocks": Exercise(
+        _E.check_allocate_blocks,
+        _E.reference_allocate_blocks,
+        [_allocate_no_parent, _allocate_unverified],
+    ),
+    # notebook 06
+    "kv_cache_blocks": Exercise(
+        _E.check_kv_cache_blocks,
+        _E.reference_kv_cache_blocks,
+        [
+            lambda mem, layers, heads, dim, bs, nbytes: mem // (layers * heads * dim * bs * nbytes),
+            lambda mem, layers, heads, dim, bs, nbytes: (
+                -(-mem // (2 * layers * heads * dim * bs * nbytes))
+            ),
+        ],  # K only; rounded up
+    ),
     # notebooks 07-09
     "parse_sse": Exercise(
         _S.check_parse_sse,
@@ -213,6 +271,14 @@ EXERCISES = {
                 "e2e": t[-1] - sent,
             }
         ],
+    ),
+    "poisson_arrivals": Exercise(
+        _S.check_poisson_arrivals,
+        _S.reference_poisson_arrivals,
+        [
+            lambda rate, n, seed=0: [(i + 1) / rate for i in range(n)],  # evenly spaced
+            lambda rate, n, seed=0: [random.Random(seed).expovariate(1 / rate) for _ in range(n)],
+        ],  # the gaps, not the times, and the mean taken for the rate
     ),
     "histogram_quantile": Exercise(
         _S.check_histogram_quantile,
@@ -302,3 +368,31 @@ def test_awq_search_reference_is_labkits_search_scale():
     s_lab, alpha_lab = search_scale(x_mean, G, [W], qargs, 20)
     assert alpha == alpha_lab and alpha > 0
     assert torch.allclose(s, s_lab, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", range(len(_E._schedule_cases())))
+def test_schedule_exercise_mirrors_the_engines_scheduler(case):
+    """The notebook's plain-data scheduler step makes the same decisions as labkit's Scheduler."""
+    from labkit.engine import SamplingParams
+    from labkit.engine.block_manager import BlockManager
+    from labkit.engine.scheduler import Scheduler
+    from labkit.engine.sequence import Sequence, Status
+
+    running, waiting, free, bs, max_seqs, budget, _ = _E._schedule_cases()[case]
+    held = sum(s.num_blocks for s in running)
+    bm = BlockManager(free + held, bs, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=max_seqs, max_num_batched_tokens=budget)
+    for i, s in enumerate(running + waiting):
+        seq = Sequence(s.name, list(range(s.num_tokens)), s.num_tokens, SamplingParams(), i)
+        if s in running:
+            seq.block_table = [bm._take_free_block() for _ in range(s.num_blocks)]
+            seq.num_computed_tokens, seq.status = s.num_computed, Status.RUNNING
+            sched.running.append(seq)
+        else:
+            sched.add(seq)
+    chunks = sched.schedule()
+    want_chunks, _, want_free = _E.reference_schedule(running, waiting, free, bs, max_seqs, budget)
+    assert [(c.seq.request_id, c.num_tokens) for c in chunks] == want_chunks
+    assert bm.num_free == want_free
+    assert [s.request_id for s in sched.running] == [s.name for s in running]
+    assert [s.request_id for s in sched.waiting] == [s.name for s in waiting]

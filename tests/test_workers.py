@@ -128,5 +128,7 @@ def test_a_bench_worker_runs_labkit_engine_twice():
 
 def test_the_worker_protocol_imports_without_torch():
     """llama.cpp's venv has no torch: `labkit.workers.protocol` (and labkit's package) must not need it."""
-    code = "import sys, labkit.workers.protocol; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, labkit.workers.protocol; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

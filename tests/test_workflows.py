@@ -74,6 +74,8 @@ def test_gpu_job_runs_every_notebook_on_a_gpu_runner():
     assert (ROOT / ".ci" / "gpu").stat().st_mode & 0o111, ".ci/gpu must be executable"
     assert "nvidia-smi" in script and "torch.cuda.is_available()" in script
     assert re.search(r"pytest solutions notebooks -m notebook", script)
+    # vLLM runs labkit's GPTQ export there for real: a skip (no kernel, no venv) fails the job
+    assert "LABKIT_REQUIRE_VLLM_GPTQ=1 .venv/bin/python -m pytest tests/test_vllm_gptq.py" in script
 
 
 def test_ci_run_lints_before_testing():

@@ -150,7 +150,9 @@ def build_prefill_batch(
     """Sequence b runs tokens at positions starts[b] .. starts[b] + lengths[b] - 1 (a prompt or a chunk of one)."""
     max_q = max(lengths)
     max_blocks = -(-max(s + n for s, n in zip(starts, lengths)) // block_size)
-    pad_index, padded_tables, qpos = [], [], []
+    pad_index: list[int] = []
+    padded_tables: list[list[int]] = []
+    qpos: list[list[int]] = []
     for b, (start, n, table) in enumerate(zip(starts, lengths, tables)):
         pad_index += range(b * max_q, b * max_q + n)
         need = -(-(start + n) // block_size)

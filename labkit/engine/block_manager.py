@@ -111,7 +111,7 @@ class BlockManager:
             seq.block_hashes.append(hash(self.key_of[block]))
         for _ in range(self.blocks_needed(seq.num_tokens) - len(cached)):
             seq.block_table.append(self._take_free_block())
-        seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * self.block_size
+        seq.num_computed_tokens = len(cached) * self.block_size
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` shares all of `parent`'s blocks (and what is computed in them); see copy_on_write."""

@@ -1,6 +1,9 @@
 """Exercise checks for notebooks 04-06 (see labkit.checks: each returns the student's function if it is
 right, else labkit's reference, so the notebook always runs to the end)."""
 
+import copy
+from dataclasses import dataclass
+
 import torch
 
 from ..checks import ExerciseFailure, expect_close, run_check
@@ -111,3 +114,293 @@ def check_static_batch_work(student):
                 )
 
     return run_check("static_batch_work", student, reference_static_batch_work, test)
+
+
+# ---- notebook 05: the scheduler's step, over plain data ---------------------------------------------
+@dataclass
+class SeqState:
+    """What the scheduler needs to know of a sequence: `num_tokens` known (prompt + generated so far),
+    `num_computed` of them already in the KV cache, and `num_blocks` KV blocks held."""
+
+    name: str
+    num_tokens: int
+    num_computed: int = 0
+    num_blocks: int = 0
+
+
+def reference_schedule(running, waiting, free_blocks, block_size, max_num_seqs, token_budget):
+    """One step of labkit/engine/scheduler.py (no prefix cache, one sample per request), over SeqStates.
+
+    running: list[SeqState], oldest first; waiting: list[SeqState], first come first; both are updated
+    in place (blocks taken, preempted sequences moved to the front of `waiting`, admitted ones to the
+    end of `running`). Returns (chunks, preempted, free_blocks): chunks is [(name, num_tokens)] in
+    scheduling order, preempted the names preempted, newest first; free_blocks what is left."""
+    chunks, preempted, scheduled = [], [], set()
+    for seq in list(running):
+        if token_budget == 0:
+            break
+        if seq not in running:  # preempted earlier in this step
+            continue
+        n = min(seq.num_tokens - seq.num_computed, token_budget)
+        need = -(-(seq.num_computed + n) // block_size) - seq.num_blocks
+        while need > free_blocks:  # preempt the newest sequence not yet scheduled (maybe `seq`)
+            victim = next(s for s in reversed(running) if s.name not in scheduled)
+            running.remove(victim)
+            free_blocks += victim.num_blocks
+            victim.num_blocks = victim.num_computed = 0
+            waiting.insert(0, victim)
+            preempted.append(victim.name)
+            if victim is seq:
+                break
+        if seq not in running:
+            continue
+        free_blocks -= need
+        seq.num_blocks += need
+        chunks.append((seq.name, n))
+        scheduled.add(seq.name)
+        token_budget -= n
+    while waiting and not preempted and token_budget > 0 and len(running) < max_num_seqs:
+        seq = waiting[0]
+        need = -(-seq.num_tokens // block_size)  # blocks for all its tokens, at admission
+        if need > free_blocks:
+            break  # first come, first served: nobody overtakes it
+        waiting.pop(0)
+        free_blocks -= need
+        seq.num_blocks = need
+        running.append(seq)
+        n = min(seq.num_tokens - seq.num_computed, token_budget)
+        chunks.append((seq.name, n))
+        scheduled.add(seq.name)
+        token_budget -= n
+    return chunks, preempted, free_blocks
+
+
+# (running, waiting, free_blocks, block_size, max_num_seqs, token_budget, what a wrong answer missed)
+def _schedule_cases():
+    S = SeqState
+    return [
+        (
+            [S("a", 20, 19, 2), S("b", 9, 8, 1)],
+            [S("c", 12), S("d", 5)],
+            10,
+            16,
+            8,
+            64,
+            "running sequences decode first (one token each), then waiting ones are admitted in order",
+        ),
+        (
+            [S("a", 30, 29, 2)],
+            [S("c", 100), S("d", 4)],
+            20,
+            16,
+            8,
+            40,
+            "a prompt longer than what is left of the token budget gets only that much this step "
+            "(chunked prefill), and the budget then stops admission",
+        ),
+        (
+            [S("a", 33, 32, 2), S("b", 17, 16, 1)],
+            [S("c", 5)],
+            1,
+            16,
+            8,
+            64,
+            "each sequence crossing into a new block takes one; with none left, preempt the *newest* "
+            "running sequence (not the oldest), and admit nobody in a step that preempted",
+        ),
+        (
+            [S("a", 33, 32, 2), S("b", 40, 32, 2)],
+            [],
+            0,
+            16,
+            8,
+            64,
+            "when the newest sequence is the one that needs a block, it preempts itself: it goes back to "
+            "the front of the queue and is not scheduled",
+        ),
+        (
+            [],
+            [S("c", 200), S("d", 3)],
+            4,
+            16,
+            8,
+            512,
+            "first come, first served: a sequence that does not fit blocks the ones behind it",
+        ),
+        (
+            [S("a", 6, 5, 1), S("b", 6, 5, 1)],
+            [S("c", 3), S("d", 3)],
+            10,
+            16,
+            3,
+            64,
+            "at most max_num_seqs sequences run at once, those already running included",
+        ),
+    ]
+
+
+def _state(seqs):
+    return [(s.name, s.num_tokens, s.num_computed, s.num_blocks) for s in seqs]
+
+
+def check_schedule(student):
+    def test(fn):
+        for running, waiting, free, bs, max_seqs, budget, hint in _schedule_cases():
+            mine = copy.deepcopy((running, waiting))
+            want = reference_schedule(*mine, free, bs, max_seqs, budget)
+            theirs = copy.deepcopy((running, waiting))
+            got = fn(*theirs, free, bs, max_seqs, budget)
+            if got is None:
+                raise ExerciseFailure("returned None (did you forget `return`?)")
+            chunks, preempted, left = got
+            args = f"running={_state(running)}, waiting={_state(waiting)}, free_blocks={free}"
+            if [tuple(c) for c in chunks] != want[0] or list(preempted) != want[1]:
+                raise ExerciseFailure(
+                    f"schedule({args}, block_size={bs}, max_num_seqs={max_seqs}, "
+                    f"token_budget={budget}):\n    expected chunks {want[0]}, preempted {want[1]};"
+                    f"\n    got      chunks {list(chunks)}, preempted {list(preempted)}.\n    Hint: {hint}"
+                )
+            if (
+                left != want[2]
+                or _state(theirs[0]) != _state(mine[0])
+                or _state(theirs[1]) != _state(mine[1])
+            ):
+                raise ExerciseFailure(
+                    f"schedule({args}): the right chunks, but the bookkeeping differs: expected "
+                    f"free_blocks={want[2]}, running={_state(mine[0])}, waiting={_state(mine[1])}; got "
+                    f"free_blocks={left}, running={_state(theirs[0])}, waiting={_state(theirs[1])} "
+                    "(a preempted sequence gives back its blocks and restarts from 0 computed tokens)"
+                )
+
+    return run_check("schedule", student, reference_schedule, test)
+
+
+# ---- notebook 05: block allocation with a prefix cache -----------------------------------------------
+def reference_allocate_blocks(token_ids, block_size, cache, free_blocks, hash_fn=hash):
+    """Block table for a new prompt, reusing cached full blocks (labkit/engine/block_manager.py).
+
+    A full block's key is (hash of the key of the block before it, or None for the first; its tokens as
+    a tuple); `cache` maps hash_fn(key) -> (block id, key). Look up the prompt's leading full blocks in
+    order, never the block holding the last token (its forward pass gives the next token's logits); a
+    hit must have the same key (a hash can collide); stop at the first miss. Take the other blocks from
+    the front of `free_blocks` and register the new *full* blocks in `cache` (unless their hash is
+    taken).
+    Returns (block_table, num_cached_tokens)."""
+    table, parent, cached = [], None, 0
+    num_blocks = -(-len(token_ids) // block_size)
+    lookups = (len(token_ids) - 1) // block_size
+    for i in range(num_blocks):
+        tokens = tuple(token_ids[i * block_size : (i + 1) * block_size])
+        key = (parent, tokens)
+        hit = cache.get(hash_fn(key))
+        if i == cached // block_size and i < lookups and hit is not None and hit[1] == key:
+            table.append(hit[0])
+            cached += block_size
+        else:
+            block = free_blocks.pop(0)
+            table.append(block)
+            if len(tokens) == block_size and hash_fn(key) not in cache:
+                cache[hash_fn(key)] = (block, key)
+        parent = hash_fn(key)
+    return table, cached
+
+
+def _weak_hash(key):  # collides on purpose: blocks with the same token sum
+    return (key[0] or 0) * 31 + sum(key[1]) % 97
+
+
+def _allocation_cases():
+    """(name, [prompts allocated in turn], hash_fn, what a wrong answer missed)"""
+    return [
+        (
+            "a fresh cache",
+            [[1, 2, 3, 4, 5, 6]],
+            hash,
+            "a new prompt takes ceil(len / block_size) blocks",
+        ),
+        (
+            "a shared prefix",
+            [[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 9, 9]],
+            hash,
+            "the second prompt reuses the first two full blocks (and registers only full blocks)",
+        ),
+        (
+            "the same block after a different prefix",
+            [[1, 2, 3, 4, 5], [9, 9, 3, 4, 5]],
+            hash,
+            "a block's key includes the hash of the block before it: the same tokens after another "
+            "prefix have other keys and values",
+        ),
+        (
+            "a hash collision",
+            [[1, 2, 3, 4, 5], [2, 1, 4, 3, 5]],
+            _weak_hash,
+            "on a hit, compare the stored key with the block's: same hash, other tokens is a miss",
+        ),
+        (
+            "a prompt that is all cached",
+            [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]],
+            hash,
+            "the block holding the prompt's last token is never taken from the cache",
+        ),
+        (
+            "a miss, then blocks that would hit",
+            [[1, 2, 3, 4, 5, 6, 7], [1, 2, 4, 3, 5, 6, 7]],
+            _weak_hash,
+            "stop looking at the first miss: the blocks after it follow another prefix, even where "
+            "their hashes match",
+        ),
+    ]
+
+
+def check_allocate_blocks(student, block_size: int = 2):
+    def test(fn):
+        for name, prompts, hash_fn, hint in _allocation_cases():
+            # (prefix cache: hash -> (block id, key), free block ids), one copy per side
+            mine: tuple[dict, list[int]] = ({}, list(range(100, 120)))
+            theirs: tuple[dict, list[int]] = ({}, list(range(100, 120)))
+            for prompt in prompts:
+                want = reference_allocate_blocks(prompt, block_size, *mine, hash_fn)
+                got = fn(list(prompt), block_size, *theirs, hash_fn)
+                if got is None:
+                    raise ExerciseFailure("returned None (did you forget `return`?)")
+                if (list(got[0]), got[1]) != (want[0], want[1]) or theirs != mine:
+                    raise ExerciseFailure(
+                        f"{name}: allocating {prompt} (block_size={block_size}) should give block table "
+                        f"{want[0]} with {want[1]} cached tokens, leaving {len(mine[0])} cached blocks; "
+                        f"got {list(got[0])} with {got[1]}, {len(theirs[0])} cached blocks.\n"
+                        f"    Hint: {hint}"
+                    )
+
+    return run_check("allocate_blocks", student, reference_allocate_blocks, test)
+
+
+# ---- notebook 06: how many KV blocks fit -------------------------------------------------------------
+def reference_kv_cache_blocks(
+    budget_bytes, num_layers, num_kv_heads, head_dim, block_size, bytes_per_element
+):
+    """Whole blocks of `block_size` tokens (K and V, every layer) that fit in `budget_bytes`."""
+    per_block = 2 * num_layers * num_kv_heads * head_dim * block_size * bytes_per_element
+    return budget_bytes // per_block
+
+
+def check_kv_cache_blocks(student):
+    def test(fn):
+        for args, hint in [
+            ((1 << 30, 30, 3, 64, 16, 4), "K and V: two vectors per token, layer and KV head"),
+            ((1 << 30, 30, 3, 64, 128, 2), "bytes per element: 2 for bf16/fp16, 4 for float32"),
+            ((10_000, 4, 4, 64, 16, 4), "every layer holds its own K and V"),
+            ((5 * 49152 + 100, 4, 4, 64, 16, 3), "whole blocks only: round down"),
+            (
+                (3 << 30, 32, 8, 128, 16, 2),
+                "GQA: count KV heads (8 for Llama-3-8B), not query heads",
+            ),
+        ]:
+            want = reference_kv_cache_blocks(*args)
+            got = fn(*args)
+            if got is None or got != want:
+                raise ExerciseFailure(
+                    f"kv_cache_blocks{args}: expected {want}, got {got}. Hint: {hint}"
+                )
+
+    return run_check("kv_cache_blocks", student, reference_kv_cache_blocks, test)

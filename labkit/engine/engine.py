@@ -26,7 +26,7 @@ import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .kv_cache import KVShape, PagedKVCache, default_num_blocks, kv_bytes_per_token
+from .kv_cache import KVShape, PagedKVCache, default_num_blocks
 from .model_runner import ModelRunner, check_supported
 from .sampling import SamplingParams, TokenLogprob, is_int, sample, token_logprobs
 from .scheduler import ScheduledChunk, Scheduler
@@ -76,7 +76,6 @@ class LLMEngine:
         )
         self.block_size = config.block_size
         self.cache = PagedKVCache(self.kv_shape, num_blocks, self.block_size, dtype, self.device)
-        self.kv_bytes_per_token = kv_bytes_per_token(self.kv_shape, dtype)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config)
         self.runner = ModelRunner(model, self.cache)
@@ -257,7 +256,9 @@ class LLMEngine:
         seq.pending_forks = 0
         return samples
 
-    def _sample(self, logits: torch.Tensor, draws: list[tuple[Sequence, int]]) -> list:
+    def _sample(
+        self, logits: torch.Tensor, draws: list[tuple[Sequence, int]]
+    ) -> list[int | Exception]:
         """One token per draw, sampled together; if that fails, each draw alone, so that only the
         failing ones get an exception instead of a token."""
         if not draws:
@@ -266,10 +267,10 @@ class LLMEngine:
         # the common step (one sample per row, in order) needs no gather
         rows = logits if index == list(range(len(logits))) else logits[index]
         params, gens = [s.params for s, _ in draws], [s.generator for s, _ in draws]
+        tokens: list[int | Exception] = []
         try:
-            return sample(rows, params, gens, self.generator)
+            tokens += sample(rows, params, gens, self.generator)
         except Exception:
-            tokens = []
             for i in range(len(draws)):
                 try:
                     tokens += sample(
@@ -277,7 +278,7 @@ class LLMEngine:
                     )
                 except Exception as e:
                     tokens.append(e)
-            return tokens
+        return tokens
 
     def _advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> StepOutput:
         """Append a sampled token (logits [1, V]: what it was sampled from) and check the stop conditions."""
@@ -285,7 +286,6 @@ class LLMEngine:
         logprobs = None
         if seq.params.logprobs is not None:
             logprobs = token_logprobs(logits, [token], seq.params.logprobs)
-            seq.cumulative_logprob += logprobs[0].logprob
         first_of_request = seq.index == 0 and seq.num_output_tokens == 1
         reason = self._finish_reason(seq, token)
         if reason:
@@ -311,9 +311,12 @@ class LLMEngine:
 
     def _record_prompt_logprobs(self, seq: Sequence, chunk: ScheduledChunk, logits: torch.Tensor):
         """logits [len(positions), V] at this chunk's prompt-logprob positions: position p scores p + 1."""
+        recorded, k = seq.prompt_logprobs, seq.params.prompt_logprobs
+        # a chunk has prompt-logprob positions only for a sequence that asked for them
+        assert recorded is not None and k is not None
         positions = chunk.prompt_logprob_positions
         targets = seq.token_ids[positions.start + 1 : positions.stop + 1]
-        seq.prompt_logprobs += token_logprobs(logits, targets, seq.params.prompt_logprobs)
+        recorded += token_logprobs(logits, targets, k)
 
     def _finish_scoring(self, seq: Sequence) -> list[StepOutput]:
         """A max_tokens=0 request is done once its prompt is scored: one output per sample."""

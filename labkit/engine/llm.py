@@ -84,9 +84,6 @@ class LLM:
         self.tokenizer = tokenizer
         self._ids = 0
 
-    def get_tokenizer(self):
-        return self.tokenizer
-
     def generate(
         self,
         prompts,
@@ -160,7 +157,9 @@ class VLLMStyleEngine:
     *cumulative* token ids of each request (each sample, for n > 1) that advanced. Lets one script drive either engine by hand."""
 
     def __init__(self, engine: LLMEngine):
-        self.engine, self._tokens, self._prompts = engine, {}, {}
+        self.engine = engine
+        self._tokens: dict[tuple[str, int], list[int]] = {}  # (request, sample index) -> its tokens
+        self._prompts: dict[str, str | list[int]] = {}  # request -> its prompt
 
     def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
         self.engine.add_request(request_id, prompt, params)

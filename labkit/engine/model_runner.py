@@ -79,10 +79,19 @@ class ModelRunner:
         The logits rows come out in chunk order: a chunk's prompt-logprob positions, then its sampled
         position (see LLMEngine.step)."""
         bs = self.block_size
-        ids, pos, slots, logits_index = [], [], [], []
-        dec_index, dec_context, dec_tables = [], [], []  # decode: one token per sequence
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        logits_index: list[int] = []
+        # decode: one token per sequence
+        dec_index: list[int] = []
+        dec_context: list[int] = []
+        dec_tables: list[list[int]] = []
         # prefill: a prompt or a chunk of one
-        pre_index, pre_starts, pre_lengths, pre_tables = [], [], [], []
+        pre_index: list[int] = []
+        pre_starts: list[int] = []
+        pre_lengths: list[int] = []
+        pre_tables: list[list[int]] = []
         for chunk in chunks:
             start, table, first = chunk.start, chunk.seq.block_table, len(ids)
             for j, t in enumerate(chunk.token_ids):
@@ -101,7 +110,6 @@ class ModelRunner:
                 pre_starts.append(start)
                 pre_lengths.append(chunk.num_tokens)
                 pre_tables.append(table)
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         s = self.shape
         decode = (
             build_decode_batch(
@@ -124,8 +132,16 @@ class ModelRunner:
             else None
         )
         return StepInput(
-            t(ids), t(pos), self.cache.write_index(t(slots)), decode, prefill, t(logits_index)
+            self._longs(ids),
+            self._longs(pos),
+            self.cache.write_index(self._longs(slots)),
+            decode,
+            prefill,
+            self._longs(logits_index),
         )
+
+    def _longs(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
@@ -133,7 +149,7 @@ class ModelRunner:
         hidden = self.model.model.embed_tokens(step.input_ids)  # [T, hidden]
         cos, sin = self.rotary(hidden, step.positions)  # [T, head_dim]
         T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads
-        only_decode = step.prefill is None
+        decode, prefill = step.decode, step.prefill
         for i, layer in enumerate(self.layers):
             attn = layer.attn
             q, k, v = layer.qkv(layer.input_norm(hidden))
@@ -144,15 +160,17 @@ class ModelRunner:
             self.cache.write(i, step.cache_index, k, v)
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
             scale = getattr(attn, "scaling", D**-0.5)
-            if only_decode:  # the common step: every token is a decode token, in flat-batch order
-                out = decode_attention(q, k_cache, v_cache, step.decode, scale)
+            if prefill is None and decode is not None:
+                # the common step: every token is a decode token, in flat-batch order
+                out = decode_attention(q, k_cache, v_cache, decode, scale)
             else:
                 out = torch.empty_like(q)
-                if step.decode is not None:
-                    d = step.decode.token_index
-                    out[d] = decode_attention(q[d], k_cache, v_cache, step.decode, scale)
-                p = step.prefill.token_index
-                out[p] = prefill_attention(q[p], k_cache, v_cache, step.prefill, scale)
+                if decode is not None:
+                    d = decode.token_index
+                    out[d] = decode_attention(q[d], k_cache, v_cache, decode, scale)
+                if prefill is not None:
+                    p = prefill.token_index
+                    out[p] = prefill_attention(q[p], k_cache, v_cache, prefill, scale)
             hidden = hidden + layer.o(out.reshape(T, H * D))[0]
             hidden = hidden + layer.mlp(layer.post_norm(hidden))
         return self.lm_head(self.final_norm(hidden[step.logits_index]))

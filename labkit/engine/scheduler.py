@@ -50,9 +50,10 @@ class ScheduledChunk:
     def prompt_logprob_positions(self) -> range:
         """Positions whose logits give a prompt token's logprob not yet recorded (position p scores
         token p + 1; the prompt's last position predicts the first generated token, not a prompt one)."""
-        if not self.seq.wants_prompt_logits:
+        recorded = self.seq.prompt_logprobs
+        if recorded is None or not self.seq.wants_prompt_logits:
             return range(0)
-        first = max(self.start, len(self.seq.prompt_logprobs) - 1)
+        first = max(self.start, len(recorded) - 1)
         return range(first, min(self.start + self.num_tokens, self.seq.num_prompt_tokens - 1))
 
 

@@ -34,13 +34,11 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)  # logical block i -> physical block id
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash of each *full* block
-    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at the last admission
     finish_reason: str | None = None
     # the samples still to split off when the prompt is done (n - 1, then 0)
     pending_forks: int = 0
     # None unless asked for; [None, logprob of prompt token 1, ...] as the prefill computes them
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    cumulative_logprob: float = 0.0  # of the generated tokens (when logprobs are asked for)
 
     def __post_init__(self):
         if self.index == 0 and not self.num_output_tokens:

@@ -61,7 +61,9 @@ def run_engine(engine, workload: list[tuple[str, int]], tag: str = "req") -> dic
         engine.add_request(
             f"{tag}-{i}", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
         )
-    first, done, tokens = {}, {}, 0
+    first: dict[str, float] = {}  # request id -> time of its first token
+    done: dict[str, float] = {}  # request id -> time of its last token
+    tokens = 0
     while engine.has_unfinished_requests():
         outs = engine.step()
         now = time.perf_counter()

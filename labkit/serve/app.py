@@ -38,6 +38,7 @@ from .protocol import (
     chat_chunk_choice,
     completion_body,
     completion_choice,
+    is_token_ids,
     new_id,
     usage,
     usage_chunk,
@@ -434,7 +435,9 @@ def create_app(
     )
     async def completions(req: CompletionRequest, request: Request):
         srv.check_model(req.model)
-        ids = srv.encode_prompt(req.prompt)
+        prompt = req.prompt  # text or token ids: validation unwrapped a list holding one of them
+        assert isinstance(prompt, str) or is_token_ids(prompt)
+        ids = srv.encode_prompt(prompt)
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         if req.max_tokens == 0 and prompt_logprobs is None:
             prompt_logprobs = 0  # scoring-only: the engine needs something to compute

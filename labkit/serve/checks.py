@@ -3,6 +3,8 @@ function if it is right, else the reference below, so the notebook always runs t
 
 import json
 import math
+import random
+import statistics
 from collections.abc import Callable
 
 from labkit.checks import ExerciseFailure, expect_close, run_check
@@ -123,7 +125,7 @@ def reference_histogram_quantile(q: float, buckets: list[tuple[float, float]]) -
 
 def check_histogram_quantile(student: Callable) -> Callable:
     inf = float("inf")
-    cases = [
+    cases: list[tuple[float, list[tuple[float, float]]]] = [
         (0.5, [(1.0, 0), (2.0, 10), (inf, 10)]),  # all in (1, 2]: the median is 1.5
         (0.95, [(10.0, 0), (30.0, 60), (inf, 60)]),  # the alert-rule test case: 29
         (0.9, [(0.1, 50), (0.5, 90), (1.0, 100), (inf, 100)]),
@@ -171,3 +173,55 @@ def check_cost_per_1k_tokens(student: Callable) -> Callable:
             )
 
     return run_check("cost_per_1k_tokens", student, reference_cost_per_1k_tokens, test)
+
+
+# ---- notebook 07: an open-loop load generator's arrival times ----------------------------------------
+
+
+def reference_poisson_arrivals(rate: float, n: int, seed: int = 0) -> list[float]:
+    """Send times (seconds from the start) of n requests arriving as a Poisson process of `rate`
+    requests/s: the gaps between arrivals are independent and exponential with mean 1 / rate
+    (what `vllm bench serve --request-rate` does with its default burstiness of 1)."""
+    rng = random.Random(seed)
+    times, t = [], 0.0
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        times.append(t)
+    return times
+
+
+def check_poisson_arrivals(student: Callable) -> Callable:
+    def test(fn):
+        for rate in (0.5, 4.0, 50.0):
+            got = fn(rate, 20_000, 1)
+            if got is None or len(got) != 20_000:
+                raise ExerciseFailure(
+                    f"poisson_arrivals({rate}, 20000): expected 20000 times, got "
+                    f"{None if got is None else len(got)}"
+                )
+            got = [float(t) for t in got]
+            if got[0] < 0 or any(b < a for a, b in zip(got, got[1:])):
+                raise ExerciseFailure(
+                    "arrival times must start at or after 0 and never go back: add up the gaps "
+                    "(a running sum), do not return the gaps themselves"
+                )
+            gaps = [b - a for a, b in zip([0.0] + got, got)]
+            mean = statistics.fmean(gaps)
+            if not math.isclose(mean, 1 / rate, rel_tol=0.05):
+                raise ExerciseFailure(
+                    f"at {rate} requests/s the mean gap should be 1/rate = {1 / rate:.4g} s, got "
+                    f"{mean:.4g} s (random.expovariate takes the rate, numpy's exponential the mean)"
+                )
+            cv = statistics.pstdev(gaps) / mean
+            if not 0.9 < cv < 1.1:
+                raise ExerciseFailure(
+                    f"the gaps' standard deviation should equal their mean (exponential gaps), but it is "
+                    f"{cv:.2f}x the mean: evenly spaced or uniform gaps are not Poisson arrivals and hide "
+                    "the bursts that make queues"
+                )
+        if list(fn(2.0, 50, 7)) != list(fn(2.0, 50, 7)):
+            raise ExerciseFailure(
+                "the same seed must give the same schedule: use random.Random(seed)"
+            )
+
+    return run_check("poisson_arrivals", student, reference_poisson_arrivals, test)

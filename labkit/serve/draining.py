@@ -8,6 +8,7 @@ generation requests get a clear 503 + Retry-After, in-flight requests (streams i
 the rest of the drain; a third forces exit (uvicorn's rule).
 """
 
+import math
 import threading
 import time
 
@@ -29,15 +30,16 @@ class DrainingServer(uvicorn.Server):
             return super().handle_exit(sig, frame)
         self.drain_started = time.monotonic()
         self.state.draining = True
+        deadline = self.drain_started + self.drain_timeout
         threading.Thread(
-            target=self._drain, args=(sig, frame), name="labkit-drain", daemon=True
+            target=self._drain, args=(sig, frame, deadline), name="labkit-drain", daemon=True
         ).start()
 
-    def _drain(self, sig, frame):
-        deadline = self.drain_started + self.drain_timeout
+    def _drain(self, sig, frame, deadline: float):
         while self.state.engine.num_active and time.monotonic() < deadline and not self.should_exit:
             time.sleep(0.05)
         # what is left of the budget bounds uvicorn's own wait for responses still being written
-        self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())
+        # (uvicorn's setting is in whole seconds)
+        self.config.timeout_graceful_shutdown = max(1, math.ceil(deadline - time.monotonic()))
         if not self.should_exit:  # (a second signal has already started uvicorn's shutdown)
             super().handle_exit(sig, frame)

@@ -38,10 +38,13 @@ class EngineLimits:
 
 
 class EngineClient(Protocol):
-    limits: EngineLimits
     metrics: ServerMetrics | None
     state: str  # "starting" | "ready" | "restarting" | "failed" | "stopped"
     reason: str  # why it is not ready, in words safe for clients ("" when ready)
+
+    @property
+    def limits(self) -> EngineLimits:
+        """What requests are checked against: the engine's, known once it is built."""
 
     def start(self) -> None:
         """Begin serving; called on the event loop (the app's startup)."""

@@ -109,7 +109,7 @@ class EngineProcess:
         self.args, self.max_restarts, self.restart_window = args, max_restarts, restart_window
         self.tracker = RequestTracker(metrics)
         self.child = Child(args)
-        self.limits: EngineLimits | None = None
+        self._limits: EngineLimits | None = None  # the child's engine's, once it is ready
         self.state = "starting"  # -> ready -> (restarting -> ready)* -> failed | stopped
         self.reason = ""  # why it is not ready, in words safe for clients
         self.deaths: deque[float] = deque()
@@ -124,6 +124,12 @@ class EngineProcess:
     @metrics.setter
     def metrics(self, value: ServerMetrics | None) -> None:
         self.tracker.metrics = value
+
+    @property
+    def limits(self) -> EngineLimits:
+        if self._limits is None:
+            raise RuntimeError("the engine process is not ready yet: call wait_ready() first")
+        return self._limits
 
     @property
     def pid(self) -> int | None:
@@ -187,6 +193,10 @@ class EngineProcess:
 
     # ---- messages from the child -----------------------------------------------------------------
     def _watch(self) -> None:
+        if self._loop is None:
+            raise RuntimeError(
+                "call start() first: the child's pipe is watched on start()'s event loop"
+            )
         try:
             self._loop.add_reader(self.child.events.fileno(), self._on_readable)
         except NotImplementedError:  # Windows' proactor event loop
@@ -218,11 +228,11 @@ class EngineProcess:
         self.tracker.flush()
 
     def _ready(self, msg: Ready) -> None:
-        if self.limits is not None and msg.limits != self.limits:  # same args, same engine
+        if self._limits is not None and msg.limits != self._limits:  # same args, same engine
             log.warning(
-                "the restarted engine has other limits: %s (was %s)", msg.limits, self.limits
+                "the restarted engine has other limits: %s (was %s)", msg.limits, self._limits
             )
-        self.limits = msg.limits
+        self._limits = msg.limits
         if self.state == "restarting":
             log.warning(
                 "engine process %d ready after %.1f s (restart %d)",

@@ -12,7 +12,7 @@ The response models at the end document the responses (/openapi.json); the handl
 
 import time
 import uuid
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeGuard
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -176,6 +176,11 @@ Prompt = (
         list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)
     ]
 )
+
+
+def is_token_ids(prompt: object) -> TypeGuard[list[int]]:
+    """A validated prompt given as token ids: pydantic has checked that a list holds one kind of item."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
 
 
 class CompletionRequest(_Sampling):

@@ -89,16 +89,16 @@ class RequestTracker:
 
     def _observe_tokens(self, t: Tracked, n_new: int, now: float, n_prompt: int) -> None:
         m = self.metrics
-        if t.first_token is None:
+        last, t.last_token = t.last_token, now
+        if last is None:  # its first tokens
             t.first_token = now
             if m:
                 m.ttft.observe(now - t.arrival)
                 m.prompt_tokens.inc(n_prompt)
         elif m:
-            gap = (now - t.last_token) / n_new
+            gap = (now - last) / n_new
             for _ in range(n_new):
                 m.itl.observe(gap)
-        t.last_token = now
         t.n_out += n_new
         if m:
             m.generation_tokens.inc(n_new)

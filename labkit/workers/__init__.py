@@ -11,6 +11,7 @@ quant_worker.py  GPTQModel / llm-compressor / torchao on the course model   (run
 quant_client.py  run_library(task, ...): one quant_worker request from the main venv
 bench_worker.py  one offline workload through labkit's engine or vLLM        (runs in either venv)
 bench_client.py  run_offline / PairedRunner: bench_worker runs from the main venv
+vllm_probe.py    whether the installed vLLM can run GPTQ on this machine       (worker and client)
 llama_worker.py  llama.cpp's batch-1 decode on a GGUF file                   (runs in .venv-llama)
 llama_client.py  decode_speed(...): llama_worker from the main venv
 """

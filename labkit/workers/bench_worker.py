@@ -100,7 +100,17 @@ def start(spec: dict):
     if which == "vllm":
         import vllm
 
+        cache = engine.vllm_config.cache_config
         info["version"] = vllm.__version__
+        # what vLLM sized its KV cache to (it logs the same as "KV cache size: ... tokens")
+        info["kv_cache"] = {
+            "num_blocks": cache.num_gpu_blocks,
+            "block_size": cache.block_size,
+            "budget_bytes": cache.kv_cache_memory_bytes,
+        }
+    else:
+        blocks = llm.engine.block_manager
+        info["kv_cache"] = {"num_blocks": blocks.num_blocks, "block_size": blocks.block_size}
     return run, info
 
 

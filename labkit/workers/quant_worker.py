@@ -3,8 +3,8 @@
 Started by quant_client.run_library (see client.py and protocol.py). Each request is
 {"task": TASK, option: value, ...}, with the options (and their defaults) in OPTIONS; the answer is
 what the task measured. TASK: gptqmodel-gptq | gptqmodel-awq | llmcompressor-gptq | llmcompressor-awq
-| torchao-int8 | load-export. It uses labkit's own calibration and evaluation code, so its numbers are
-comparable with labkit's methods measured in the main environment.
+| torchao-int8 | load-export | logits-export. It uses labkit's own calibration and evaluation code,
+so its numbers are comparable with labkit's methods measured in the main environment.
 """
 
 import copy
@@ -238,6 +238,22 @@ def load_export(a) -> dict:
     return out
 
 
+def logits_export(a) -> dict:
+    """The logits GPTQModel computes, in float32, at every position of each sequence in `token_ids`, from
+    a labkit GPTQ export as it loads and runs it (its torch kernel). Saved next to the checkpoint (one
+    [len, vocab] tensor per sequence): the check behind tests/test_vllm_gptq.py's GPTQModel test."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    # its torch kernel loads in 16-bit floats only; in float32 it dequantizes exactly as labkit does
+    model = GPTQModel.load(a.out, device="cpu", backend=BACKEND.GPTQ_TORCH, dtype=torch.float16)
+    model.model.float()
+    with torch.no_grad():
+        logits = [model.model(input_ids=torch.tensor([ids])).logits[0] for ids in a.token_ids]
+    path = os.path.join(a.out, "gptqmodel_float32_logits.pt")
+    torch.save(logits, path)
+    return {"library": f"gptqmodel {_version('gptqmodel')}", "logits": path}
+
+
 def _version(pkg):
     from importlib.metadata import version
 
@@ -251,11 +267,12 @@ TASKS = {
     "llmcompressor-awq": llmcompressor_awq,
     "torchao-int8": torchao_int8,
     "load-export": load_export,
+    "logits-export": logits_export,
 }
 
 
 # every option a task reads, with its default; a request overrides any of them
-OPTIONS = {
+OPTIONS: dict[str, object] = {
     "model": None,
     "out": "",
     "bits": 4,
@@ -270,6 +287,7 @@ OPTIONS = {
     "batch_size": 8,
     "eval_tokens": 8192,  # 0 = the whole held-out split
     "decode_tokens": 32,
+    "token_ids": [],  # logits-export: the token sequences to score
 }
 
 

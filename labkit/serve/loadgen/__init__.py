@@ -5,22 +5,23 @@
     e2e   request sent -> last chunk
     throughput  output tokens of all requests / wall time of the whole run
 
-Each client is a closed loop (send, read the stream to the end, send the next), like vLLM's and
-LLMPerf's benchmarks at fixed concurrency. A request that fails, or ends without its [DONE], counts
+Each client of run_load is a closed loop (send, read the stream to the end, send the next), like
+LLMPerf's benchmarks at fixed concurrency; run_open_loop sends at given times (Poisson arrivals, like
+`vllm bench serve --request-rate`) whether or not the server keeps up. A request that fails, or ends without its [DONE], counts
 as an error: a server that silently loses requests must not look fast.
 
 Read in this order:
 
 stats.py      one request's record (TTFT, TPOT, e2e), percentiles, a run's summary
 client.py     a minimal keep-alive HTTP/1.1 client that times one streaming completion
-runner.py     N closed-loop clients over a list of payloads
+runner.py     N closed-loop clients over a list of payloads, or an open loop at given send times
 workloads.py  seeded, realistic payloads (the same work the offline engine can be given)
 plots.py      latency CDFs and throughput vs concurrency
 """
 
 from .client import Connection, stream_completion
 from .plots import plot_latency_cdf, plot_throughput
-from .runner import run_load, run_load_sync
+from .runner import run_load, run_load_sync, run_open_loop
 from .stats import LoadResult, RequestRecord, percentile
 from .workloads import workload
 
@@ -33,6 +34,7 @@ __all__ = [
     "plot_throughput",
     "run_load",
     "run_load_sync",
+    "run_open_loop",
     "stream_completion",
     "workload",
 ]

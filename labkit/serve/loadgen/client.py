@@ -40,12 +40,10 @@ class Connection:
             f"Content-Length: {len(data)}\r\n{self.extra}\r\n"
         ).encode()
         for attempt in (0, 1):
-            reused = self.writer is not None
-            if not reused:
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            reader, writer, reused = await self._connect()
             try:
-                self.writer.write(head + data)
-                status_line = await self.reader.readline()
+                writer.write(head + data)
+                status_line = await reader.readline()
                 if not status_line:
                     raise ConnectionError("the server closed the connection")
                 break
@@ -56,20 +54,30 @@ class Connection:
                     raise  # connection the server had closed meanwhile: retry once
         status = int(status_line.split()[1])
         self.headers = {}
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+        while (line := await reader.readline()) not in (b"\r\n", b""):
             key, _, value = line.decode("latin-1").partition(":")
             self.headers[key.strip().lower()] = value.strip()
         return status
 
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """The open connection (reused: True), or a new one."""
+        if self.reader is not None and self.writer is not None:
+            return self.reader, self.writer, True
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self.reader, self.writer, False
+
     async def body(self):
         """The response body, piece by piece as it arrives."""
+        reader = self.reader
+        if reader is None:
+            raise ConnectionError("no response to read: the connection is closed (post() first)")
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            while size := int((await self.reader.readline()).split(b";")[0], 16):
-                chunk = await self.reader.readexactly(size + 2)  # data + its trailing \r\n
+            while size := int((await reader.readline()).split(b";")[0], 16):
+                chunk = await reader.readexactly(size + 2)  # data + its trailing \r\n
                 yield chunk[:-2]
-            await self.reader.readline()  # the blank line that ends the body
+            await reader.readline()  # the blank line that ends the body
         elif length := int(self.headers.get("content-length", 0)):
-            yield await self.reader.readexactly(length)
+            yield await reader.readexactly(length)
         if self.headers.get("connection", "").lower() == "close":
             self.close()
 

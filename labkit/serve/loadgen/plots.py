@@ -17,7 +17,7 @@ def plot_latency_cdf(results: list[LoadResult], metric: str = "ttft", ax=None):
                 [v * 1e3 for v in values],
                 [(i + 1) / len(values) for i in range(len(values))],
                 where="post",
-                label=f"{res.concurrency} clients",
+                label=f"{res.concurrency} client{'' if res.concurrency == 1 else 's'}",
             )
     ax.set_xlabel(f"{metric.upper()} (ms)")
     ax.set_ylabel("fraction of requests")
@@ -37,6 +37,8 @@ def plot_throughput(summaries: list[dict], offline_tok_s: float | None = None, a
     if offline_tok_s:
         ax.axhline(offline_tok_s, color="gray", ls="--", label="offline engine, same workload")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])  # the levels run (1, 4, 16), not powers of two
+    ax.minorticks_off()
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("output tokens / s")
     ax.set_title("Throughput vs concurrency")

@@ -1,5 +1,9 @@
-"""N concurrent clients, each a closed loop (send, read the stream to the end, send the next), like
-vLLM's and LLMPerf's benchmarks at fixed concurrency."""
+"""Two ways to load a server.
+
+run_load: N concurrent clients, each a closed loop (send, read the stream to the end, send the next), like
+LLMPerf's benchmarks and `vllm bench serve --max-concurrency`: the server never holds more than N requests,
+so queueing stays hidden. run_open_loop: requests sent at given times whether or not earlier ones have
+finished, like real users and `vllm bench serve --request-rate` (Poisson arrivals): queueing shows."""
 
 import asyncio
 import random
@@ -55,6 +59,41 @@ async def run_load(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
     return LoadResult(concurrency, wall, records)
+
+
+async def run_open_loop(
+    base_url: str,
+    payloads: list[dict],
+    arrivals: list[float],
+    api_key: str | None = None,
+    timeout: float = 300.0,
+) -> LoadResult:
+    """Send payloads[i] at arrivals[i] seconds after the start (e.g. Poisson arrivals), each on a
+    connection of its own, without waiting for earlier ones. Latencies count from the *scheduled* time,
+    so a send that leaves late (a busy client) is not hidden (no coordinated omission). In the result,
+    concurrency is 0: an open loop has no fixed number of clients."""
+    if len(arrivals) != len(payloads):
+        raise ValueError(
+            f"need one arrival time per payload, got {len(arrivals)} for {len(payloads)}"
+        )
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    path = urllib.parse.urlsplit(base_url).path.rstrip("/") + "/v1/completions"
+    start = time.perf_counter()
+
+    async def one(payload: dict, at: float) -> RequestRecord:
+        await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+        late = time.perf_counter() - start - at
+        conn = Connection(base_url, headers)
+        try:
+            rec = await stream_completion(conn, path, payload, None, timeout)
+        finally:
+            conn.close()
+        rec.ttft = None if rec.ttft is None else rec.ttft + late
+        rec.e2e = None if rec.e2e is None else rec.e2e + late
+        return rec
+
+    records = await asyncio.gather(*(one(p, at) for p, at in zip(payloads, arrivals)))
+    return LoadResult(0, time.perf_counter() - start, list(records))
 
 
 def run_load_sync(*args, **kwargs) -> LoadResult:

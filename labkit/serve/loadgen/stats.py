@@ -23,7 +23,7 @@ class RequestRecord:
 
     @property
     def tpot(self) -> float | None:
-        if not self.ok or self.output_tokens < 2:
+        if not self.ok or self.output_tokens < 2 or self.ttft is None or self.e2e is None:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
@@ -60,9 +60,9 @@ class LoadResult:
             "requests_per_s": len(ok) / self.wall if self.wall else 0.0,
         }
         for name, values in (
-            ("ttft", [r.ttft for r in ok]),
+            ("ttft", [r.ttft for r in ok if r.ttft is not None]),
             ("tpot", [r.tpot for r in ok if r.tpot is not None]),
-            ("e2e", [r.e2e for r in ok]),
+            ("e2e", [r.e2e for r in ok if r.e2e is not None]),
         ):
             for q in (50, 95, 99):
                 s[f"{name}_p{q}_s"] = percentile(values, q)
