@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 LAB_ARGS ?=
 
+# rooted at the repository (the README, labkit/ and solutions/ are one click away), opening notebook 00
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(LAB_ARGS)
+	$(BIN)/jupyter lab --notebook-dir=. --LabApp.default_url=/lab/tree/notebooks/00_setup.ipynb \
+	  $(ROOT_FLAG) $(LAB_ARGS)
 
 # Extra environments (e.g. vLLM or llm-compressor, which cannot share one venv) are defined in mk/*.mk;
 # each appends its stamp target to TEST_DEPS so `make test` builds it before running the suite.
@@ -51,7 +53,7 @@ unit: setup $(CI_STAMP)
 
 # Lint, format and type checks (tools from the `lint` extra); .ci/run runs this before the tests.
 LINT_STAMP := $(VENV)/.lint-tools
-LINT_PATHS := labkit tests benchmarks
+LINT_PATHS := labkit tests benchmarks solutions
 $(LINT_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e ".[lint]"
 	touch $@

@@ -46,7 +46,15 @@ def strip_solutions(source: str) -> str:
     return "\n".join(out)
 
 
+# what `make lab`'s Jupyter offers as its default kernel (the venv's own Python): a notebook that names it
+# opens without a "Select Kernel" dialog and is not marked modified the moment it opens
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+LANGUAGE_INFO = {"name": "python", "pygments_lexer": "ipython3"}
+
+
 def clear_outputs(nb) -> None:
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    nb.metadata["language_info"] = dict(LANGUAGE_INFO)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
