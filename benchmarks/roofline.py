@@ -121,6 +121,28 @@ def first_difference(reference, prompt, ref_tokens, fast_tokens) -> dict | None:
     return None
 
 
+def llama_peer(args, prompt: list[int]) -> dict:
+    """llama.cpp's batch-1 decode on the GGUF SmolLM2 comes from, or {'skipped': why}."""
+    ok, why = llama_available()
+    if args.model != "smollm2" or not ok:
+        return {"skipped": why if not ok else "only for --model smollm2 (it reads the GGUF)"}
+    try:
+        run = decode_speed(
+            gguf_file(), prompt, args.new_tokens, torch.get_num_threads(), args.rounds
+        )
+    except (RuntimeError, OSError) as err:  # WorkerError included: report it, keep the rest
+        return {"skipped": f"llama.cpp failed: {str(err)[-2000:]}"}
+    median = statistics.median(run["tokens_per_s"])
+    print(f"llama.cpp {run['llama_cpp']} Q4_1, batch 1: {median:.1f} tok/s")
+    return {
+        "tokens_per_s": run["tokens_per_s"],
+        "median_tokens_per_s": median,
+        "llama_cpp": run["llama_cpp"],
+        "system_info": run["system_info"],
+        "format": "GGUF Q4_1 (linear weights), Q8_0 (embedding/head)",
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -194,24 +216,7 @@ def main():
         )
 
     # 2b. the CPU peer: llama.cpp on the very GGUF file SmolLM2 was converted from (Q4_1), batch 1
-    llama = None
-    ok, why = llama_available()
-    if args.model != "smollm2" or not ok:
-        llama = {"skipped": why if ok is False else "only for --model smollm2 (it reads the GGUF)"}
-    else:
-        run = decode_speed(
-            gguf_file(), all_prompts[0], args.new_tokens, torch.get_num_threads(), args.rounds
-        )
-        llama = {
-            "tokens_per_s": run["tokens_per_s"],
-            "median_tokens_per_s": statistics.median(run["tokens_per_s"]),
-            "llama_cpp": run["llama_cpp"],
-            "system_info": run["system_info"],
-            "format": "GGUF Q4_1 (linear weights), Q8_0 (embedding/head)",
-        }
-        print(
-            f"llama.cpp {run['llama_cpp']} Q4_1, batch 1: {llama['median_tokens_per_s']:.1f} tok/s"
-        )
+    llama = llama_peer(args, all_prompts[0])
     print("llama.cpp:", llama.get("skipped", "measured"))
 
     # 3. the roofline prediction for the same runs (mean context over the decode steps)

@@ -1,12 +1,13 @@
 """llama.cpp's batch-1 decode speed on a GGUF file, from the main venv: llama_worker in .venv-llama."""
 
 from .client import run_worker
-from .venvs import LLAMA_PYTHON
+from .venvs import LLAMA_PYTHON, LLAMA_VENV
 
 
 def llama_available() -> tuple[bool, str]:
-    """(True, the llama.cpp venv's python) or (False, what to run to build it)."""
-    if not LLAMA_PYTHON.exists():
+    """(True, the llama.cpp venv's python) or (False, what to run to build it). The venv counts once
+    `make llama` has finished it (its stamp): llama.cpp compiles for minutes before that."""
+    if not (LLAMA_PYTHON.exists() and (LLAMA_VENV / ".installed").exists()):
         return False, f"{LLAMA_PYTHON} not found: build it with `make llama` (mk/llama.mk)"
     return True, str(LLAMA_PYTHON)
 
