@@ -8,7 +8,10 @@ def llama_available() -> tuple[bool, str]:
     """(True, the llama.cpp venv's python) or (False, what to run to build it). The venv counts once
     `make llama` has finished it (its stamp): llama.cpp compiles for minutes before that."""
     if not (LLAMA_PYTHON.exists() and (LLAMA_VENV / ".installed").exists()):
-        return False, f"{LLAMA_PYTHON} not found: build it with `make llama` (mk/llama.mk)"
+        return (
+            False,
+            f"{LLAMA_VENV} is not built (or still building): run `make llama` (mk/llama.mk)",
+        )
     return True, str(LLAMA_PYTHON)
 
 
