@@ -1,16 +1,17 @@
 """Fewer, bigger matmuls and fewer small ops per layer: the model runner's decoder layer, built once.
 
 A decode step on a small model is a long chain of small operations, so per-op overhead and how a weight
-streams through the caches matter as much as FLOPs. Three standard tricks (nano-vllm and vLLM use the first
-two for every model):
+streams through the caches matter as much as FLOPs. Standard tricks (nano-vllm and vLLM use the first two
+for every model):
 - fuse the projections that read the same input: q, k and v become one [q+k+v, hidden] matmul, gate and up
   one [2 x mlp, hidden] matmul; 7 matmuls per layer become 4;
 - on a CPU, let oneDNN re-lay each fused weight out once into its blocked format (`prepacked_linear`);
 - the same fusion for 4-/8-bit QuantLinears that share a fast kernel (one packed weight, one activation
   conversion to bfloat16 instead of three);
 - RMSNorm as one fused op (`F.rms_norm`) and the rotary cos/sin as a table lookup by position.
-Anything this does not recognise (a quantized `QuantLinear`, another norm, a dynamic rotary scaling) keeps
-running through the model's own module, so the runner works on every model it worked on before.
+Anything this does not recognise (QuantLinears without one shared fast kernel, another norm, a dynamic
+rotary scaling) keeps running through the model's own module, so the runner works on every model it
+worked on before.
 """
 
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..quant.qlinear import QuantLinear, fused_kernel
+from ..quant.qlinear import fused_kernel
 
 KNOWN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 STATIC_ROPE = {"default", "linear", "llama3"}  # cos/sin depend on the position only: a table works
@@ -53,10 +54,11 @@ def fused_linear(modules: list) -> Callable:
     (and pre-packed on a CPU); QuantLinears with the same fast kernel into one packed low-bit weight;
     anything else is called one by one."""
     sizes = [m.out_features for m in modules]
-    if len(modules) > 1 and all(isinstance(m, QuantLinear) for m in modules):
-        fused = fused_kernel(modules)
-        if fused is not None:
-            return lambda x: fused(x).split_with_sizes(sizes, dim=-1)
+    fused = (
+        fused_kernel(modules) if len(modules) > 1 else None
+    )  # None unless all share a low-bit kernel
+    if fused is not None:
+        return lambda x: fused(x).split_with_sizes(sizes, dim=-1)
     if not all(type(m) is torch.nn.Linear for m in modules):
         return lambda x: tuple(m(x) for m in modules)
     weight = torch.cat([m.weight.detach() for m in modules])
