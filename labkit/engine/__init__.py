@@ -10,6 +10,7 @@ attention_reference.py  paged attention one sequence at a time: gather, then tex
 attention.py      paged attention in plain PyTorch: decode reads the blocks in place, prefill gathers them
 fast_layers.py    fused, pre-packed projections and norms for the runner
 model_runner.py   one forward pass over a flat batch of prefill and decode tokens
+speculative.py    speculative decoding: prompt-lookup drafts, verified k at a time in one forward pass
 engine.py         LLMEngine: add_request / step / abort_request / stats
 llm.py            LLM(...).generate(prompts, SamplingParams(...)), shaped like vLLM's
 baselines.py      what the engine is compared with: no cache, HF generate, static batching

@@ -17,7 +17,8 @@ A block can be shared: `ref_count[b]` says by how many sequences. Two things sha
   KV cache before the next forward pass (`take_copies`).
 Invariants (check_invariants, called by the tests after every operation): a block's ref_count equals the
 number of live block tables listing it; it is on the free list exactly when that is 0; both prefix-cache
-maps agree.
+maps agree; a sequence holds blocks for its computed tokens and none past its last token, and names only
+full, computed blocks (what a speculative rollback, `truncate`, must leave behind).
 """
 
 from collections import OrderedDict
@@ -181,6 +182,20 @@ class BlockManager:
         seq.block_table, seq.block_hashes = [], []
         seq.num_computed_tokens = 0
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Roll a sequence back to its first `num_tokens` slots (speculative decoding's rejected tokens):
+        blocks past them go back to the free list. Call before register_full_blocks names any block that
+        held a rejected token: a kept block keeps only its name for the full blocks before `num_tokens`."""
+        keep = self.blocks_needed(num_tokens)
+        for block in reversed(seq.block_table[keep:]):
+            self.ref_count[block] -= 1
+            assert self.ref_count[block] >= 0, f"block {block} freed twice"
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+        del seq.block_table[keep:]
+        del seq.block_hashes[num_tokens // self.block_size :]
+        seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+
     # ---- invariants (the tests call this after every operation) ----------------------------------------
     def check_invariants(self, live: list[Sequence]) -> None:
         owners = [0] * self.num_blocks
@@ -198,6 +213,16 @@ class BlockManager:
         for key, b in self.block_of.items():
             assert self.key_of.get(b) == key, "prefix-cache maps disagree"
             assert len(key[1]) == self.block_size, "only full blocks are cached"
+        for seq in live:
+            assert len(seq.block_table) >= self.blocks_needed(seq.num_computed_tokens), (
+                f"{seq.request_id}: computed tokens outside its blocks"
+            )
+            assert len(seq.block_table) <= max(self.blocks_needed(seq.num_tokens), 1), (
+                f"{seq.request_id} holds blocks past its last token (a rollback left them behind)"
+            )
+            assert len(seq.block_hashes) <= seq.num_computed_tokens // self.block_size, (
+                f"{seq.request_id} names a block that is not fully computed"
+            )
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -21,6 +21,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share the KV blocks of identical prompt prefixes
     seed: int = 0  # the engine's generator, used by requests that bring no seed of their own
     kv_cache_dtype: torch.dtype | None = None  # None = the model's dtype
+    # speculative decoding by prompt lookup (speculative.py): the longest n-gram to look up, 0 = off
+    speculative_ngram: int = 0
+    num_speculative_tokens: int = (
+        4  # tokens drafted (and verified in one step) per sequence at most
+    )
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -33,6 +38,8 @@ class EngineConfig:
                 hint="None (sized from a memory budget) or an int",
             )
         require_int("seed", self.seed, low=-(2**63))
+        require_int("speculative_ngram", self.speculative_ngram, low=0, hint="an int (0 = off)")
+        require_int("num_speculative_tokens", self.num_speculative_tokens, low=1)
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(
                 f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}"

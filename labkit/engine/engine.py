@@ -13,6 +13,10 @@ for the logprob of each generated token, and for the logprobs of its prompt (wit
 those: a scoring request, what lm-eval's loglikelihood tasks send). The logits rows a step needs are
 the sampled positions plus, for such requests, every prompt position (ScheduledChunk says which).
 
+With speculative decoding on (EngineConfig(speculative_ngram=n), speculative.py), a decoding sequence may
+feed 1 + k tokens in a step: its pending token and k guessed ones, a short prefill chunk; the step then
+keeps the guesses the model agrees with plus one token of its own, and rolls the rest back.
+
 One request cannot take the others down: whatever fails for one request inside `step()` (sampling, its
 logprobs, its stop check) finishes that request with finish_reason "error" and frees its blocks; the
 rest of the batch carries on. (A failure of the batched forward pass itself is the engine's, and raises.)
@@ -28,9 +32,17 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .kv_cache import KVShape, PagedKVCache, default_num_blocks
 from .model_runner import ModelRunner, check_supported
-from .sampling import SamplingParams, TokenLogprob, is_int, sample, token_logprobs
+from .sampling import (
+    SamplingParams,
+    TokenLogprob,
+    is_int,
+    request_probabilities,
+    sample,
+    token_logprobs,
+)
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence, Status
+from .speculative import SpeculativeStats, accept_greedy, accept_sampled, propose_ngram
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +71,12 @@ class EngineStats:
     kv_usage: float  # kv_blocks_used / kv_blocks_total, in 0..1
     num_preemptions: int
     prefix_cache_hit_rate: float  # fraction of full prompt blocks found in the prefix cache
+    # speculative decoding (0 when off): tokens drafted, of those accepted, accepted / drafted, and the
+    # tokens a verifying step yields on average (accepted + the model's own one)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    draft_acceptance_rate: float = 0.0
+    mean_tokens_per_verify_step: float = 0.0
 
 
 class LLMEngine:
@@ -90,6 +108,7 @@ class LLMEngine:
         # request ids run at each step (for timeline plots); see record_history
         self.history: list[list[str]] = []
         self.record_history = False
+        self.speculative = SpeculativeStats()
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(
@@ -192,12 +211,23 @@ class LLMEngine:
             bm.num_used / bm.num_blocks,
             self.scheduler.num_preemptions,
             bm.prefix_cache_hit_rate,
+            self.speculative.num_draft_tokens,
+            self.speculative.num_accepted_tokens,
+            self.speculative.acceptance_rate,
+            self.speculative.mean_tokens_per_step,
         )
 
     # ---- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         outputs, self._pending = self._pending, []
+        if self.config.speculative_ngram:
+            self._draft()
         chunks = self.scheduler.schedule()
+        if self.config.speculative_ngram:
+            scheduled = {c.seq for c in chunks}
+            for seq in self.scheduler.running + list(self.scheduler.waiting):
+                if seq.num_draft_tokens and seq not in scheduled:  # preempted: its guess goes too
+                    self._drop_draft(seq)
         if not chunks:
             return outputs
         self.num_steps += 1
@@ -206,13 +236,19 @@ class LLMEngine:
         self.cache.copy_blocks(self.block_manager.take_copies())
         logits = self.runner.forward(self.runner.prepare(chunks))  # rows in chunk order
         draws: list[tuple[Sequence, int]] = []  # (sample, its logits row): what to sample this step
+        verifies: list[
+            tuple[Sequence, int]
+        ] = []  # (sequence, its first logits row): drafts to check
         row = 0
         for chunk in chunks:
             seq, first_row, num_scored = chunk.seq, row, len(chunk.prompt_logprob_positions)
-            row += num_scored + chunk.samples
+            row += num_scored + chunk.num_sampling_rows
             if seq.status is Status.FINISHED:  # its request failed earlier in this step
                 continue
             seq.num_computed_tokens += chunk.num_tokens
+            if chunk.num_draft:  # its blocks are named once the rejected tokens are rolled back
+                verifies.append((seq, first_row))
+                continue
             self.block_manager.register_full_blocks(seq)
             try:
                 if num_scored:
@@ -233,7 +269,75 @@ class LLMEngine:
                 outputs.append(self._advance(seq, token, logits[row : row + 1]))
             except Exception as e:
                 outputs += self._fail(seq, "sampling its next token", e)
+        for seq, row in verifies:
+            if seq.status is Status.FINISHED:
+                continue
+            try:
+                outputs.append(self._verify(seq, logits[row : row + 1 + seq.num_draft_tokens]))
+            except Exception as e:
+                outputs += self._fail(seq, "verifying its drafted tokens", e)
         return outputs
+
+    # ---- speculative decoding (speculative.py) ------------------------------------------------------
+    def _draft(self) -> None:
+        """Append a prompt-lookup guess to each decoding sequence, within this step's token budget and the
+        free blocks (a guess never preempts anyone), and never past the request's max_tokens."""
+        running = self.scheduler.running
+        budget = self.config.max_num_batched_tokens - sum(
+            s.num_tokens - s.num_computed_tokens for s in running
+        )
+        bm = self.block_manager
+        spare_blocks = bm.num_free - len(running)  # keep one for each sequence's own next token
+        for seq in running:
+            decoding = seq.num_output_tokens > 0 and seq.num_computed_tokens == seq.num_tokens - 1
+            k = min(
+                self.config.num_speculative_tokens,
+                seq.params.max_tokens - seq.num_output_tokens - 1,
+                budget,
+            )
+            if not decoding or seq.pending_forks or k <= 0:
+                continue
+            draft = propose_ngram(seq.token_ids, k, self.config.speculative_ngram)
+            grow = bm.blocks_needed(seq.num_tokens + len(draft)) - bm.blocks_needed(seq.num_tokens)
+            while draft and grow > spare_blocks:
+                draft.pop()
+                grow = bm.blocks_needed(seq.num_tokens + len(draft)) - bm.blocks_needed(
+                    seq.num_tokens
+                )
+            if draft:
+                spare_blocks -= grow
+                budget -= len(draft)
+                seq.token_ids += draft
+                seq.num_draft_tokens = len(draft)
+
+    def _drop_draft(self, seq: Sequence) -> None:
+        del seq.token_ids[seq.num_tokens - seq.num_draft_tokens :]
+        seq.num_draft_tokens = 0
+
+    def _verify(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
+        """logits [1 + k, V] at the positions of the pending token and the k drafted ones. Keep what the
+        acceptance rule accepts plus one token of the model's own, roll the KV cache back past them."""
+        num_draft = seq.num_draft_tokens
+        draft = seq.token_ids[seq.num_tokens - num_draft :]
+        if seq.params.greedy:
+            tokens = accept_greedy(draft, logits.argmax(dim=-1).tolist())
+        else:
+            probs = request_probabilities(logits, seq.params)
+            tokens = accept_sampled(draft, probs, seq.generator or self.generator)
+        self.speculative.record(num_draft, len(tokens) - 1)
+        self._drop_draft(seq)
+        # the KV of the accepted drafts stays; the slots (and whole blocks) past them are given back
+        self.block_manager.truncate(seq, seq.num_tokens + len(tokens) - 1)
+        outputs = []
+        for i, token in enumerate(
+            tokens
+        ):  # one at a time: a stop token or max_tokens may end it early
+            outputs.append(self._advance(seq, token, logits[i : i + 1]))
+            if outputs[-1].finished:
+                break
+        if seq.status is not Status.FINISHED:
+            self.block_manager.register_full_blocks(seq)
+        return merge_outputs(outputs)
 
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """The samples drawing from this sequence's logits: itself, plus, the first time a request for
@@ -377,3 +481,22 @@ class LLMEngine:
                 if out.index == 0:
                     done.setdefault(out.request_id, []).extend(out.new_token_ids)
         return done
+
+
+def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
+    """One StepOutput for the several tokens one sequence produced in a step (speculative decoding)."""
+    first, last = outputs[0], outputs[-1]
+    logprobs = None
+    if first.logprobs is not None:
+        logprobs = [lp for out in outputs for lp in out.logprobs or []]
+    return StepOutput(
+        last.request_id,
+        [t for out in outputs for t in out.new_token_ids],
+        last.finished,
+        last.finish_reason,
+        last.num_prompt_tokens,
+        last.num_output_tokens,
+        index=last.index,
+        logprobs=logprobs,
+        prompt_logprobs=first.prompt_logprobs,
+    )

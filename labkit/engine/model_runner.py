@@ -77,7 +77,8 @@ class ModelRunner:
         Decode chunks (1 token) and prefill chunks are attended separately: decode reads the cache in place,
         prefill gathers (so a long prompt does not make every decode token pay for padded queries).
         The logits rows come out in chunk order: a chunk's prompt-logprob positions, then its sampled
-        position (see LLMEngine.step)."""
+        position (with speculative decoding, the positions verifying its drafted tokens too; see
+        LLMEngine.step)."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -99,8 +100,7 @@ class ModelRunner:
                 pos.append(start + j)
                 slots.append(table[(start + j) // bs] * bs + (start + j) % bs)
             logits_index += [first + p - start for p in chunk.prompt_logprob_positions]
-            if chunk.samples:
-                logits_index.append(len(ids) - 1)
+            logits_index += range(len(ids) - chunk.num_sampling_rows, len(ids))
             if chunk.num_tokens == 1:
                 dec_index.append(first)
                 dec_context.append(start + 1)

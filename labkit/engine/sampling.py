@@ -142,6 +142,27 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
+def probabilities(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """The distribution each row samples from: logits [B, V] (float32), temperature, top_k, top_p [B]."""
+    # subtract each row's max first: then the top logit is 0 whatever the temperature and no
+    # division can overflow to inf (a tiny temperature just sends the others to -inf: greedy)
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature.unsqueeze(1)
+    return filter_logits(scaled, top_k, top_p).softmax(dim=-1)
+
+
+def request_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """probabilities() for rows of logits [R, V] that all belong to one request (speculative decoding)."""
+    rows, dev = logits.shape[0], logits.device
+    return probabilities(
+        logits.float(),
+        torch.full((rows,), params.temperature, device=dev),
+        torch.full((rows,), params.top_k, device=dev),
+        torch.full((rows,), params.top_p, device=dev),
+    )
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -159,11 +180,7 @@ def sample(
         temp = torch.tensor([params[i].temperature for i in rows], device=dev)
         top_k = torch.tensor([params[i].top_k for i in rows], device=dev)
         top_p = torch.tensor([params[i].top_p for i in rows], device=dev)
-        rows_logits = logits[idx]
-        # subtract each row's max first: then the top logit is 0 whatever the temperature and no
-        # division can overflow to inf (a tiny temperature just sends the others to -inf: greedy)
-        scaled = (rows_logits - rows_logits.amax(dim=-1, keepdim=True)) / temp.unsqueeze(1)
-        probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1)
+        probs = probabilities(logits[idx], temp, top_k, top_p)
         shared = [j for j, i in enumerate(rows) if generators[i] is None]
         if shared:  # unseeded rows: one batched draw from the engine's generator
             drawn = torch.multinomial(probs[shared], 1, generator=default_generator).squeeze(1)

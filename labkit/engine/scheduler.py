@@ -32,10 +32,14 @@ class ScheduledChunk:
     completes: bool = field(
         init=False
     )  # reaches the last known token: the step yields the next one
+    num_draft: int = field(
+        init=False
+    )  # speculative tokens at its end, each position's logits verify one
 
     def __post_init__(self):
         self.start = self.seq.num_computed_tokens
         self.completes = self.start + self.num_tokens == self.seq.num_tokens
+        self.num_draft = self.seq.num_draft_tokens if self.completes else 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -45,6 +49,11 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """Does the step sample a token for this sequence? (Not for a scoring-only request.)"""
         return self.completes and self.seq.params.max_tokens > 0
+
+    @property
+    def num_sampling_rows(self) -> int:
+        """Logits rows the step samples (or verifies) from, at the chunk's end: 1 + its drafted tokens."""
+        return 1 + self.num_draft if self.samples else 0
 
     @property
     def prompt_logprob_positions(self) -> range:

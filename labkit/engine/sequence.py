@@ -39,6 +39,8 @@ class Sequence:
     pending_forks: int = 0
     # None unless asked for; [None, logprob of prompt token 1, ...] as the prefill computes them
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # speculative decoding: the last this many token_ids are a guess, verified (and cut) within this step
+    num_draft_tokens: int = 0
 
     def __post_init__(self):
         if self.index == 0 and not self.num_output_tokens:
