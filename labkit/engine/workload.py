@@ -1,4 +1,4 @@
-"""The seeded workload every engine in notebooks 05-06 and benchmarks/engine.py runs, and how it is timed.
+"""The seeded workloads the engines run in the notebooks and benchmarks, and how they are timed.
 
 Real traffic is *mixed*: most answers are short, a few are long. That spread is exactly what static
 batching handles badly (a batch lasts as long as its longest member) and continuous batching handles well.
@@ -10,7 +10,15 @@ import time
 
 import torch
 
+from ..corpus import split_novel
 from ..data import sample_prompts
+
+# what the input-grounded workload asks (round robin): the answer copies or closely follows the passage
+GROUNDED_TASKS = (
+    "Repeat the following passage word for word.",
+    "Quote the following passage exactly, in quotation marks.",
+    "Summarise the following passage, quoting its key sentences.",
+)
 
 
 def mixed_workload(
@@ -31,6 +39,25 @@ def mixed_workload(
         lo, hi = long if torch.rand(1, generator=gen).item() < long_fraction else short
         lengths.append(int(torch.randint(lo, hi + 1, (1,), generator=gen).item()))
     return list(zip(prompts, lengths))
+
+
+def grounded_workload(
+    tokenizer, n: int = 6, chars: tuple[int, int] = (400, 900)
+) -> list[list[int]]:
+    """n chat prompts (token ids, the tokenizer's chat template applied) asking an instruct model to repeat,
+    quote or summarise a held-out Pride and Prejudice paragraph of `chars` characters: the workload where
+    an answer grounded in its input makes prompt-lookup speculative decoding pay (speculative.py)."""
+    _, heldout = split_novel("prideprejudice")
+    passages = [p for p in heldout if chars[0] <= len(p) <= chars[1]][:n]
+    if len(passages) < n:
+        raise ValueError(f"only {len(passages)} held-out paragraphs of {chars} characters; lower n")
+    prompts = []
+    for i, passage in enumerate(passages):
+        task = GROUNDED_TASKS[i % len(GROUNDED_TASKS)]
+        chat = [{"role": "user", "content": f"{task}\n\n{passage}"}]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    return prompts
 
 
 def latency_summary(
