@@ -243,6 +243,15 @@ EXERCISES = {
         _E.reference_allocate_blocks,
         [_allocate_no_parent, _allocate_unverified],
     ),
+    # notebook 04b
+    "accept_greedy": Exercise(
+        _E.check_accept_greedy,
+        _E.reference_accept_greedy,
+        [
+            lambda draft, target: [d for d, t in zip(draft, target) if d == t],  # no own token
+            lambda draft, target: [d for d, t in zip(draft, target) if d == t] + [target[-1]],
+        ],
+    ),
     # notebook 06
     "kv_cache_blocks": Exercise(
         _E.check_kv_cache_blocks,

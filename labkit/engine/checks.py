@@ -8,6 +8,7 @@ import torch
 
 from ..checks import ExerciseFailure, expect_close, run_check
 from .baselines import generate_no_cache
+from .speculative import accept_greedy as reference_accept_greedy
 
 
 # ---- notebook 04 -----------------------------------------------------------------------------
@@ -404,3 +405,28 @@ def check_kv_cache_blocks(student):
                 )
 
     return run_check("kv_cache_blocks", student, reference_kv_cache_blocks, test)
+
+
+# ---- notebook 04b ----------------------------------------------------------------------------
+def check_accept_greedy(student):
+    cases = [
+        ([4, 5, 6], [4, 5, 6, 7]),  # every draft right: all of them, plus the model's next token
+        ([4, 5, 6], [4, 9, 6, 7]),  # wrong at 1: the later match at 2 must not count
+        ([4, 5, 6], [1, 5, 6, 7]),  # wrong at once: a plain decode step
+        ([], [3]),  # no draft at all
+        ([8, 8], [8, 8, 8]),
+    ]
+
+    def test(fn):
+        for draft, target in cases:
+            got = fn(list(draft), list(target))
+            want = reference_accept_greedy(draft, target)
+            if got is None:
+                raise ExerciseFailure("returned None (did you forget `return`?)")
+            if [int(t) for t in got] != want:
+                raise ExerciseFailure(
+                    f"accept_greedy({draft}, {target}) gave {list(got)}, expected {want}: keep the "
+                    "drafts up to the first mismatch, then add the model's own token there"
+                )
+
+    return run_check("accept_greedy", student, reference_accept_greedy, test)
