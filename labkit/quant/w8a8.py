@@ -159,7 +159,8 @@ def w8a8_model(
 ) -> nn.Module:
     """In place: W8A8 fake quantization of every block linear. act_absmax (from
     smoothquant.activation_absmax) makes per-tensor activation scales static."""
-    check_act(act), check_bits(bits)
+    check_act(act)
+    check_bits(bits)
     return replace_linears(
         model,
         lambda name, lin: W8A8Linear(
