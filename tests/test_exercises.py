@@ -14,6 +14,7 @@ import labkit.roofline_checks
 import labkit.serve.checks
 from labkit.exercises import STUB, generate, strip_solutions
 from labkit.quant import primitives
+from labkit.quant.smoothquant import smoothing_scales
 
 
 def test_solution_block_becomes_an_indented_stub():
@@ -198,6 +199,12 @@ EXERCISES = {
         _Q.check_awq_search,
         _Q.reference_awq_search,
         [_awq_search_without_unscaling, _awq_search_on_weight_error],
+    ),
+    # notebook 02b
+    "smoothing_scales": Exercise(
+        _Q.check_smoothing_scales,
+        smoothing_scales,
+        [lambda x, w, a: x**a / w**a, lambda x, w, a: x ** (1 - a) / w**a],  # wrong exponents
     ),
     # notebook 03b
     "decode_tok_s": Exercise(

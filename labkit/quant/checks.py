@@ -317,3 +317,24 @@ def _awq_variant(x_mean, G, W, quantize, unscale=True, use_G=True) -> float:
         W_hat = quantize(W * s) / s if unscale else quantize(W * s)
         errs[alpha] = output_error(W, W_hat, G).item()
     return min(errs, key=errs.__getitem__)
+
+
+# ---- notebook 02b ----------------------------------------------------------------------------------
+
+
+def check_smoothing_scales(student: Callable) -> Callable:
+    from .smoothquant import smoothing_scales
+
+    def test(fn):
+        g = torch.Generator().manual_seed(5)
+        x_absmax = torch.rand(16, generator=g) * 50 + 0.1
+        w_absmax = torch.rand(16, generator=g) * 0.5 + 0.01
+        for alpha in (0.0, 0.5, 0.8, 1.0):
+            _expect_tensor(
+                fn(x_absmax, w_absmax, alpha),
+                smoothing_scales(x_absmax, w_absmax, alpha),
+                f"scales for alpha={alpha}",
+                atol=1e-4,
+            )
+
+    return run_check("smoothing_scales", student, smoothing_scales, test)
