@@ -8,6 +8,7 @@ from labkit.quant import fake_quantize, pack_model
 from labkit.quant.qat import (
     FakeQuantLinear,
     convert_qat_model,
+    distillation_loss,
     prepare_qat,
     qat_layers,
     ste_fake_quantize,
@@ -96,6 +97,22 @@ def test_a_few_qat_steps_reduce_the_loss_on_a_fixed_batch():
     assert len(losses) == 15 and losses[0] == pytest.approx(before, rel=1e-4)
     assert after < before - 0.5
     assert not model.training  # left in eval mode
+
+
+def test_distillation_steps_pull_the_quantized_model_towards_the_teacher():
+    teacher = tiny_llama(seed=1)
+    model = prepare_qat(tiny_llama(), 2, 32)
+    stream = torch.randint(0, 256, (34,), generator=torch.Generator().manual_seed(1))
+    batch = stream[:32][None]
+    with torch.no_grad():
+        before = distillation_loss(model, teacher, batch).item()
+    losses = train_qat(model, stream, 15, 2, 32, lr=3e-3, warmup=1, teacher=teacher)
+    with torch.no_grad():
+        after = distillation_loss(model, teacher, batch).item()
+        self_kl = distillation_loss(teacher, teacher, batch).item()
+    assert losses[0] == pytest.approx(before, rel=1e-4) and before > 0
+    assert after < 0.7 * before
+    assert self_kl == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize("bits", [1, 9, 3.0, True, "3"])

@@ -97,11 +97,15 @@ def train_qat(
     warmup: int = 10,
     seed: int = 0,
     log_every: int = 0,
+    teacher: nn.Module | None = None,
 ) -> list[float]:
     """Fine-tune a prepared model on random windows of train_ids [n]; returns the loss of every step.
 
     The loop of labkit.train (AdamW, warmup then cosine, gradient clipping), at a fine-tuning learning
-    rate: the weights only need to move a fraction of a grid step."""
+    rate: the weights only need to move a fraction of a grid step. With a teacher (the float model) the
+    loss is the KL divergence from the teacher's next-token distribution (knowledge distillation, as
+    LLM-QAT does): a target at every position over the whole vocabulary, not one token, so the few
+    steps we can afford carry far more signal, and nothing pulls the model away from the float one."""
     if not qat_layers(model):
         raise ValueError("no FakeQuantLinear in the model: call prepare_qat(model, bits) first")
     gen = torch.Generator().manual_seed(seed)
@@ -112,7 +116,9 @@ def train_qat(
         x = random_batch(train_ids, batch, seq_len, gen).to(next(model.parameters()).device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, min(warmup, steps))
-        loss = model(input_ids=x, labels=x).loss
+        loss = (
+            distillation_loss(model, teacher, x) if teacher else model(input_ids=x, labels=x).loss
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -122,6 +128,16 @@ def train_qat(
             print(f"QAT step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
     model.eval()
     return losses
+
+
+def distillation_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) on a batch of token ids [batch, seq]."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(input_ids=x).logits.float(), dim=-1)
+    logp = F.log_softmax(student(input_ids=x).logits.float(), dim=-1)
+    return F.kl_div(
+        logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean"
+    )
 
 
 @torch.no_grad()
