@@ -1,6 +1,6 @@
 """QAT benchmark on the Austen model: what a short straight-through fine-tune recovers that PTQ cannot.
 
-    .venv/bin/python benchmarks/qat.py [--steps 150] [--bits 3 2] [--group-size 64] [--threads N]
+    .venv/bin/python benchmarks/qat.py [--steps 100] [--bits 3 2] [--group-size 64] [--threads N]
 
 For each bit width: held-out perplexity of the float model, RTN, GPTQ and QAT (fine-tuned through the
 quantizer by distillation from the float model, then converted by RTN of the trained weights, so
@@ -71,10 +71,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 2])
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--calib-samples", type=int, default=64)
