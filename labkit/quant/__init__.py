@@ -10,6 +10,7 @@ rtn.py         round-to-nearest, the baseline
 gptq.py        GPTQ (Hessian, damping, Cholesky, lazy blocks, groups, act-order)
 awq.py         AWQ (activation-aware scale search folded into the previous op, clipping search)
 ptq.py         INT8 dynamic and static quantization with torch.ao
+qat.py         quantization-aware training: fake-quant linears, straight-through estimator, distillation
 export.py      pack, save and load checkpoints in the GPTQ format (vLLM, transformers, GPTQModel)
 reference.py   a float model's logits computed once, to compare many quantized variants against it
 libs.py        the production libraries (GPTQModel, llm-compressor, torchao), run by labkit.workers
