@@ -206,6 +206,21 @@ EXERCISES = {
         smoothing_scales,
         [lambda x, w, a: x**a / w**a, lambda x, w, a: x ** (1 - a) / w**a],  # wrong exponents
     ),
+    # notebook 03c
+    "ste_fake_quantize": Exercise(
+        _Q.check_ste_fake_quantize,
+        _Q.reference_ste_fake_quantize,
+        [
+            lambda w, b, g: primitives.fake_quantize(
+                w.detach(), b, False, "group", g
+            ),  # no gradient
+            lambda w, b, g: w,  # no quantization
+            # detached w: the gradient is lost
+            lambda w, b, g: (
+                primitives.fake_quantize(w, b, False, "group", g).detach() * 1.0 + 0 * w
+            ),
+        ],
+    ),
     # notebook 03b
     "decode_tok_s": Exercise(
         labkit.roofline_checks.check_decode_tok_s,

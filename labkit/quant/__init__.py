@@ -14,6 +14,7 @@ ptq.py         INT8 dynamic and static quantization with torch.ao
 w8a8.py        W8A8 fake quantization (INT8/FP8, per-tensor/per-token activations), LLM.int8() decomposition
 smoothquant.py SmoothQuant: activation ranges, smoothing scales folded in, checked to keep the function
 int8_gemm.py   real INT8 matmuls (torch._int_mm, fbgemm) timed against float32
+qat.py         quantization-aware training: fake-quant linears, straight-through estimator, distillation
 export.py      pack, save and load checkpoints in the GPTQ format (vLLM, transformers, GPTQModel)
 reference.py   a float model's logits computed once, to compare many quantized variants against it
 libs.py        the production libraries (GPTQModel, llm-compressor, torchao), run by labkit.workers
