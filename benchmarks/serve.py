@@ -8,7 +8,11 @@ Writes results/serve.json and the committed record benchmarks/results/serve.json
   - server throughput >= 0.8x the offline engine (LLM.generate) on the same workload: offline and server runs
     are alternated (--repeats), each server run is compared with the offline runs around it, median reported;
   - KV blocks in use back to 0 after the run;
-  - N requests with random client disconnects leak nothing (no blocks, no active requests left).
+  - N requests with random client disconnects leak nothing (no blocks, no active requests left);
+  - open loop (Poisson arrivals) at 80% of the saturation rate (the requests/s completed at the highest
+    closed-loop concurrency): zero errors and TTFT p99 under 10x the unloaded TTFT (p50 at one client);
+  - past saturation (--overload-factor x that rate, on a server with --max-waiting = max_num_seqs / 4):
+    the excess gets 429s with Retry-After, no 5xx, and the server never holds more than its limit.
 Next to each ratio: how many cores *other* programs used meanwhile (from /proc/stat); on a 2-core machine
 one busy neighbour is enough to cap the server (engine + HTTP + clients) below the offline engine.
 `--engine-mode process thread` also runs a server with the engine in a thread of the HTTP process (one GIL
@@ -32,7 +36,8 @@ import httpx
 
 from labkit.results import save_record
 from labkit.serve.launch import ServerProcess
-from labkit.serve.loadgen import run_load, workload
+from labkit.serve.loadgen import SLO, run_load, workload
+from labkit.serve.loadgen.openloop import run_rate
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -163,6 +168,74 @@ def server_run(srv: ServerProcess, payloads: list[dict], concurrency: int) -> di
     return s
 
 
+def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args) -> dict:
+    """Poisson arrivals at 80% of the saturation rate on the benchmark's server, then past saturation on a
+    server whose queue is bounded (--max-waiting): the two halves of the open-loop targets."""
+    unloaded = next((s for s in levels if s["concurrency"] == 1), None)
+    if unloaded is None:
+        unloaded = server_run(srv, workload(8, seed=0, min_tokens=args.min_tokens), 1)
+    saturation = statistics.median(s["requests_per_s"] for s in top_runs)
+    ttft0 = unloaded["ttft_p50_s"]
+    slo = SLO(ttft_s=10 * ttft0, tpot_s=float("inf"))  # the target bounds the TTFT tail only
+    payloads = workload(
+        args.open_loop_requests, seed=2, min_tokens=args.min_tokens, max_tokens=args.max_tokens
+    )
+    at80 = asyncio.run(run_rate(srv.url, payloads, 0.8 * saturation, slo, seed=2))
+    wait_idle(srv.url)
+    max_waiting = max(1, args.max_num_seqs // 4)
+    with ServerProcess(
+        args.model, max_num_seqs=args.max_num_seqs, max_waiting=max_waiting, threads=args.threads
+    ) as bounded:
+        asyncio.run(run_load(bounded.url, payloads[:8], 4))  # warm up
+        over = asyncio.run(
+            run_rate(bounded.url, payloads, args.overload_factor * saturation, slo, seed=3)
+        )
+    limit = args.max_num_seqs + max_waiting
+    a, o = at80.summary, over.summary
+    report = {
+        "saturation_requests_per_s": saturation,
+        "unloaded_ttft_p50_s": ttft0,
+        "at_80pct": {
+            "rate": at80.rate,
+            **a,
+            "mean_in_system": at80.mean_in_system,
+            "littles_law": at80.littles_law,
+        },
+        "overload": {
+            "rate": over.rate,
+            **o,
+            "max_in_system": over.max_in_system,
+            "limit": limit,
+            "goodput": over.goodput,
+        },
+        "ttft_p99_over_unloaded_at_80pct": a["ttft_p99_s"] / ttft0,
+    }
+    report["targets_met"] = {
+        "open_loop_80pct_zero_errors": a["errors"] == 0,
+        "open_loop_80pct_ttft_p99_lt_10x_unloaded": a["ttft_p99_s"] < 10 * ttft0,
+        "overload_429_with_retry_after_no_5xx": (
+            o["rejected_429"] > 0
+            and o["rejected_429_with_retry_after"] == o["rejected_429"]
+            and o["server_errors_5xx"] == 0
+            and o["ok"] + o["rejected_429"] == o["requests"]
+            and over.max_in_system <= limit
+        ),
+    }
+    print(
+        f"  open loop: saturation {saturation:.2f} req/s; at 80% ({at80.rate:.2f}/s) errors {a['errors']}, "
+        f"TTFT p99 {a['ttft_p99_s'] * 1e3:.0f} ms = {report['ttft_p99_over_unloaded_at_80pct']:.1f}x unloaded "
+        f"p50; L {at80.mean_in_system:.1f} vs lambda x W {at80.littles_law:.1f}",
+        flush=True,
+    )
+    print(
+        f"  overload at {over.rate:.2f}/s (max waiting {max_waiting}): {o['ok']} answered, "
+        f"{o['rejected_429']} refused with 429 ({o['rejected_429_with_retry_after']} with Retry-After), "
+        f"{o['server_errors_5xx']} 5xx; at most {over.max_in_system:.0f} inside (limit {limit})",
+        flush=True,
+    )
+    return report
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,6 +260,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--disconnect-requests", type=int, default=1000, help="0 to skip the leak test")
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument(
+        "--open-loop-requests",
+        type=int,
+        default=128,
+        help="Poisson arrivals at 80%% of saturation and past it; 0 to skip",
+    )
+    ap.add_argument("--overload-factor", type=float, default=4.0)
     ap.add_argument(
         "--threads",
         type=int,
@@ -317,6 +397,8 @@ def main(argv=None) -> dict:
                 "active_requests_after": after["labkit:active_requests"],
             }
             print(f"  disconnect test: {result['disconnect_test']}", flush=True)
+        if args.open_loop_requests:
+            result["open_loop"] = open_loop(srv, levels, repeats, args)
         final = wait_idle(srv.url)
         exit_codes = [server.stop() for server in servers.values()]
         exit_code = exit_codes[0]
@@ -394,6 +476,8 @@ def main(argv=None) -> dict:
     }
     if targets["disconnects_leak_nothing"] is not None:
         targets_met["disconnects_leak_nothing"] = targets["disconnects_leak_nothing"]
+    if "open_loop" in result:
+        targets_met.update(result["open_loop"]["targets_met"])
     print("wrote", save_record("serve", result, targets_met))
     return result
 

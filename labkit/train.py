@@ -71,6 +71,26 @@ def add_residual_dropout(model: LlamaForCausalLM, p: float) -> None:
         layer.mlp.register_forward_hook(mlp_hook)
 
 
+def adamw(model, lr: float, weight_decay: float = 0.1) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def random_batch(ids: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """batch random windows of seq_len tokens from a 1-D stream: [batch, seq_len]."""
+    starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -124,13 +144,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = adamw(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     log: dict[str, Any] = {
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -141,8 +155,7 @@ def main(argv=None):
     model.train()
     bar = tqdm(range(args.steps), desc="training", mininterval=10)
     for step in bar:
-        starts = torch.randint(0, len(train_ids) - args.seq_len - 1, (args.batch,), generator=gen)
-        batch = torch.stack([train_ids[s : s + args.seq_len] for s in starts])
+        batch = random_batch(train_ids, args.batch, args.seq_len, gen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         loss = model(input_ids=batch, labels=batch).loss

@@ -24,6 +24,10 @@ MARKS = {
     "test_serve_hardening.py": ("server", "slow"),
     "test_serve_fuzz.py": ("server", "slow"),
     "test_serve_logprobs.py": ("server", "slow"),
+    "test_serve_openloop.py::test_past_saturation_the_server_refuses_with_retry_after_and_bounds_its_queue": (
+        "server",
+        "slow",
+    ),
     "test_serve_lm_eval.py": ("server", "external", "slow"),
     "test_quant_libs.py": ("external", "slow"),
     "test_engine_vllm.py": ("external", "slow"),

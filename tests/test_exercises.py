@@ -14,6 +14,7 @@ import labkit.roofline_checks
 import labkit.serve.checks
 from labkit.exercises import STUB, generate, strip_solutions
 from labkit.quant import primitives
+from labkit.quant.smoothquant import smoothing_scales
 
 
 def test_solution_block_becomes_an_indented_stub():
@@ -199,6 +200,27 @@ EXERCISES = {
         _Q.reference_awq_search,
         [_awq_search_without_unscaling, _awq_search_on_weight_error],
     ),
+    # notebook 02b
+    "smoothing_scales": Exercise(
+        _Q.check_smoothing_scales,
+        smoothing_scales,
+        [lambda x, w, a: x**a / w**a, lambda x, w, a: x ** (1 - a) / w**a],  # wrong exponents
+    ),
+    # notebook 03c
+    "ste_fake_quantize": Exercise(
+        _Q.check_ste_fake_quantize,
+        _Q.reference_ste_fake_quantize,
+        [
+            lambda w, b, g: primitives.fake_quantize(
+                w.detach(), b, False, "group", g
+            ),  # no gradient
+            lambda w, b, g: w,  # no quantization
+            # detached w: the gradient is lost
+            lambda w, b, g: (
+                primitives.fake_quantize(w, b, False, "group", g).detach() * 1.0 + 0 * w
+            ),
+        ],
+    ),
     # notebook 03b
     "decode_tok_s": Exercise(
         labkit.roofline_checks.check_decode_tok_s,
@@ -283,7 +305,7 @@ EXERCISES = {
     ),
     "poisson_arrivals": Exercise(
         _S.check_poisson_arrivals,
-        _S.reference_poisson_arrivals,
+        _S.poisson_arrivals,
         [
             lambda rate, n, seed=0: [(i + 1) / rate for i in range(n)],  # evenly spaced
             lambda rate, n, seed=0: [random.Random(seed).expovariate(1 / rate) for _ in range(n)],

@@ -8,8 +8,13 @@ layers.py      finding blocks and linears, reading and writing their weights, un
 calibration.py capturing what flows into them: hooks, calibration passes, block-by-block inputs
 rtn.py         round-to-nearest, the baseline
 gptq.py        GPTQ (Hessian, damping, Cholesky, lazy blocks, groups, act-order)
+folding.py     folding per-channel scales into the previous op (shared by AWQ and SmoothQuant)
 awq.py         AWQ (activation-aware scale search folded into the previous op, clipping search)
 ptq.py         INT8 dynamic and static quantization with torch.ao
+w8a8.py        W8A8 fake quantization (INT8/FP8, per-tensor/per-token activations), LLM.int8() decomposition
+smoothquant.py SmoothQuant: activation ranges, smoothing scales folded in, checked to keep the function
+int8_gemm.py   real INT8 matmuls (torch._int_mm, fbgemm) timed against float32
+qat.py         quantization-aware training: fake-quant linears, straight-through estimator, distillation
 export.py      pack, save and load checkpoints in the GPTQ format (vLLM, transformers, GPTQModel)
 reference.py   a float model's logits computed once, to compare many quantized variants against it
 libs.py        the production libraries (GPTQModel, llm-compressor, torchao), run by labkit.workers

@@ -6,6 +6,7 @@ import torch
 
 from ..checks import ExerciseFailure, run_check
 from . import primitives as P
+from .qat import ste_fake_quantize
 
 
 def _expect_tensor(got, want, what: str, atol: float = 1e-5):
@@ -317,3 +318,61 @@ def _awq_variant(x_mean, G, W, quantize, unscale=True, use_G=True) -> float:
         W_hat = quantize(W * s) / s if unscale else quantize(W * s)
         errs[alpha] = output_error(W, W_hat, G).item()
     return min(errs, key=errs.__getitem__)
+
+
+# ---- notebook 02b ----------------------------------------------------------------------------------
+
+
+def check_smoothing_scales(student: Callable) -> Callable:
+    from .smoothquant import smoothing_scales
+
+    def test(fn):
+        g = torch.Generator().manual_seed(5)
+        x_absmax = torch.rand(16, generator=g) * 50 + 0.1
+        w_absmax = torch.rand(16, generator=g) * 0.5 + 0.01
+        for alpha in (0.0, 0.5, 0.8, 1.0):
+            _expect_tensor(
+                fn(x_absmax, w_absmax, alpha),
+                smoothing_scales(x_absmax, w_absmax, alpha),
+                f"scales for alpha={alpha}",
+                atol=1e-4,
+            )
+
+    return run_check("smoothing_scales", student, smoothing_scales, test)
+
+
+# ---- notebook 03c ----------------------------------------------------------------------------------
+
+
+def reference_ste_fake_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    return ste_fake_quantize(w, bits, group_size, symmetric=False)
+
+
+def check_ste_fake_quantize(student: Callable) -> Callable:
+    """fn(w, bits, group_size) -> w_hat: RTN's fake-quantized w (asymmetric groups) in the forward pass,
+    the upstream gradient passed straight through to w (zero where the quantizer clamps, if you mask)."""
+    reference = reference_ste_fake_quantize
+
+    def test(fn):
+        g = torch.Generator().manual_seed(0)
+        for bits, group_size in ((2, 32), (3, 64), (4, 16)):
+            w = torch.randn(8, 64, generator=g)
+            upstream = torch.randn(8, 64, generator=g)
+            w_s, w_r = w.clone().requires_grad_(), w.clone().requires_grad_()
+            got, want = fn(w_s, bits, group_size), reference(w_r, bits, group_size)
+            _expect_tensor(got, want.detach(), f"forward value at {bits} bits", atol=1e-6)
+            if not isinstance(got, torch.Tensor) or got.grad_fn is None:
+                raise ExerciseFailure(
+                    "no gradient reaches w: the output must be built from w itself, e.g. "
+                    "w + (w_hat - w).detach()"
+                )
+            got.backward(upstream)
+            want.backward(upstream)
+            inside = w_r.grad != 0  # where the reference passes the gradient through
+            if w_s.grad is None or not torch.allclose(w_s.grad[inside], upstream[inside]):
+                raise ExerciseFailure(
+                    f"at {bits} bits the gradient wrt w is not the upstream gradient: the STE treats "
+                    "round() as the identity in the backward pass (did you detach w itself?)"
+                )
+
+    return run_check("ste_fake_quantize", student, reference, test)

@@ -3,11 +3,11 @@ function if it is right, else the reference below, so the notebook always runs t
 
 import json
 import math
-import random
 import statistics
 from collections.abc import Callable
 
 from labkit.checks import ExerciseFailure, expect_close, run_check
+from labkit.serve.loadgen.openloop import poisson_arrivals
 
 # ---- notebook 07: reading a stream -----------------------------------------------------------------
 
@@ -178,18 +178,6 @@ def check_cost_per_1k_tokens(student: Callable) -> Callable:
 # ---- notebook 07: an open-loop load generator's arrival times ----------------------------------------
 
 
-def reference_poisson_arrivals(rate: float, n: int, seed: int = 0) -> list[float]:
-    """Send times (seconds from the start) of n requests arriving as a Poisson process of `rate`
-    requests/s: the gaps between arrivals are independent and exponential with mean 1 / rate
-    (what `vllm bench serve --request-rate` does with its default burstiness of 1)."""
-    rng = random.Random(seed)
-    times, t = [], 0.0
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        times.append(t)
-    return times
-
-
 def check_poisson_arrivals(student: Callable) -> Callable:
     def test(fn):
         for rate in (0.5, 4.0, 50.0):
@@ -224,4 +212,4 @@ def check_poisson_arrivals(student: Callable) -> Callable:
                 "the same seed must give the same schedule: use random.Random(seed)"
             )
 
-    return run_check("poisson_arrivals", student, reference_poisson_arrivals, test)
+    return run_check("poisson_arrivals", student, poisson_arrivals, test)

@@ -15,11 +15,13 @@ Read in this order:
 stats.py      one request's record (TTFT, TPOT, e2e), percentiles, a run's summary
 client.py     a minimal keep-alive HTTP/1.1 client that times one streaming completion
 runner.py     N closed-loop clients over a list of payloads, or an open loop at given send times
+openloop.py   Poisson arrivals, a rate sweep past saturation, goodput under an SLO, Little's law
 workloads.py  seeded, realistic payloads (the same work the offline engine can be given)
 plots.py      latency CDFs and throughput vs concurrency
 """
 
 from .client import Connection, stream_completion
+from .openloop import SLO, RatePoint, goodput, poisson_arrivals, rate_sweep, run_rate
 from .plots import plot_latency_cdf, plot_throughput
 from .runner import run_load, run_load_sync, run_open_loop
 from .stats import LoadResult, RequestRecord, percentile
@@ -28,13 +30,19 @@ from .workloads import workload
 __all__ = [
     "Connection",
     "LoadResult",
+    "RatePoint",
     "RequestRecord",
+    "SLO",
+    "goodput",
     "percentile",
     "plot_latency_cdf",
     "plot_throughput",
+    "poisson_arrivals",
+    "rate_sweep",
     "run_load",
     "run_load_sync",
     "run_open_loop",
+    "run_rate",
     "stream_completion",
     "workload",
 ]

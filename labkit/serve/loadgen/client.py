@@ -100,7 +100,9 @@ async def stream_completion(
     rec, text = RequestRecord(ok=False), []
 
     async def run():
-        if (status := await conn.post(path, body)) != 200:
+        rec.status = status = await conn.post(path, body)
+        rec.retry_after = conn.headers.get("retry-after")
+        if status != 200:
             rec.error = f"HTTP {status}: {b''.join([b async for b in conn.body()]).decode()[:200]}"
             return
         # SSE events end with a blank line

@@ -20,6 +20,8 @@ class RequestRecord:
     text: str = ""
     error: str | None = None
     disconnected: bool = False  # we hung up on purpose (disconnect tests)
+    status: int | None = None  # the HTTP status (None: no response at all)
+    retry_after: str | None = None  # the Retry-After header of a 429 or 503
 
     @property
     def tpot(self) -> float | None:
@@ -53,6 +55,12 @@ class LoadResult:
             "requests": len(self.records),
             "ok": len(ok),
             "errors": sum(1 for r in self.records if not r.ok and not r.disconnected),
+            # of the errors: refused at the door (the server's queue is full), with a Retry-After or not
+            "rejected_429": sum(1 for r in self.records if r.status == 429),
+            "rejected_429_with_retry_after": sum(
+                1 for r in self.records if r.status == 429 and r.retry_after
+            ),
+            "server_errors_5xx": sum(1 for r in self.records if r.status and r.status >= 500),
             "disconnected": sum(1 for r in self.records if r.disconnected),
             "output_tokens": out,
             "wall_s": self.wall,

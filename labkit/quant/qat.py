@@ -1,0 +1,157 @@
+"""Quantization-aware training (QAT): fine-tune the model *through* the quantizer it will be deployed with.
+
+Post-training quantization (RTN, GPTQ, AWQ) keeps the trained weights and only chooses how to round them.
+At 3 and 2 bits no rounding choice is good enough: the grid is too coarse for the weights the model learned.
+QAT lets the weights move to where the grid is: every forward pass uses the quantized weight
+
+    w_hat = fake_quantize(w)          (the same group-wise quantizer RTN uses: primitives.quantize_weight)
+
+so the loss is the quantized model's loss. Rounding has zero gradient almost everywhere, so training
+needs the straight-through estimator (STE, Bengio et al. 2013): the backward pass treats rounding as the
+identity, d w_hat / d w = 1, except where w falls outside the grid's range and is clamped (gradient 0,
+as torch.ao's FakeQuantize does). The float weight w is a "latent" weight that only the optimizer sees;
+the scales are refitted to it every step, as RTN would fit them.
+
+After training, `convert_qat_model` puts ordinary linears back and runs `rtn_quantize_model` on the
+trained weights: the result is the same fake-quantized model (and, with pack_model, the same packed
+QuantLinears) that PTQ produces, evaluated along the same path.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..train import adamw, lr_at, random_batch
+from .layers import check_group_size, quantizable_layers
+from .primitives import QuantizedWeight, check_bits, quantize_weight
+from .rtn import rtn_quantize_model
+
+
+def ste_fake_quantize(
+    w: torch.Tensor, bits: int, group_size: int | None = 128, symmetric: bool = True
+) -> torch.Tensor:
+    """RTN's quantize-dequantize of a weight [out, in] in the forward pass; identity gradient (STE)
+    for the weights inside the grid's range, zero for those the quantizer clamps."""
+    qw = quantize_weight(w.detach(), bits, symmetric, "group", group_size)
+    idx = qw.g_idx.long()
+    unclamped = torch.round(w.detach() / qw.scale[:, idx]) + qw.zero[:, idx]
+    inside = (unclamped >= 0) & (unclamped <= 2**bits - 1)
+    # forward: exactly w_hat (the added term is 0); backward: upstream gradient where inside, else 0
+    return qw.dequantize().to(w.dtype) + (w - w.detach()) * inside
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer that trains a float weight but computes with its quantized version."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int | None, symmetric: bool):
+        super().__init__()
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"QAT swaps nn.Linear layers, got {type(linear).__name__}")
+        self.bits, self.group_size, self.symmetric = check_bits(bits), group_size, symmetric
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: trained in place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_hat = ste_fake_quantize(self.weight, self.bits, self.group_size, self.symmetric)
+        return F.linear(x, w_hat, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        out_f, in_f = self.weight.shape
+        linear = nn.Linear(in_f, out_f, bias=self.bias is not None, device=self.weight.device)
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        out_f, in_f = self.weight.shape
+        return f"in_features={in_f}, out_features={out_f}, bits={self.bits}, group_size={self.group_size}"
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def prepare_qat(
+    model: nn.Module, bits: int, group_size: int | None = 128, symmetric: bool = True
+) -> nn.Module:
+    """Swap every linear of the decoder blocks (the layers rtn_quantize_model quantizes) for a
+    FakeQuantLinear, in place. The embedding, norms and tied output head stay float, as in PTQ."""
+    check_bits(bits)
+    check_group_size(model, group_size)
+    for _, linears in quantizable_layers(model):
+        for name, layer in linears.items():
+            _replace(model, name, FakeQuantLinear(layer, bits, group_size, symmetric))
+    return model
+
+
+def qat_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+def train_qat(
+    model: nn.Module,
+    train_ids: torch.Tensor,
+    steps: int,
+    batch: int = 8,
+    seq_len: int = 256,
+    lr: float = 2e-4,
+    warmup: int = 10,
+    seed: int = 0,
+    log_every: int = 0,
+    teacher: nn.Module | None = None,
+) -> list[float]:
+    """Fine-tune a prepared model on random windows of train_ids [n]; returns the loss of every step.
+
+    The loop of labkit.train (AdamW, warmup then cosine, gradient clipping), at a fine-tuning learning
+    rate: the weights only need to move a fraction of a grid step. With a teacher (the float model) the
+    loss is the KL divergence from the teacher's next-token distribution (knowledge distillation, as
+    LLM-QAT does): a target at every position over the whole vocabulary, not one token, so the few
+    steps we can afford carry far more signal, and nothing pulls the model away from the float one."""
+    if not qat_layers(model):
+        raise ValueError("no FakeQuantLinear in the model: call prepare_qat(model, bits) first")
+    gen = torch.Generator().manual_seed(seed)
+    opt = adamw(model, lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        x = random_batch(train_ids, batch, seq_len, gen).to(next(model.parameters()).device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, min(warmup, steps))
+        loss = (
+            distillation_loss(model, teacher, x) if teacher else model(input_ids=x, labels=x).loss
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"QAT step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    model.eval()
+    return losses
+
+
+def distillation_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(teacher || student) on a batch of token ids [batch, seq]."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(input_ids=x).logits.float(), dim=-1)
+    logp = F.log_softmax(student(input_ids=x).logits.float(), dim=-1)
+    return F.kl_div(
+        logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean"
+    )
+
+
+@torch.no_grad()
+def convert_qat_model(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """Put ordinary linears back and RTN-quantize the trained weights in place (the PTQ path).
+
+    Returns the codes, ready for pack_model / export_gptq, like rtn_quantize_model."""
+    layers = qat_layers(model)
+    if not layers:
+        raise ValueError("no FakeQuantLinear in the model: nothing to convert")
+    settings = {(m.bits, m.group_size, m.symmetric) for m in layers.values()}
+    if len(settings) != 1:
+        raise ValueError(f"one bit width and group size per model, got {settings}")
+    bits, group_size, symmetric = settings.pop()
+    for name, layer in layers.items():
+        _replace(model, name, layer.to_linear())
+    return rtn_quantize_model(model, bits, group_size, symmetric=symmetric)
