@@ -48,6 +48,8 @@ def start(spec: dict):
     )
     if spec.get("quantization"):
         kwargs["quantization"] = spec["quantization"]
+    if spec.get("speculative_config"):  # vLLM only, e.g. {"method": "ngram", ...}
+        kwargs["speculative_config"] = spec["speculative_config"]
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
     engine = llm.llm_engine
