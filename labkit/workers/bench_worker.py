@@ -46,10 +46,10 @@ def start(spec: dict):
         enforce_eager=spec.get("enforce_eager", True),
         enable_prefix_caching=spec.get("enable_prefix_caching", True),
     )
-    if spec.get("quantization"):
-        kwargs["quantization"] = spec["quantization"]
-    if spec.get("speculative_config"):  # vLLM only, e.g. {"method": "ngram", ...}
-        kwargs["speculative_config"] = spec["speculative_config"]
+    # optional engine arguments, passed through when set (speculative_config is vLLM's only)
+    for key in ("quantization", "speculative_config"):
+        if spec.get(key):
+            kwargs[key] = spec[key]
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
     engine = llm.llm_engine
