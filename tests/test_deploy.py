@@ -132,7 +132,7 @@ def test_gpu_variant_is_a_valid_deployment_with_a_gpu():
     import kubernetes_validate
 
     kust = yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
-    assert kust["resources"] == ["../"]
+    assert kust["resources"] == ["../", "dcgm-exporter.yaml"]
     patch = yaml.safe_load((K8S / "gpu" / kust["patches"][0]["path"]).read_text())
     merged = _merge(yaml.safe_load((K8S / "deployment.yaml").read_text()), patch)
     kubernetes_validate.validate(merged, "1.37.0", strict=True)
@@ -206,7 +206,70 @@ def test_alerts_cover_the_seed_and_kv_pressure():
         for g in yaml.safe_load((MON / "alert_rules.yml").read_text())["groups"]
         for r in g["rules"]
     }
-    assert {"HighLatency", "HighErrorRate", "KVCachePressure"} <= names
+    assert {"HighLatency", "HighErrorRate", "KVCachePressure", "LowGPUUtilization"} <= names
+
+
+# The DCGM exporter's default fields (etc/default-counters.csv in github.com/NVIDIA/dcgm-exporter, 4.x), the
+# ones that exist without a custom counters file: what the dashboard and the alerts may use.
+DCGM_DEFAULT_FIELDS = {
+    "DCGM_FI_DEV_SM_CLOCK",
+    "DCGM_FI_DEV_MEM_CLOCK",
+    "DCGM_FI_DEV_MEMORY_TEMP",
+    "DCGM_FI_DEV_GPU_TEMP",
+    "DCGM_FI_DEV_POWER_USAGE",
+    "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+    "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+    "DCGM_FI_DEV_GPU_UTIL",
+    "DCGM_FI_DEV_MEM_COPY_UTIL",
+    "DCGM_FI_DEV_XID_ERRORS",
+    "DCGM_FI_DEV_FB_FREE",
+    "DCGM_FI_DEV_FB_USED",
+}
+
+
+def test_gpu_telemetry_uses_the_dcgm_exporters_default_fields():
+    import json
+
+    dash = json.loads((MON / "grafana" / "dashboards" / "llm-serving.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    rules = yaml.safe_load((MON / "alert_rules.yml").read_text())
+    exprs += " " + " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
+    used = set(re.findall(r"\bDCGM_FI_[A-Z_]+", exprs))
+    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"} <= used
+    assert used <= DCGM_DEFAULT_FIELDS, f"not exported by default: {used - DCGM_DEFAULT_FIELDS}"
+    # the seed's LowGPUUtilization is a cost alert now: never a page
+    (low,) = [r for g in rules["groups"] for r in g["rules"] if r["alert"] == "LowGPUUtilization"]
+    assert low["labels"] == {"severity": "info", "category": "cost"}
+    assert "DCGM_FI_DEV_GPU_UTIL" in low["expr"]
+
+
+def test_the_gpu_profiles_run_the_dcgm_exporter_and_prometheus_finds_it():
+    import kubernetes_validate
+
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    exporter = services["dcgm-exporter"]
+    assert exporter["profiles"] == ["gpu"], "no exporter (and no NVIDIA runtime) on CPU-only hosts"
+    assert exporter["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert "9400:9400" in exporter["ports"]
+    prom = yaml.safe_load((MON / "prometheus.yml").read_text())
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "dcgm-exporter"]
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["dcgm-exporter"] and sd["port"] == 9400
+    # Kubernetes: a DaemonSet on GPU nodes, its Service, and a ServiceMonitor that selects that Service
+    daemonset, service, monitor = yaml.safe_load_all(
+        (K8S / "gpu" / "dcgm-exporter.yaml").read_text()
+    )
+    for doc in (daemonset, service):
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    pod = daemonset["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"][
+        "tolerations"
+    ]
 
 
 def exported_series() -> set[str]:
