@@ -31,11 +31,12 @@ def test_fused_linear_equals_separate_linears_with_and_without_bias():
         torch.nn.Linear(32, 16, bias=False),
         torch.nn.Linear(32, 8),
     ]
-    x = torch.randn(5, 32)
-    outs = fused_linear(parts)(x)
-    assert [o.shape[-1] for o in outs] == [48, 16, 8]
-    for out, part in zip(outs, parts):
-        torch.testing.assert_close(out, part(x), rtol=1e-5, atol=1e-5)
+    for rows in (5, 1):  # a batch (the packed, fused weight) and one row (the modules' own weights)
+        x = torch.randn(rows, 32)
+        outs = fused_linear(parts)(x)
+        assert [tuple(o.shape) for o in outs] == [(rows, 48), (rows, 16), (rows, 8)]
+        for out, part in zip(outs, parts):
+            torch.testing.assert_close(out, part(x), rtol=1e-5, atol=1e-5)
 
 
 def test_prepacked_linear_matches_or_declines():
