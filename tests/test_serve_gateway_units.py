@@ -13,7 +13,14 @@ from labkit.serve.accesslog import AccessLog, AccessLogMiddleware
 from labkit.serve.checks import reference_retry_after
 from labkit.serve.errors import APIError
 from labkit.serve.protocol import ChatCompletionRequest, CompletionRequest
-from labkit.serve.ratelimit import APIKey, RateLimiter, TokenBucket, format_reset, load_api_keys
+from labkit.serve.ratelimit import (
+    APIKey,
+    RateLimiter,
+    RequestLimitGate,
+    TokenBucket,
+    format_reset,
+    load_api_keys,
+)
 from labkit.serve.response_cache import ResponseCache, cache_key
 
 
@@ -329,3 +336,22 @@ def test_access_log_records_errors_disconnects_and_runs_clean_ups(tmp_path):
     line = json.loads(path.read_text())
     assert line["status"] == 429 and line["error"] == "rate_limit_exceeded"
     assert line["disconnected"] is True and len(ended) == 1
+
+
+def test_the_gate_refuses_an_empty_requests_bucket_from_the_headers_alone():
+    rl, _ = limiter(keys={"sk-a": APIKey("a", requests_per_minute=1)})
+    reached = []
+
+    async def inner(scope, receive, send):
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gate = RequestLimitGate(inner, rl, {"/x"})
+    key = [(b"authorization", b"Bearer sk-a")]
+    rl.admit(rl.authenticate("Bearer sk-a"), 1)  # the only request of the minute
+    sent, _ = call(gate, key)
+    assert sent[0]["status"] == 429 and reached == []
+    assert dict(sent[0]["headers"])[b"retry-after"] == b"60"
+    call(gate, [(b"authorization", b"Bearer sk-unknown")])  # the route answers 401
+    assert reached == ["/x"]

@@ -49,7 +49,7 @@ from .protocol import (
     usage,
     usage_chunk,
 )
-from .ratelimit import APIKey, RateLimiter
+from .ratelimit import APIKey, RateLimiter, RequestLimitGate
 from .response_cache import ResponseCache, cache_key
 
 log = logging.getLogger("labkit.serve")
@@ -437,6 +437,8 @@ def create_app(
 
     app = FastAPI(title="labkit serve", lifespan=lifespan)
     app.state.server = srv
+    generation = {"/v1/completions", "/v1/chat/completions", "/generate"}
+    app.add_middleware(RequestLimitGate, limiter=srv.limiter, paths=generation)  # (innermost)
     app.add_middleware(HTTPMetricsMiddleware, metrics=srv.metrics)
     access = AccessLog(access_log, access_log_text, srv.metrics.registry)
     app.add_middleware(AccessLogMiddleware, log=access)
@@ -447,14 +449,8 @@ def create_app(
     ) -> APIKey:  # a dependency: it runs before the body is validated
         return srv.authenticate(request)
 
-    async def tenant(request: Request, key: Annotated[APIKey, Depends(auth)]) -> APIKey:
-        """auth, then the cheap half of the key's limits: no request left = 429 before the body is
-        read into a model or tokenized."""
-        srv.limiter.check_requests(key)
-        return key
-
     protected = [Depends(auth)]
-    Limited = Annotated[APIKey, Depends(tenant)]  # a generation route's key, within its limits
+    Keyed = Annotated[APIKey, Depends(auth)]  # a generation route's key
 
     @app.get("/health", responses=RESPONSES[("GET", "/health")])
     async def health():
@@ -500,7 +496,7 @@ def create_app(
         return model_card()
 
     @app.post("/v1/completions", responses=RESPONSES[("POST", "/v1/completions")])
-    async def completions(req: CompletionRequest, request: Request, key: Limited):
+    async def completions(req: CompletionRequest, request: Request, key: Keyed):
         srv.check_model(req.model)
         prompt = req.prompt  # text or token ids: validation unwrapped a list holding one of them
         assert isinstance(prompt, str) or is_token_ids(prompt)
@@ -564,7 +560,7 @@ def create_app(
         return events
 
     @app.post("/v1/chat/completions", responses=RESPONSES[("POST", "/v1/chat/completions")])
-    async def chat_completions(req: ChatCompletionRequest, request: Request, key: Limited):
+    async def chat_completions(req: ChatCompletionRequest, request: Request, key: Keyed):
         srv.check_model(req.model)
         ids = srv.chat_prompt(req)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -625,7 +621,7 @@ def create_app(
         return events
 
     @app.post("/generate", responses=RESPONSES[("POST", "/generate")])
-    async def generate(req: GenerateRequest, request: Request, key: Limited):
+    async def generate(req: GenerateRequest, request: Request, key: Keyed):
         """The seed's endpoint: {"prompt", "max_new_tokens", "temperature", "top_p", "seed"} -> {"text", ...}."""
         ids = srv.encode_prompt(req.prompt)
         params = srv.sampling(req, len(ids), req.max_new_tokens, None)

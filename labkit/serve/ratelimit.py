@@ -20,9 +20,11 @@ refused for tokens does not spend a request.
 A request whose worst case exceeds the whole bucket could never be admitted, however long it waited; it
 gets a 400 that says which number to lower, not a 429 a client would retry forever.
 
-Where the check runs: the requests bucket is looked at in the auth dependency, before the body is
-validated or tokenized (an empty bucket costs the server nothing); the full check needs the prompt's
-length, so it runs after tokenizing, right before the engine is given the request.
+Where the check runs: a client over its limit may keep sending as fast as the 429s come back (some
+do, ignoring Retry-After), and every refusal costs the server CPU that the engine shares. So the
+requests bucket is looked at first by a pure ASGI middleware (RequestLimitGate), from the headers alone,
+before FastAPI reads or validates the body: an empty bucket is refused in tens of microseconds. The full
+check needs the prompt's length, so it runs after tokenizing, right before the engine gets the request.
 """
 
 import json
@@ -206,10 +208,6 @@ class RateLimiter:
             self.buckets[key.id, kind] = TokenBucket.full(limit, self.clock())
         return self.buckets[key.id, kind]
 
-    def check_requests(self, key: APIKey) -> None:
-        """The cheap early check (no body read yet): 429 if the key has no request left."""
-        self.admit(key, 0, take=False)
-
     def admit(self, key: APIKey, tokens: int, take: bool = True) -> Grant:
         """Take 1 request and `tokens` (the worst case) from the key's buckets, or raise 429 (or 400 if
         `tokens` can never fit). Returns the grant whose headers go on the response."""
@@ -265,3 +263,25 @@ class RateLimiter:
                 out[f"x-ratelimit-remaining-{kind}"] = str(math.floor(bucket.level + 1e-9))
                 out[f"x-ratelimit-reset-{kind}"] = format_reset(bucket.reset_in(now))
         return out
+
+
+class RequestLimitGate:
+    """Pure ASGI middleware in front of the generation routes: a known key with no request left gets
+    its 429 from the headers alone, before the body is read. (Unknown keys go on to the routes' 401.)"""
+
+    def __init__(self, app, limiter: RateLimiter, paths: set[str]):
+        self.app, self.limiter, self.paths = app, limiter, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            authorization = dict(scope["headers"]).get(b"authorization", b"")
+            try:
+                key = self.limiter.authenticate(authorization.decode("latin-1"))
+                self.limiter.admit(key, 0, take=False)
+            except APIError as err:
+                if err.status == 429:
+                    exchange = scope.get("state", {}).get("exchange")  # accesslog.py's record
+                    if exchange is not None:
+                        exchange.key_id = key.id
+                    return await err.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
