@@ -444,9 +444,7 @@ def create_app(
     app.add_middleware(AccessLogMiddleware, log=access)
     errors.install(app)
 
-    async def auth(
-        request: Request,
-    ) -> APIKey:  # a dependency: it runs before the body is validated
+    async def auth(request: Request) -> APIKey:  # a dependency: runs before the body is validated
         return srv.authenticate(request)
 
     protected = [Depends(auth)]
