@@ -24,6 +24,10 @@ messages, n, max_tokens, stop, stop_token_ids, ignore_eos, echo, logprobs, top_l
 Bounded twice, least recently used out first: `max_entries` and `max_bytes` (the JSON size of the
 cached choices and usage). A hit gets a fresh response id and `created` time with the cached choices
 and usage. Concurrent identical misses each run (no request coalescing).
+
+Rate limits (ratelimit.py) see a hit like any request: it counts against the key's request limit and is
+charged its tokens (the cached usage's prompt + completion), because a quota measures what a tenant
+receives, not what the server spent on it.
 """
 
 import hashlib

@@ -74,7 +74,7 @@ async def run_open_loop(
     """Send payloads[i] at arrivals[i] seconds after the start (e.g. Poisson arrivals), each on a
     connection of its own, without waiting for earlier ones. Latencies count from the *scheduled* time,
     so a send that leaves late (a busy client) is not hidden (no coordinated omission). In the result,
-    concurrency is 0: an open loop has no fixed number of clients."""
+    concurrency is 0: an open loop has no fixed number of clients. headers: as in run_load."""
     if len(arrivals) != len(payloads):
         raise ValueError(
             f"need one arrival time per payload, got {len(arrivals)} for {len(payloads)}"
