@@ -4,6 +4,7 @@ OpenAI's x-ratelimit-* headers, refunds), the JSON access log, request ids, and 
 Limits are chosen so that outcomes do not depend on timing: a bucket of 300 tokens/min refills 5 per
 second, so a second request that fits only thanks to the first one's refund proves the refund."""
 
+import asyncio
 import json
 import time
 
@@ -12,6 +13,7 @@ import openai
 import pytest
 
 from labkit.serve.launch import ServerProcess
+from labkit.serve.loadgen import run_load
 from labkit.serve.metrics import parse_metrics
 
 PROMPT = "It is a truth universally acknowledged"
@@ -46,9 +48,17 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def open_server(tmp_path_factory):
-    """No keys, no limits, prompts and completions in the log."""
+    """No keys (everyone is "anonymous", with a default token limit), prompts and completions in the
+    log, and a queue of one behind a batch of one, so that a burst is refused with queue_full."""
     path = tmp_path_factory.mktemp("open") / "access.log"
-    with ServerProcess(max_num_seqs=4, threads=1, access_log=path, access_log_text=True) as srv:
+    with ServerProcess(
+        max_num_seqs=1,
+        max_waiting=1,
+        threads=1,
+        tokens_per_minute=1000,
+        access_log=path,
+        access_log_text=True,
+    ) as srv:
         srv.access_log = path
         yield srv
 
@@ -244,3 +254,19 @@ def test_an_open_server_logs_text_only_when_asked(open_server):
     line = log_line(open_server, "text-1")
     assert line["key_id"] == "anonymous" and line["prompt"] == PROMPT
     assert line["completion"] == [r.json()["choices"][0]["text"]]
+
+
+def test_requests_the_server_refuses_after_charging_are_refunded(open_server):
+    """Four at once into a batch of one and a queue of one: the server refuses some (429 queue_full)
+    after the key was charged prompt + 200 each; they must give it all back. With refunds the bucket
+    ends at least at 1000 minus what the served ones cost; a leak would take 200+ per refusal more."""
+    body = {"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    res = asyncio.run(run_load(open_server.url, [body] * 4, concurrency=4))
+    served = [r for r in res.records if r.ok]
+    refused = [r for r in res.records if r.status == 429]
+    assert refused and len(served) + len(refused) == 4
+    assert all("queue_full" in (r.error or "") for r in refused), refused[0].error
+    last = post(open_server, "", max_tokens=200, ignore_eos=True)
+    cost = last.json()["usage"]["total_tokens"]
+    remaining = int(last.headers["x-ratelimit-remaining-tokens"])
+    assert remaining >= 1000 - (len(served) + 1) * cost

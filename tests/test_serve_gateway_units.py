@@ -355,3 +355,18 @@ def test_the_gate_refuses_an_empty_requests_bucket_from_the_headers_alone():
     assert dict(sent[0]["headers"])[b"retry-after"] == b"60"
     call(gate, [(b"authorization", b"Bearer sk-unknown")])  # the route answers 401
     assert reached == ["/x"]
+
+
+def test_cli_refuses_bad_gateway_flags_before_loading_anything(tmp_path):
+    from labkit.serve.cli import main
+
+    bad = tmp_path / "keys.json"
+    bad.write_text('{"keys": [{"key": ""}]}')
+    with pytest.raises(SystemExit, match="non-empty string `key`"):
+        main(["--api-keys", str(bad)])
+    with pytest.raises(SystemExit, match="tokens-per-minute"):
+        main(["--tokens-per-minute", "0"])
+    with pytest.raises(SystemExit, match="response-cache"):
+        main(["--response-cache", "-1"])
+    with pytest.raises(SystemExit, match="gateway flags"):
+        main(["--backend", "vllm", "--response-cache", "8"])
