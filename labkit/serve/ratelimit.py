@@ -25,6 +25,12 @@ do, ignoring Retry-After), and every refusal costs the server CPU that the engin
 requests bucket is looked at first by a pure ASGI middleware (RequestLimitGate), from the headers alone,
 before FastAPI reads or validates the body: an empty bucket is refused in tens of microseconds. The full
 check needs the prompt's length, so it runs after tokenizing, right before the engine gets the request.
+Even so, each refusal costs the HTTP process a few hundred microseconds of Python (benchmarks/gateway.py
+measures it): a client that ignores Retry-After is best stopped before Python, at the load balancer.
+
+The buckets live in this process. Behind a load balancer with N replicas, each replica meters on its
+own, so a key gets up to N times its limit; one limit for all replicas needs the balancer to meter
+(HAProxy's stick tables) or a shared store.
 """
 
 import json
