@@ -24,6 +24,7 @@ MARKS = {
     "test_serve_hardening.py": ("server", "slow"),
     "test_serve_fuzz.py": ("server", "slow"),
     "test_serve_logprobs.py": ("server", "slow"),
+    "test_serve_gateway.py": ("server", "slow"),
     "test_serve_openloop.py::test_past_saturation_the_server_refuses_with_retry_after_and_bounds_its_queue": (
         "server",
         "slow",

@@ -1,4 +1,5 @@
 import inspect
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -321,6 +322,18 @@ EXERCISES = {
         _S.check_cost_per_1k_tokens,
         _S.reference_cost_per_1k_tokens,
         [lambda price, tps, util=1.0: price / (tps * 3600) * 1000],  # ignored utilisation
+    ),
+    # notebook 08c
+    "retry_after": Exercise(
+        _S.check_retry_after,
+        _S.reference_retry_after,
+        [
+            lambda level, per_minute, cost: max(0, math.ceil((cost - level) / per_minute)),  # /min
+            lambda level, per_minute, cost: max(
+                0.0, (cost - level) / (per_minute / 60)
+            ),  # unrounded
+            lambda level, per_minute, cost: round(max(0, cost - level) / (per_minute / 60)),
+        ],
     ),
 }
 

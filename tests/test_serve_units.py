@@ -112,6 +112,7 @@ def _wrong(*args, **kwargs):
         (checks.check_latency_summary, checks.reference_latency_summary),
         (checks.check_histogram_quantile, checks.reference_histogram_quantile),
         (checks.check_cost_per_1k_tokens, checks.reference_cost_per_1k_tokens),
+        (checks.check_retry_after, checks.reference_retry_after),
     ],
 )
 def test_exercise_checks(check, reference, capsys):

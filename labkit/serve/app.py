@@ -8,6 +8,10 @@ take `n`, `logprobs`; completions also `echo`), GET /v1/models and /v1/models/{m
 (the course seed's original endpoint), GET /health (the process is alive), GET /ready (it can take
 traffic: engine running, not draining), GET /metrics (Prometheus). Every error has OpenAI's shape
 (errors.py), and /openapi.json describes what the server really sends (openapi.py).
+
+In front of the engine, three gateway features, each in its own file: per-key limits (ratelimit.py),
+a JSON access log and request ids (accesslog.py), and a cache of deterministic answers
+(response_cache.py).
 """
 
 import asyncio
@@ -15,6 +19,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -22,6 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from labkit.engine import SamplingParams
 
 from . import errors
+from .accesslog import AccessLog, AccessLogMiddleware, Exchange
 from .choices import Choice, chat_logprobs, completion_logprobs
 from .engine_client import EngineClient, EngineDead
 from .errors import APIError
@@ -43,6 +49,8 @@ from .protocol import (
     usage,
     usage_chunk,
 )
+from .ratelimit import APIKey, RateLimiter, RequestLimitGate
+from .response_cache import ResponseCache, cache_key
 
 log = logging.getLogger("labkit.serve")
 
@@ -73,14 +81,18 @@ class Server:
         api_key: str | None = None,
         max_waiting: int = 256,
         context_length: int | None = None,
+        api_keys: dict[str, APIKey] | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        response_cache: int = 0,
+        response_cache_bytes: int = 64 << 20,
     ):
-        self.tokenizer, self.model_name, self.api_key, self.max_waiting = (
-            tokenizer,
-            model_name,
-            api_key,
-            max_waiting,
-        )
+        self.tokenizer, self.model_name, self.max_waiting = tokenizer, model_name, max_waiting
         self.metrics = ServerMetrics(model_name)
+        keys = {**({api_key: APIKey("default")} if api_key else {}), **(api_keys or {})}
+        registry = self.metrics.registry
+        self.limiter = RateLimiter(keys, requests_per_minute, tokens_per_minute, registry)
+        self.cache = ResponseCache(response_cache, response_cache_bytes, registry)
         self.engine = engine
         engine.metrics = self.metrics
         self.context_length = min(
@@ -91,13 +103,11 @@ class Server:
         self.draining = False
 
     # ---- request -> (prompt ids, sampling params) ------------------------------------------------
-    def check_auth(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
-            raise APIError(
-                401,
-                "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
-                code="invalid_api_key",
-            )
+    def authenticate(self, request: Request) -> APIKey:
+        """The request's API key (401 if it is not one of ours); its id goes in the access log."""
+        key = self.limiter.authenticate(request.headers.get("authorization", ""))
+        request.state.exchange.key_id = key.id
+        return key
 
     def check_model(self, name: str | None) -> None:
         if name not in (None, "", self.model_name):
@@ -215,19 +225,45 @@ class Server:
                 headers={"Retry-After": "1"},
             )
 
+    def charge(self, request: Request, key: APIKey, prompt, n_prompt: int, params) -> Exchange:
+        """The key's limits (ratelimit.py): take 1 request and the worst-case tokens, or 429. When the
+        exchange ends, however it ends, the tokens it did not use are given back."""
+        grant = self.limiter.admit(key, n_prompt + params.n * params.max_tokens)
+        exchange: Exchange = request.state.exchange
+        exchange.prompt = prompt
+        exchange.headers.update(grant.headers)
+        exchange.on_end.append(
+            lambda ex: grant.settle((ex.prompt_tokens or 0) + (ex.completion_tokens or 0))
+        )
+        return exchange
+
+    def cached(
+        self, exchange: Exchange, endpoint: str, req, params
+    ) -> tuple[str | None, dict | None]:
+        """(cache key or None if not cacheable, the cached {"choices", "usage"} or None)."""
+        if not self.cache.enabled:
+            return None, None
+        key = cache_key(endpoint, self.model_name, req, params.max_tokens)
+        hit = None if key is None else self.cache.get(key)
+        if hit is not None:
+            exchange.cached_body, exchange.prompt_tokens = hit, hit["usage"]["prompt_tokens"]
+        return key, hit
+
     # ---- running one request ---------------------------------------------------------------------
-    def start(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
+    def start(
+        self, exchange: Exchange, prompt_ids: list[int], params: SamplingParams, stop
+    ) -> tuple[str, asyncio.Queue, list[Choice]]:
         """Admit and submit in one synchronous step, so a burst of requests cannot all pass the
-        queue-limit check before any of them is counted."""
+        queue-limit check before any of them is counted. The exchange follows its choices' tokens."""
         self.admit()
         rid = new_id("req")
         try:
-            return rid, self.engine.submit(rid, prompt_ids, params)
+            out = self.engine.submit(rid, prompt_ids, params)
         except EngineDead as err:
             raise APIError(503, str(err), type="server_error", code="engine_unavailable") from err
-
-    def new_choices(self, params: SamplingParams, stop: list[str] | None) -> list[Choice]:
-        return [Choice(i, self.tokenizer, stop) for i in range(params.n)]
+        exchange.prompt_tokens = len(prompt_ids)
+        exchange.choices = [Choice(i, self.tokenizer, stop) for i in range(params.n)]
+        return rid, out, exchange.choices
 
     async def generate(self, rid: str, out: asyncio.Queue, choices: list[Choice]):
         """Async iterator of (choice, text delta, new TokenLogprobs), until every choice is finished.
@@ -280,8 +316,7 @@ class Server:
 
     async def collect(self, request: Request, prompt_ids, params, stop) -> list[Choice]:
         """Run to completion (non-streaming), aborting if the client disconnects meanwhile."""
-        rid, out = self.start(prompt_ids, params)
-        choices = self.new_choices(params, stop)
+        rid, out, choices = self.start(request.state.exchange, prompt_ids, params, stop)
 
         async def run():
             async for _ in self.generate(rid, out, choices):
@@ -300,13 +335,12 @@ class Server:
         finally:
             self.engine.abort(rid)  # a no-op if it finished; frees the blocks if we were cancelled
 
-    async def stream(self, prompt_ids, params, stop, events_of):
+    async def stream(self, exchange: Exchange, prompt_ids, params, stop, events_of):
         """Start the request and wait for its first output *before* sending headers, so an engine-side
         rejection still becomes a proper HTTP error; then stream SSE events.
 
         events_of(choices, updates) -> async iterator of SSE strings, given the updates iterator."""
-        req_id, out = self.start(prompt_ids, params)
-        choices = self.new_choices(params, stop)
+        req_id, out, choices = self.start(exchange, prompt_ids, params, stop)
         agen = self.generate(req_id, out, choices)
         try:
             first = await agen.__anext__()
@@ -326,9 +360,11 @@ class Server:
                     yield event
                 yield "data: [DONE]\n\n"
             except APIError as err:  # the engine died mid-stream: tell the client in-band
+                exchange.error = err.code or err.type
                 yield _sse(err.body())
             except Exception:  # a bug: the headers are sent, so the client hears it in-band too
                 log.exception("unexpected error while streaming")
+                exchange.error = "server_error"
                 yield _sse(APIError(500, "Internal server error.", type="server_error").body())
             finally:
                 await agen.aclose()  # client gone -> generator's finally aborts the request
@@ -365,8 +401,30 @@ def create_app(
     api_key: str | None = None,
     max_waiting: int = 256,
     context_length: int | None = None,
+    api_keys: dict[str, APIKey] | None = None,
+    requests_per_minute: int | None = None,
+    tokens_per_minute: int | None = None,
+    access_log: str | None = None,
+    access_log_text: bool = False,
+    response_cache: int = 0,
+    response_cache_bytes: int = 64 << 20,
 ) -> FastAPI:
-    srv = Server(engine, tokenizer, model_name, api_key, max_waiting, context_length)
+    """api_key / api_keys ({key: APIKey}, ratelimit.load_api_keys) and the default per-minute limits:
+    ratelimit.py; access_log (a path, "-" = stdout) and access_log_text: accesslog.py; response_cache
+    (entries, 0 = off) and response_cache_bytes: response_cache.py."""
+    srv = Server(
+        engine,
+        tokenizer,
+        model_name,
+        api_key,
+        max_waiting,
+        context_length,
+        api_keys,
+        requests_per_minute,
+        tokens_per_minute,
+        response_cache,
+        response_cache_bytes,
+    )
 
     @asynccontextmanager
     async def lifespan(app):
@@ -379,13 +437,18 @@ def create_app(
 
     app = FastAPI(title="labkit serve", lifespan=lifespan)
     app.state.server = srv
+    generation = {"/v1/completions", "/v1/chat/completions", "/generate"}
+    app.add_middleware(RequestLimitGate, limiter=srv.limiter, paths=generation)  # (innermost)
     app.add_middleware(HTTPMetricsMiddleware, metrics=srv.metrics)
+    access = AccessLog(access_log, access_log_text, srv.metrics.registry)
+    app.add_middleware(AccessLogMiddleware, log=access)
     errors.install(app)
 
-    async def auth(request: Request):  # a dependency, so it runs before the body is validated
-        srv.check_auth(request)
+    async def auth(request: Request) -> APIKey:  # a dependency: runs before the body is validated
+        return srv.authenticate(request)
 
     protected = [Depends(auth)]
+    Keyed = Annotated[APIKey, Depends(auth)]  # a generation route's key
 
     @app.get("/health", responses=RESPONSES[("GET", "/health")])
     async def health():
@@ -430,10 +493,8 @@ def create_app(
         srv.check_model(model or None)
         return model_card()
 
-    @app.post(
-        "/v1/completions", dependencies=protected, responses=RESPONSES[("POST", "/v1/completions")]
-    )
-    async def completions(req: CompletionRequest, request: Request):
+    @app.post("/v1/completions", responses=RESPONSES[("POST", "/v1/completions")])
+    async def completions(req: CompletionRequest, request: Request, key: Keyed):
         srv.check_model(req.model)
         prompt = req.prompt  # text or token ids: validation unwrapped a list holding one of them
         assert isinstance(prompt, str) or is_token_ids(prompt)
@@ -444,16 +505,24 @@ def create_app(
         params = srv.sampling(
             req, len(ids), req.max_tokens, 16, req.logprobs, prompt_logprobs
         )  # OpenAI's default max_tokens: 16
+        exchange = srv.charge(request, key, req.prompt, len(ids), params)
         rid = new_id("cmpl")
         if req.stream:
-            return await srv.stream(ids, params, req.stop, completion_events(req, rid, ids))
+            events = completion_events(req, rid, ids)
+            return await srv.stream(exchange, ids, params, req.stop, events)
+        slot, hit = srv.cached(exchange, "/v1/completions", req, params)
+        if hit is not None:
+            return completion_body(rid, srv.model_name, hit["choices"], hit["usage"])
         choices = await srv.collect(request, ids, params, req.stop)
         body = []
         for c in choices:
             text, logprobs = completion_text_and_logprobs(srv, req, ids, c)
             body.append(completion_choice(c.index, text, c.reason, logprobs))
         n_out = sum(c.num_tokens for c in choices)
-        return completion_body(rid, srv.model_name, body, usage(len(ids), n_out))
+        use = usage(len(ids), n_out)
+        if slot is not None:
+            srv.cache.put(slot, {"choices": body, "usage": use})
+        return completion_body(rid, srv.model_name, body, use)
 
     def completion_events(req: CompletionRequest, rid: str, ids: list[int]):
         def chunk(choices: list[dict]) -> dict:
@@ -488,21 +557,23 @@ def create_app(
 
         return events
 
-    @app.post(
-        "/v1/chat/completions",
-        dependencies=protected,
-        responses=RESPONSES[("POST", "/v1/chat/completions")],
-    )
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", responses=RESPONSES[("POST", "/v1/chat/completions")])
+    async def chat_completions(req: ChatCompletionRequest, request: Request, key: Keyed):
         srv.check_model(req.model)
         ids = srv.chat_prompt(req)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = srv.sampling(
             req, len(ids), req.max_completion_tokens or req.max_tokens, None, logprobs
         )
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        exchange = srv.charge(request, key, messages, len(ids), params)
         rid = new_id("chatcmpl")
         if req.stream:
-            return await srv.stream(ids, params, req.stop, chat_events(req, rid, len(ids)))
+            events = chat_events(req, rid, len(ids))
+            return await srv.stream(exchange, ids, params, req.stop, events)
+        slot, hit = srv.cached(exchange, "/v1/chat/completions", req, params)
+        if hit is not None:
+            return chat_body(rid, srv.model_name, hit["choices"], hit["usage"])
         choices = await srv.collect(request, ids, params, req.stop)
         body = [
             chat_choice(
@@ -514,7 +585,10 @@ def create_app(
             for c in choices
         ]
         n_out = sum(c.num_tokens for c in choices)
-        return chat_body(rid, srv.model_name, body, usage(len(ids), n_out))
+        use = usage(len(ids), n_out)
+        if slot is not None:
+            srv.cache.put(slot, {"choices": body, "usage": use})
+        return chat_body(rid, srv.model_name, body, use)
 
     def chat_events(req: ChatCompletionRequest, rid: str, n_prompt: int):
         def chunk(index: int, delta: dict, reason: str | None, logprobs=None) -> dict:
@@ -544,11 +618,12 @@ def create_app(
 
         return events
 
-    @app.post("/generate", dependencies=protected, responses=RESPONSES[("POST", "/generate")])
-    async def generate(req: GenerateRequest, request: Request):
+    @app.post("/generate", responses=RESPONSES[("POST", "/generate")])
+    async def generate(req: GenerateRequest, request: Request, key: Keyed):
         """The seed's endpoint: {"prompt", "max_new_tokens", "temperature", "top_p", "seed"} -> {"text", ...}."""
         ids = srv.encode_prompt(req.prompt)
         params = srv.sampling(req, len(ids), req.max_new_tokens, None)
+        srv.charge(request, key, req.prompt, len(ids), params)
         (choice,) = await srv.collect(request, ids, params, None)
         return {
             "text": choice.text,

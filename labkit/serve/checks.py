@@ -213,3 +213,38 @@ def check_poisson_arrivals(student: Callable) -> Callable:
             )
 
     return run_check("poisson_arrivals", student, poisson_arrivals, test)
+
+
+# ---- notebook 08c: when may a rate-limited client come back? -------------------------------------
+
+
+def reference_retry_after(level: float, per_minute: int, cost: float) -> int:
+    """Retry-After (whole seconds, rounded up; at least 1) for a request needing `cost` from a token
+    bucket that holds `level` now, holds at most `per_minute` and refills at per_minute / 60 per second.
+    0 if it fits now. (ratelimit.TokenBucket.wait is the same sum on the server.)"""
+    if cost <= level:
+        return 0
+    return max(1, math.ceil((cost - level) / (per_minute / 60)))
+
+
+def check_retry_after(student: Callable) -> Callable:
+    cases = [
+        (0.0, 60, 1),  # an empty requests bucket at 60/min: one request back per second
+        (0.5, 60, 1),  # half a request refilled: 0.5 s, rounded up to a whole second
+        (100.0, 6000, 1100),  # 1000 tokens short at 100 tokens/s: 10 s
+        (10.0, 30, 10),  # it fits now: no wait
+        (2.0, 10, 5),  # 3 short at 1/6 per s: 18 s
+        (0.0, 1200, 1.0),  # 0.05 s: a client cannot wait less than the 1 s the header can say
+    ]
+
+    def test(fn):
+        for args in cases:
+            got, want = fn(*args), reference_retry_after(*args)
+            if got != want:
+                raise ExerciseFailure(
+                    f"retry_after(level={args[0]}, per_minute={args[1]}, cost={args[2]}): "
+                    f"expected {want}, got {got!r} (refill rate = per_minute / 60 per second; "
+                    f"whole seconds, rounded up, at least 1 when it has to wait)"
+                )
+
+    return run_check("retry_after", student, reference_retry_after, test)

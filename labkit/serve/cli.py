@@ -3,6 +3,7 @@
     labkit serve                                  # the course model on 127.0.0.1:8000
     labkit serve --model gpt2 --port 8080 --api-key secret --max-num-seqs 64
     labkit serve --backend vllm --model ...       # hand over to vLLM's own OpenAI server where installed
+    labkit serve --api-keys keys.json --tokens-per-minute 20000 --access-log - --response-cache 1024
 
 SIGTERM (what Kubernetes and `docker stop` send) drains: /ready turns 503 at once so the load balancer
 stops sending traffic, new requests get 503 + Retry-After (not `connection refused`), in-flight requests
@@ -28,6 +29,7 @@ from .engine_args import DTYPES, EngineArgs
 from .engine_client import EngineClient
 from .engine_process import EngineProcess
 from .engine_thread import EngineThread
+from .ratelimit import load_api_keys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=os.environ.get("LABKIT_API_KEY"),
         help="require `Authorization: Bearer KEY` (default: env LABKIT_API_KEY; none = open)",
+    )
+    gateway = ap.add_argument_group("gateway (ratelimit.py, accesslog.py, response_cache.py)")
+    gateway.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help='JSON {"keys": [{"key": "sk-...", "id": "team-a", "requests_per_minute": 60, '
+        '"tokens_per_minute": 20000}, ...]}: only these keys (and --api-key) are accepted',
+    )
+    gateway.add_argument(
+        "--requests-per-minute",
+        type=int,
+        default=None,
+        help="default limit per key (keys without their own; the single --api-key; an open server)",
+    )
+    gateway.add_argument(
+        "--tokens-per-minute",
+        type=int,
+        default=None,
+        help="default limit per key, counting prompt + max_tokens, refunded down to what was used",
+    )
+    gateway.add_argument(
+        "--access-log",
+        default=None,
+        metavar="PATH",
+        help="one JSON line per request to PATH (- = stdout); default: none",
+    )
+    gateway.add_argument(
+        "--access-log-text",
+        action="store_true",
+        help="also log prompts and completions (they are the clients' data: off by default)",
+    )
+    gateway.add_argument(
+        "--response-cache",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cache up to N answers of identical temperature-0, non-streaming requests (0 = off)",
+    )
+    gateway.add_argument(
+        "--response-cache-bytes",
+        type=int,
+        default=64 << 20,
+        help="the response cache's bound in JSON bytes (default 64 MiB)",
     )
     ap.add_argument(
         "--max-num-seqs",
@@ -202,12 +248,27 @@ def main(argv=None) -> int:
         "block_size",
         "port",
         "max_model_len",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "response_cache_bytes",
     ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_engine_restarts < 0 or args.restart_window <= 0:
         raise SystemExit("--max-engine-restarts must be >= 0 and --restart-window > 0")
+    if args.response_cache < 0:
+        raise SystemExit(f"--response-cache must be >= 0 (0 = off), got {args.response_cache}")
+    try:
+        api_keys = load_api_keys(args.api_keys) if args.api_keys else None
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.backend == "vllm":
+        gateway = ("api_keys", "requests_per_minute", "tokens_per_minute", "access_log")
+        if any(getattr(args, name) for name in gateway) or args.response_cache:
+            raise SystemExit(
+                "--backend vllm: the gateway flags (--api-keys, limits, --access-log, "
+                "--response-cache) are labkit's own; vLLM's server takes only --api-key"
+            )
         exec_vllm(args)
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("labkit.serve").setLevel(logging.INFO)
@@ -232,6 +293,13 @@ def main(argv=None) -> int:
         api_key=args.api_key,
         max_waiting=args.max_waiting,
         context_length=args.max_model_len,
+        api_keys=api_keys,
+        requests_per_minute=args.requests_per_minute,
+        tokens_per_minute=args.tokens_per_minute,
+        access_log=args.access_log,
+        access_log_text=args.access_log_text,
+        response_cache=args.response_cache,
+        response_cache_bytes=args.response_cache_bytes,
     )
     config = uvicorn.Config(
         app,

@@ -4,7 +4,9 @@ schemathesis in the tests) can trust it.
 FastAPI's default document claims every route answers 422 with its own validation-error shape, and that
 every response is JSON. This server answers 400 in OpenAI's shape (errors.py), streams
 text/event-stream when asked, and /metrics is Prometheus text. The request constraints come from
-protocol.py's strict models, which are what the server enforces.
+protocol.py's strict models, which are what the server enforces. The gateway's headers are declared
+too: X-Request-Id on every response (accesslog.py), OpenAI's x-ratelimit-* on the generation routes
+when the key has limits, and Retry-After on a 429 (ratelimit.py).
 """
 
 from fastapi import FastAPI
@@ -33,22 +35,56 @@ SSE = {
 }
 
 
+def _header(description: str, type_: str = "string", required: bool = False) -> dict:
+    return {"description": description, "required": required, "schema": {"type": type_}}
+
+
+REQUEST_ID = {
+    "X-Request-Id": _header(
+        "the client's X-Request-Id if it was sane, else a fresh one (the access log's request_id)",
+        required=True,
+    )
+}
+# OpenAI's names; only for the limits the key has (none: unlimited, no header)
+RATE_LIMIT = {
+    f"x-ratelimit-{what}-{kind}": _header(description, type_)
+    for kind in ("requests", "tokens")
+    for what, description, type_ in (
+        ("limit", f"{kind} per minute allowed to this key", "integer"),
+        ("remaining", f"{kind} left in the key's bucket now", "integer"),
+        ("reset", "time until the bucket is full again: 250ms, 1s, 6m0s", "string"),
+    )
+}
+RETRY_AFTER = {"Retry-After": _header("whole seconds to wait before retrying", "integer", True)}
+
+
 def _errors(*statuses: int) -> dict:
-    return {s: {"model": ErrorResponse} for s in statuses}
+    out: dict = {s: {"model": ErrorResponse, "headers": REQUEST_ID} for s in statuses}
+    if 429 in statuses:  # a key over its limit (or a full queue): when to come back
+        out[429]["headers"] = {**REQUEST_ID, **RETRY_AFTER, **RATE_LIMIT}
+        out[429]["description"] = (
+            "Rate limit reached for the key (error type `requests` or `tokens`, code "
+            "`rate_limit_exceeded`), or the server's queue is full (code `queue_full`)"
+        )
+    return out
 
 
+GENERATED = {**REQUEST_ID, **RATE_LIMIT}
 GENERATION_ERRORS = _errors(400, 401, 404, 429, 500, 503)
 
 RESPONSES: dict[tuple[str, str], dict] = {
     ("POST", "/v1/completions"): {
-        200: {"model": CompletionResponse, "content": SSE},
+        200: {"model": CompletionResponse, "content": SSE, "headers": GENERATED},
         **GENERATION_ERRORS,
     },
     ("POST", "/v1/chat/completions"): {
-        200: {"model": ChatCompletionResponse, "content": SSE},
+        200: {"model": ChatCompletionResponse, "content": SSE, "headers": GENERATED},
         **GENERATION_ERRORS,
     },
-    ("POST", "/generate"): {200: {"model": GenerateResponse}, **_errors(400, 401, 429, 500, 503)},
+    ("POST", "/generate"): {
+        200: {"model": GenerateResponse, "headers": GENERATED},
+        **_errors(400, 401, 429, 500, 503),
+    },
     ("GET", "/v1/models"): {200: {"model": ModelList}, **_errors(401)},
     ("GET", "/v1/models/{model}"): {200: {"model": ModelCard}, **_errors(401, 404)},
     ("GET", "/health"): {200: {"model": Status}, 503: {"model": Status}},

@@ -22,11 +22,13 @@ async def run_load(
     seed: int = 0,
     api_key: str | None = None,
     timeout: float = 300.0,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """Send every payload once, `concurrency` at a time (each worker takes the next from a shared queue,
     over its own keep-alive connection).
 
-    disconnect_prob > 0: each request hangs up after a random number of chunks with that probability."""
+    disconnect_prob > 0: each request hangs up after a random number of chunks with that probability.
+    headers: sent with every request (with api_key's Authorization), e.g. X-Request-Id."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     rng = random.Random(seed)
@@ -42,7 +44,7 @@ async def run_load(
     todo: asyncio.Queue = asyncio.Queue()
     for item in plan:
         todo.put_nowait(item)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(api_key, headers)
     path = urllib.parse.urlsplit(base_url).path.rstrip("/") + "/v1/completions"
     records: list[RequestRecord] = []
 
@@ -67,16 +69,17 @@ async def run_open_loop(
     arrivals: list[float],
     api_key: str | None = None,
     timeout: float = 300.0,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """Send payloads[i] at arrivals[i] seconds after the start (e.g. Poisson arrivals), each on a
     connection of its own, without waiting for earlier ones. Latencies count from the *scheduled* time,
     so a send that leaves late (a busy client) is not hidden (no coordinated omission). In the result,
-    concurrency is 0: an open loop has no fixed number of clients."""
+    concurrency is 0: an open loop has no fixed number of clients. headers: as in run_load."""
     if len(arrivals) != len(payloads):
         raise ValueError(
             f"need one arrival time per payload, got {len(arrivals)} for {len(payloads)}"
         )
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(api_key, headers)
     path = urllib.parse.urlsplit(base_url).path.rstrip("/") + "/v1/completions"
     start = time.perf_counter()
 
@@ -94,6 +97,10 @@ async def run_open_loop(
 
     records = await asyncio.gather(*(one(p, at) for p, at in zip(payloads, arrivals)))
     return LoadResult(0, time.perf_counter() - start, list(records))
+
+
+def auth_headers(api_key: str | None, headers: dict[str, str] | None) -> dict[str, str]:
+    return {**(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
 
 
 def run_load_sync(*args, **kwargs) -> LoadResult:
