@@ -29,6 +29,15 @@ MARKS = {
         "slow",
     ),
     "test_serve_lm_eval.py": ("server", "external", "slow"),
+    # the HAProxy config tests are quick; these start replicas
+    **{
+        f"test_serve_balancer.py::{name}": ("server", "slow")
+        for name in (
+            "test_affinity_keeps_each_session_on_one_replica_and_round_robin_does_not",
+            "test_a_crashed_replica_loses_no_request_that_had_not_started_streaming",
+            "test_a_draining_replica_finishes_its_streams_and_nothing_is_lost",
+        )
+    },
     "test_quant_libs.py": ("external", "slow"),
     "test_engine_vllm.py": ("external", "slow"),
     "test_vllm_gptq.py": ("external", "slow"),

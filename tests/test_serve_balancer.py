@@ -85,3 +85,130 @@ def test_the_command_line_prints_the_config(capsys):
     assert out == haproxy_config(
         [("r0", "a:8000"), ("r1", "b:8000")], "affinity", 9000, 8404, "0.0.0.0"
     )
+
+
+def test_the_prefix_cache_counters_count_the_engines_tokens_across_updates_and_restarts():
+    from types import SimpleNamespace
+
+    from labkit.serve.metrics import ServerMetrics, parse_metrics
+
+    m = ServerMetrics("course")
+
+    def update(queries, hits):
+        stats = SimpleNamespace(
+            num_running=0,
+            num_waiting=0,
+            kv_usage=0.0,
+            prefix_cache_hit_rate=0.0,
+            kv_blocks_used=0,
+            kv_blocks_total=1,
+            num_preemptions=0,
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
+        )
+        m.update_engine_stats(stats, 0)
+        values = parse_metrics(m.render()[0].decode())
+        return values["vllm:prefix_cache_queries_total"], values["vllm:prefix_cache_hits_total"]
+
+    assert update(64, 16) == (64, 16)
+    assert update(96, 48) == (96, 48)  # the engine's totals, not their sum
+    assert update(32, 0) == (128, 48)  # a restarted engine counts from 0: its 32 are new
+
+
+def test_a_backend_with_no_live_replica_answers_a_clear_503():
+    import httpx
+
+    from labkit.serve.balancer import LoadBalancer
+    from labkit.serve.launch import free_port
+
+    haproxy()
+    with LoadBalancer([("r0", f"127.0.0.1:{free_port()}")], "leastconn") as lb:
+        r = httpx.post(lb.url + "/v1/completions", json={"prompt": "Hi"}, timeout=30)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "no_replica" and r.headers["retry-after"] == "1"
+
+
+# ---- with replicas (server, slow) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def replicas():
+    from labkit.serve.replicas import Replicas
+
+    haproxy()
+    # a small batch per replica, so requests queue (not yet answered: retryable) when one dies
+    with Replicas(2, threads=1, max_num_seqs=4) as reps:
+        yield reps
+
+
+def test_affinity_keeps_each_session_on_one_replica_and_round_robin_does_not(replicas):
+    import asyncio
+
+    import httpx
+
+    from labkit.serve.balancer import LoadBalancer
+    from labkit.serve.loadgen.conversations import replicas_per_session, run_conversations
+    from labkit.serve.metrics import parse_metrics
+
+    def prefix_counters():
+        values = [parse_metrics(httpx.get(s.url + "/metrics").text) for s in replicas.servers]
+        return [
+            (v["vllm:prefix_cache_queries_total"], v["vllm:prefix_cache_hits_total"])
+            for v in values
+        ]
+
+    with LoadBalancer(replicas.addresses(), "affinity") as lb:
+        before = prefix_counters()
+        turns = asyncio.run(run_conversations(lb.url, 6, 3, max_tokens=8, seed=3))
+        after = prefix_counters()
+    assert len(turns) == 18 and all(t.record.ok for t in turns)
+    assert all(len(served) == 1 for served in replicas_per_session(turns).values())
+    queries = sum(a[0] - b[0] for a, b in zip(after, before))
+    hits = sum(a[1] - b[1] for a, b in zip(after, before))
+    assert queries > 0 and hits / queries > 0.5  # turns 2 and 3 find the conversation so far
+
+    with LoadBalancer(replicas.addresses(), "roundrobin") as lb:  # one client: r0, r1, r0
+        turns = asyncio.run(run_conversations(lb.url, 1, 3, max_tokens=8, seed=4))
+    assert [t.served_by for t in turns] == ["r0", "r1", "r0"]
+
+
+def _check_failover(replicas, graceful: bool):
+    import asyncio
+
+    from labkit.serve.balancer import LoadBalancer
+    from labkit.serve.failover import kill_under_load
+    from labkit.serve.loadgen import run_load, workload
+
+    with LoadBalancer(replicas.addresses(), "leastconn") as lb:
+        payloads = workload(96, seed=11, min_tokens=16, max_tokens=48)
+        report = asyncio.run(
+            kill_under_load(replicas, lb, payloads, 32, kill_after=1.0, graceful=graceful)
+        )
+        assert report.time_to_down is not None, lb.output()[-3000:]
+        # after DOWN every request succeeds, on the replica left
+        after = asyncio.run(run_load(lb.url, workload(8, seed=12, max_tokens=16), 4))
+        assert after.summary()["ok"] == 8
+        assert lb.server_stats()["r1"]["status"].startswith("DOWN")
+    replicas.restart(1)
+    return report
+
+
+def test_a_crashed_replica_loses_no_request_that_had_not_started_streaming(replicas):
+    report = _check_failover(replicas, graceful=False)
+    assert report.outcomes["lost"] == 0, report.load.records
+    assert report.retried + report.outcomes["cut"] > 0  # the replica died under load
+    # the streams cut mid-way are errors the clients saw, one for each HAProxy saw the replica drop
+    assert report.outcomes["cut"] == report.cut_by_server
+    cut = [r for r in report.load.records if r.status == 200 and not r.ok]
+    assert all("closed the connection" in (r.error or "") for r in cut)
+    assert (
+        report.load.summary()["errors"] == report.outcomes["cut"] + report.outcomes["refused_503"]
+    )
+    assert report.sent_to_victim_after_down == 0
+
+
+def test_a_draining_replica_finishes_its_streams_and_nothing_is_lost(replicas):
+    report = _check_failover(replicas, graceful=True)
+    assert report.outcomes["lost"] == 0 and report.outcomes["cut"] == 0
+    assert report.cut_by_server == 0 and report.sent_to_victim_after_down == 0
+    assert any("Layer7 wrong status" in line for line in report.health_log)  # /ready said 503
