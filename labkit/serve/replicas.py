@@ -14,13 +14,19 @@ Two ways a replica leaves, and clients see them differently:
   flight finish; then the process exits (draining.py).
 
 Each replica loads torch and the model (seconds of CPU), so they start concurrently, one thread each.
+`load_with_cpu` runs a load test and says what each process (every replica's HTTP and engine process, the
+load balancer, the load generator) spent per generated token: where a scaled-out service's CPU goes.
 """
 
+import functools
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 
 from .launch import ServerProcess
+from .loadgen.runner import run_load
 
 
 class Replicas:
@@ -80,9 +86,13 @@ class Replicas:
         self.servers[i] = ServerProcess(port=self.servers[i].port, **self.options)
         self._start_all([i])
 
-    def cpu_seconds(self) -> list[float | None]:
-        """CPU seconds each replica's processes (HTTP + engine) have used so far."""
-        return [s.cpu_seconds() for s in self.servers]
+    def cpu_meters(self) -> dict[str, Callable[[], float | None]]:
+        """{"r0 HTTP": f, "r0 engine": f, ...}: f() = the CPU seconds that process has used so far."""
+        return {
+            f"r{i} {label}": functools.partial(server.cpu_seconds, role)
+            for i, server in enumerate(self.servers)
+            for role, label in (("server", "HTTP"), ("engine", "engine"))
+        }
 
     def stop(self) -> None:
         for s in self.servers:
@@ -93,3 +103,20 @@ class Replicas:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+async def load_with_cpu(
+    url: str, payloads: list[dict], concurrency: int, meters: dict[str, Callable[[], float | None]]
+) -> dict:
+    """run_load's summary, plus "cpu_us_per_token": {process: CPU microseconds per generated token} for
+    each of `meters` (e.g. Replicas.cpu_meters() and the load balancer's cpu_seconds) and for this
+    process ("load generator"). None where a process cannot be measured (not Linux, or it died)."""
+    meters = {**meters, "load generator": time.process_time}
+    before = {name: meter() for name, meter in meters.items()}
+    summary = (await run_load(url, payloads, concurrency)).summary()
+    tokens = max(1, summary["output_tokens"])
+    cpu: dict[str, float | None] = {}
+    for name, meter in meters.items():
+        start, end = before[name], meter()
+        cpu[name] = None if start is None or end is None else (end - start) / tokens * 1e6
+    return {**summary, "cpu_us_per_token": cpu}
