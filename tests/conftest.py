@@ -50,10 +50,25 @@ MARKS = {
 }
 
 
+NEEDS_HAPROXY = {"08b_scale_out.ipynb"}  # notebooks built around a load balancer
+
+
+def haproxy_missing() -> str | None:
+    from labkit.serve.balancer import find_haproxy
+
+    try:
+        find_haproxy()
+    except FileNotFoundError as err:
+        return str(err)
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.suffix == ".ipynb":
             item.add_marker(pytest.mark.notebook)
+            if item.path.name in NEEDS_HAPROXY and (reason := haproxy_missing()):
+                item.add_marker(pytest.mark.skip(reason=reason))
             continue
         name = getattr(item, "originalname", item.name)
         for key in (item.path.name, f"{item.path.name}::{name}"):

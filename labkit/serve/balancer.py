@@ -186,11 +186,12 @@ class LoadBalancer:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"haproxy exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                self.server_stats()
-                return self
+            try:  # listening, and every replica checked once (HAProxy says "INI" before that)
+                if all(row["check_status"] != "INI" for row in self.server_stats().values()):
+                    return self
             except httpx.HTTPError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"haproxy not listening after {timeout}s:\n{self.output()}")
 

@@ -33,8 +33,10 @@ class Turn:
 
 
 def conversation_openings(n: int, seed: int = 0) -> list[str]:
-    """n different opening passages (60-100 words of held-out Austen), one per conversation."""
-    return sample_prompts(n, seed, min_words=60, max_words=100)
+    """n different opening passages (100-180 words of held-out Austen), one per conversation: long enough
+    that prefilling a conversation costs something, short enough that 4-5 turns fit the course model's 512
+    tokens."""
+    return sample_prompts(n, seed, min_words=100, max_words=180)
 
 
 async def run_conversations(
