@@ -38,6 +38,7 @@ MARKS = {
             "test_a_draining_replica_finishes_its_streams_and_nothing_is_lost",
         )
     },
+    "test_serve_balancer.py::test_a_backend_with_no_live_replica_answers_a_clear_503": ("server",),
     "test_quant_libs.py": ("external", "slow"),
     "test_engine_vllm.py": ("external", "slow"),
     "test_vllm_gptq.py": ("external", "slow"),

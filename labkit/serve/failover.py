@@ -87,8 +87,14 @@ async def kill_under_load(
         await asyncio.sleep(poll)
     result = await load
     stot_after = int((await asyncio.to_thread(lb.server_stats))[name]["stot"])
-    lines = _log_lines_since(lb, log_start)
-    requests = [ln for ln in lines if " server=" in ln]
+    # HAProxy logs each request once, retries included, as it ends: wait for every line to be written
+    deadline = time.monotonic() + 5.0
+    while True:
+        lines = _log_lines_since(lb, log_start)
+        requests = [ln for ln in lines if " server=" in ln]
+        if len(requests) >= len(result.records) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
     retried = sum(1 for ln in requests if not re.search(r" retries=0 ", ln))
     cut = sum(1 for ln in requests if f"server={name} " in ln and " state=SD" in ln)
     outcomes = dict.fromkeys(OUTCOMES, 0)
