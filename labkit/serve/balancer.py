@@ -4,10 +4,11 @@ Why a real load balancer: one replica is one engine, and its batch is bounded by
 (here one core). More replicas need something in front that picks a replica per request, takes a dead one
 out of rotation, and retries what never reached a replica, so clients see one URL and few errors. HAProxy
 does all three, is what many clusters run (directly, or inside Kubernetes ingress controllers), and is one
-Debian package (`make prod-tools`). Everything here is its configuration; the load balancer's own work (a
-few microseconds per chunk) is not what limits an LLM service.
+Debian package (`make prod-tools`). Everything here is its configuration; the load balancer's own work
+(tens of microseconds of CPU per streamed token, measured in notebook 08b) is not what limits an LLM service.
 
-    cfg = haproxy_config([("r0", "127.0.0.1:8001"), ("r1", "127.0.0.1:8002")], "leastconn", 8080)
+    servers = [("r0", "127.0.0.1:8001"), ("r1", "127.0.0.1:8002")]
+    cfg = haproxy_config(servers, "leastconn", 8080)         # the config text
     with LoadBalancer(servers, "affinity") as lb:          # lb.url -> http://127.0.0.1:<port>
         lb.server_stats()["r0"]["status"]                  # "UP", "DOWN", ... (HAProxy's stats CSV)
     python -m labkit.serve.balancer --servers a:8000,b:8000 --policy leastconn --port 8080   # prints it
@@ -21,9 +22,10 @@ Policies (`balance` in the backend):
   without the header is balanced round robin (HAProxy's rule for `balance hdr`). Consistent hashing: when
   a replica goes down, only its own sessions move (a plain modulo hash would reshuffle nearly all).
 
-Invariants (tests/test_serve_balancer.py): every policy's config passes `haproxy -c`; a dead replica is
-marked DOWN after `fall` failed checks, i.e. within fall x inter (`time_to_down`); requests that never got
-a response byte from a replica are retried elsewhere, never lost.
+Invariants (tests/test_serve_balancer.py): every policy's config passes `haproxy -c` without warnings; a
+dead or draining replica is marked DOWN (after `fall` failed checks: `time_to_down` gives the window) and
+gets no request after that; a request that never got a response byte from a replica is retried
+elsewhere or answered with a JSON 503, never lost (failover.py counts what clients saw).
 """
 
 import argparse
