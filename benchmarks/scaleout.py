@@ -57,6 +57,7 @@ def failover(args) -> dict:
                 "requests": s["requests"],
                 **report.outcomes,
                 "retried_by_haproxy": report.retried,
+                "redispatched_in_haproxy_stats": report.redispatched,
                 "cut_logged_by_haproxy": report.cut_by_server,
                 "time_to_down_s": report.time_to_down,
                 "sent_to_killed_replica_after_down": report.sent_to_victim_after_down,

@@ -45,6 +45,7 @@ class FailoverReport:
     load: LoadResult
     outcomes: dict[str, int]
     retried: int  # requests HAProxy sent again (its log's retries field > 0)
+    redispatched: int  # the same seen in HAProxy's stats: retries sent to another replica (wredis)
     cut_by_server: int  # requests HAProxy logged as cut by the dying replica mid-response
     time_to_down: float | None  # seconds from the signal to HAProxy's DOWN (None: never seen)
     sent_to_victim_after_down: int  # requests HAProxy routed to the dead replica after DOWN
@@ -74,6 +75,7 @@ async def kill_under_load(
     until it marks the replica DOWN."""
     name = f"r{victim}"
     log_start = len(lb.output())
+    redispatched_before = int(lb.server_stats()["BACKEND"]["wredis"])
     load = asyncio.ensure_future(run_load(lb.url, payloads, concurrency))
     await asyncio.sleep(kill_after)
     killed = time.perf_counter()
@@ -86,7 +88,8 @@ async def kill_under_load(
             break
         await asyncio.sleep(poll)
     result = await load
-    stot_after = int((await asyncio.to_thread(lb.server_stats))[name]["stot"])
+    stats_after = await asyncio.to_thread(lb.server_stats)
+    stot_after = int(stats_after[name]["stot"])
     # HAProxy logs each request once, retries included, as it ends: wait for every line to be written
     deadline = time.monotonic() + 5.0
     while True:
@@ -105,6 +108,7 @@ async def kill_under_load(
         load=result,
         outcomes=outcomes,
         retried=retried,
+        redispatched=int(stats_after["BACKEND"]["wredis"]) - redispatched_before,
         cut_by_server=cut,
         time_to_down=time_to_down,
         sent_to_victim_after_down=stot_after - stot_at_down if time_to_down is not None else 0,
