@@ -167,9 +167,12 @@ def test_affinity_keeps_each_session_on_one_replica_and_round_robin_does_not(rep
     hits = sum(a[1] - b[1] for a, b in zip(after, before))
     assert queries > 0 and hits / queries > 0.5  # turns 2 and 3 find the conversation so far
 
-    with LoadBalancer(replicas.addresses(), "roundrobin") as lb:  # one client: r0, r1, r0
+    with LoadBalancer(
+        replicas.addresses(), "roundrobin"
+    ) as lb:  # one client: r0, r1, r0 (or r1...)
         turns = asyncio.run(run_conversations(lb.url, 1, 3, max_tokens=8, seed=4))
-    assert [t.served_by for t in turns] == ["r0", "r1", "r0"]
+    first, second, third = [t.served_by for t in turns]
+    assert {first, second} == {"r0", "r1"} and third == first
 
 
 def _check_failover(replicas, graceful: bool):
