@@ -30,6 +30,16 @@ MARKS = {
         "slow",
     ),
     "test_serve_lm_eval.py": ("server", "external", "slow"),
+    # the HAProxy config tests are quick; these start replicas
+    **{
+        f"test_serve_balancer.py::{name}": ("server", "slow")
+        for name in (
+            "test_affinity_keeps_each_session_on_one_replica_and_round_robin_does_not",
+            "test_a_crashed_replica_loses_no_request_that_had_not_started_streaming",
+            "test_a_draining_replica_finishes_its_streams_and_nothing_is_lost",
+        )
+    },
+    "test_serve_balancer.py::test_a_backend_with_no_live_replica_answers_a_clear_503": ("server",),
     "test_quant_libs.py": ("external", "slow"),
     "test_engine_vllm.py": ("external", "slow"),
     "test_vllm_gptq.py": ("external", "slow"),
@@ -42,10 +52,25 @@ MARKS = {
 }
 
 
+NEEDS_HAPROXY = {"08b_scale_out.ipynb"}  # notebooks built around a load balancer
+
+
+def haproxy_missing() -> str | None:
+    from labkit.serve.balancer import find_haproxy
+
+    try:
+        find_haproxy()
+    except FileNotFoundError as err:
+        return str(err)
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.suffix == ".ipynb":
             item.add_marker(pytest.mark.notebook)
+            if item.path.name in NEEDS_HAPROXY and (reason := haproxy_missing()):
+                item.add_marker(pytest.mark.skip(reason=reason))
             continue
         name = getattr(item, "originalname", item.name)
         for key in (item.path.name, f"{item.path.name}::{name}"):

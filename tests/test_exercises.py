@@ -1,3 +1,4 @@
+import bisect
 import inspect
 import math
 import random
@@ -317,6 +318,17 @@ EXERCISES = {
         _S.reference_histogram_quantile,
         # the bucket's upper bound, without interpolating inside it
         [lambda q, buckets: next(le for le, c in buckets if c >= q * buckets[-1][1])],
+    ),
+    "ring_lookup": Exercise(
+        _S.check_ring_lookup,
+        _S.reference_ring_lookup,
+        [
+            lambda ring, p: ring[min(bisect.bisect_left([q for q, _ in ring], p), len(ring) - 1)][
+                1
+            ],
+            lambda ring, p: ring[bisect.bisect_right([q for q, _ in ring], p) % len(ring)][1],
+            lambda ring, p: ring[p % len(ring)][1],
+        ],  # no wrap-around; a point on a server's own point goes to the next; a modulo hash
     ),
     "cost_per_1k_tokens": Exercise(
         _S.check_cost_per_1k_tokens,

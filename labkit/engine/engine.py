@@ -77,6 +77,10 @@ class EngineStats:
     num_accepted_tokens: int = 0
     draft_acceptance_rate: float = 0.0
     mean_tokens_per_verify_step: float = 0.0
+    # the prefix cache since the engine started, in tokens (whole blocks): prompt tokens looked up and found;
+    # two counters, so a hit rate over any interval is (hits after - before) / (queries after - before)
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class LLMEngine:
@@ -215,6 +219,8 @@ class LLMEngine:
             self.speculative.num_accepted_tokens,
             self.speculative.acceptance_rate,
             self.speculative.mean_tokens_per_step,
+            bm.cache_queries * bm.block_size,
+            bm.cache_hits * bm.block_size,
         )
 
     # ---- the loop ----------------------------------------------------------------------------------

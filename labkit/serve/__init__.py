@@ -14,5 +14,8 @@ app.py             the FastAPI routes: /v1/completions, /v1/chat/completions, /v
 draining.py        uvicorn with a drain phase on SIGTERM
 cli.py             `labkit serve`
 launch.py          start/stop a server subprocess from a notebook, test or benchmark
+replicas.py        several servers side by side; kill one (crash) or drain it
+balancer.py        HAProxy in front of replicas: policies, health checks on /ready, retries
+failover.py        a replica killed under load: what the clients saw, how fast traffic moved
 loadgen/           N concurrent streaming clients: TTFT, TPOT, e2e percentiles, throughput
 """

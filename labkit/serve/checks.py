@@ -1,8 +1,10 @@
 """Exercise checks for notebooks 07-09 (built on labkit.checks.run_check): each returns the student's
 function if it is right, else the reference below, so the notebook always runs to the end."""
 
+import bisect
 import json
 import math
+import random
 import statistics
 from collections.abc import Callable
 
@@ -213,6 +215,44 @@ def check_poisson_arrivals(student: Callable) -> Callable:
             )
 
     return run_check("poisson_arrivals", student, poisson_arrivals, test)
+
+
+# ---- notebook 08b: consistent hashing ------------------------------------------------------------------
+
+
+def reference_ring_lookup(ring: list[tuple[int, str]], point: int) -> str:
+    """The server that owns `point` on a consistent-hash ring: ring is [(point, server)] sorted by point;
+    the owner is the first ring point at or after `point`, wrapping round to the first one past the end."""
+    i = bisect.bisect_left([p for p, _ in ring], point)
+    return ring[i % len(ring)][1]
+
+
+def check_ring_lookup(student: Callable) -> Callable:
+    def test(fn):
+        small = [(10, "r0"), (20, "r1"), (30, "r2")]
+        cases = [(5, "r0"), (10, "r0"), (11, "r1"), (20, "r1"), (29, "r2"), (30, "r2"), (31, "r0")]
+        for point, want in cases:
+            got = fn(small, point)
+            if got != want:
+                hint = (
+                    " (past the last point the ring wraps round to the first)"
+                    if point > 30
+                    else " (a point exactly on a server's point belongs to that server)"
+                    if point in (10, 20, 30)
+                    else ""
+                )
+                raise ExerciseFailure(
+                    f"ring_lookup({small}, {point}): expected {want!r}, got {got!r}{hint}"
+                )
+        rng = random.Random(0)
+        ring = sorted((rng.getrandbits(32), f"r{i % 3}") for i in range(300))
+        for _ in range(200):
+            point = rng.getrandbits(32)
+            expect = reference_ring_lookup(ring, point)
+            if fn(ring, point) != expect:
+                raise ExerciseFailure(f"on a 300-point ring, point {point}: expected {expect!r}")
+
+    return run_check("ring_lookup", student, reference_ring_lookup, test)
 
 
 # ---- notebook 08c: when may a rate-limited client come back? -------------------------------------

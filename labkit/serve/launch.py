@@ -18,7 +18,7 @@ import time
 import httpx
 
 
-def _die_with_parent():
+def terminate_with_parent():
     """Linux: SIGTERM the server if the process that started it (a notebook kernel, pytest) dies,
     so a crashed kernel never leaves an orphan server holding a port and CPU."""
     try:
@@ -29,7 +29,7 @@ def _die_with_parent():
         pass
 
 
-def _process_cpu_seconds(pid: int) -> float | None:
+def process_cpu_seconds(pid: int) -> float | None:
     """Nanosecond-exact from the scheduler (/proc/PID/task/*/schedstat: each live thread's run time); else
     /proc/PID/stat's utime + stime, counted in clock ticks (10 ms: too coarse for a short notebook run)."""
     if os.path.exists(f"/proc/{pid}/schedstat"):
@@ -88,6 +88,13 @@ class ServerProcess:
         )
 
     def start(self) -> "ServerProcess":
+        self.spawn()
+        return self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (start() = spawn() + wait_ready()). Call it from a
+        thread that outlives the server: Linux's parent-death signal fires when the *thread* that forked
+        it ends (see replicas.py, which spawns several and then waits for them together)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # its own session: Ctrl-C in the terminal or notebook does not hit the server directly (stop() drains
         # it with SIGTERM), and on Linux the scheduler gives it its own CPU share (sched_autogroup) instead
@@ -99,8 +106,13 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=terminate_with_parent if sys.platform == "linux" else None,
         )
+
+    def wait_ready(self) -> "ServerProcess":
+        """Poll the readiness endpoint until it answers 200; raise (and stop the server) if it dies or
+        does not get there within startup_timeout."""
+        assert self.proc is not None, "spawn() first"
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -147,7 +159,7 @@ class ServerProcess:
         total = None
         for pid, r in self.processes().items():
             if role in (None, r):
-                cpu = _process_cpu_seconds(pid)
+                cpu = process_cpu_seconds(pid)
                 total = total if cpu is None else (total or 0.0) + cpu
         return total
 

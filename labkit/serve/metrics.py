@@ -122,7 +122,15 @@ class ServerMetrics:
             "vllm:gpu_cache_usage_perc", "KV-cache usage, 1 = 100% (vLLM's pre-0.10 name)"
         )
         self.prefix_hit_rate = gauge(
-            "vllm:gpu_prefix_cache_hit_rate", "Prefix-cache block hit rate"
+            "vllm:gpu_prefix_cache_hit_rate", "Prefix-cache block hit rate since the engine started"
+        )
+        # vLLM v1's counters: a hit rate over any window is rate(hits) / rate(queries)
+        self.prefix_queries = counter(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (whole blocks)",
+        )
+        self.prefix_hits = counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (whole blocks)"
         )
         self.kv_blocks_used = gauge(
             "labkit:kv_blocks_used", "KV blocks held by sequences (0 when idle)"
@@ -190,6 +198,7 @@ class ServerMetrics:
             registry=r,
         )
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)  # the engine's (queries, hits) at the last update
 
     def update_engine_stats(self, stats, active: int) -> None:
         self.running.set(stats.num_running)
@@ -203,6 +212,12 @@ class ServerMetrics:
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        if queries < self._prefix_seen[0]:  # a restarted engine counts from 0 again
+            self._prefix_seen = (0, 0)
+        self.prefix_queries.inc(queries - self._prefix_seen[0])
+        self.prefix_hits.inc(hits - self._prefix_seen[1])
+        self._prefix_seen = (queries, hits)
 
     def engine_step(self, wall: float, cpu: float) -> None:
         self.steps.inc()

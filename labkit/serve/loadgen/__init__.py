@@ -17,6 +17,7 @@ client.py     a minimal keep-alive HTTP/1.1 client that times one streaming comp
 runner.py     N closed-loop clients over a list of payloads, or an open loop at given send times
 openloop.py   Poisson arrivals, a rate sweep past saturation, goodput under an SLO, Little's law
 workloads.py  seeded, realistic payloads (the same work the offline engine can be given)
+conversations.py  multi-turn chats, one session id each (load balancer affinity, notebook 08b)
 plots.py      latency CDFs and throughput vs concurrency
 """
 

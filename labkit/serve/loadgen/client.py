@@ -72,7 +72,7 @@ class Connection:
         if reader is None:
             raise ConnectionError("no response to read: the connection is closed (post() first)")
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            while size := int((await reader.readline()).split(b";")[0], 16):
+            while size := int((await self._line(reader)).split(b";")[0], 16):
                 chunk = await reader.readexactly(size + 2)  # data + its trailing \r\n
                 yield chunk[:-2]
             await reader.readline()  # the blank line that ends the body
@@ -80,6 +80,15 @@ class Connection:
             yield await reader.readexactly(length)
         if self.headers.get("connection", "").lower() == "close":
             self.close()
+
+    @staticmethod
+    async def _line(reader: asyncio.StreamReader) -> bytes:
+        """One line of a chunked body; the connection closing instead (a server that died mid-stream)
+        is an error that says so."""
+        line = await reader.readline()
+        if not line:
+            raise ConnectionError("the server closed the connection in the middle of the response")
+        return line
 
     def close(self) -> None:
         if self.writer is not None:

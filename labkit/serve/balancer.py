@@ -1,0 +1,250 @@
+"""HAProxy in front of several `labkit serve` replicas: the config, and a process to run it.
+
+Why a real load balancer: one replica is one engine, and its batch is bounded by one machine's compute
+(here one core). More replicas need something in front that picks a replica per request, takes a dead one
+out of rotation, and retries what never reached a replica, so clients see one URL and few errors. HAProxy
+does all three, is what many clusters run (directly, or inside Kubernetes ingress controllers), and is one
+Debian package (`make prod-tools`). Everything here is its configuration; the load balancer's own work
+(tens of microseconds of CPU per streamed token, measured in notebook 08b) is not what limits an LLM service.
+
+    servers = [("r0", "127.0.0.1:8001"), ("r1", "127.0.0.1:8002")]
+    cfg = haproxy_config(servers, "leastconn", 8080)         # the config text
+    with LoadBalancer(servers, "affinity") as lb:          # lb.url -> http://127.0.0.1:<port>
+        lb.server_stats()["r0"]["status"]                  # "UP", "DOWN", ... (HAProxy's stats CSV)
+    python -m labkit.serve.balancer --servers a:8000,b:8000 --policy leastconn --port 8080   # prints it
+
+Policies (`balance` in the backend):
+- roundrobin: each request to the next replica in turn, blind to how busy they are.
+- leastconn: to the replica with the fewest requests in flight. LLM requests last from 0.1 s to minutes,
+  so "in flight" is a far better load signal than "sent last"; it shortens the latency tail.
+- affinity: a consistent hash of a session header (X-Session-Id): every turn of one conversation lands
+  on the replica that already holds its prefix in its KV cache (labkit/engine/block_manager.py). A request
+  without the header is balanced round robin (HAProxy's rule for `balance hdr`). Consistent hashing: when
+  a replica goes down, only its own sessions move (a plain modulo hash would reshuffle nearly all).
+
+Invariants (tests/test_serve_balancer.py): every policy's config passes `haproxy -c` without warnings; a
+dead or draining replica is marked DOWN (after `fall` failed checks: `time_to_down` gives the window) and
+gets no request after that; a request that never got a response byte from a replica is retried
+elsewhere or answered with a JSON 503, never lost (failover.py counts what clients saw).
+"""
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from .launch import free_port, process_cpu_seconds, terminate_with_parent
+
+POLICIES = ("roundrobin", "leastconn", "affinity")
+SESSION_HEADER = "X-Session-Id"
+# health checks: GET /ready every INTER_MS; FALL failures in a row mark a replica DOWN, RISE passes UP
+INTER_MS, FALL, RISE = 500, 2, 2
+
+
+def time_to_down(inter_ms: int = INTER_MS, fall: int = FALL) -> tuple[float, float]:
+    """(fastest, slowest) seconds from a replica's death to DOWN, for a death that fails checks at once
+    (connection refused). The first failing check comes 0..inter after the death, then fall-1 more."""
+    return (fall - 1) * inter_ms / 1000, fall * inter_ms / 1000
+
+
+def find_haproxy() -> str:
+    """The haproxy binary (PATH, then /usr/sbin, where Debian puts it), or an error that says how to get it."""
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise FileNotFoundError(
+            "haproxy not found: run `make prod-tools` (as root with apt-get it installs Debian's "
+            "package), or `apt-get install --no-install-recommends haproxy`"
+        )
+    return found
+
+
+def haproxy_config(
+    servers: list[tuple[str, str]],
+    policy: str = "leastconn",
+    port: int = 8080,
+    stats_port: int | None = None,
+    bind: str = "127.0.0.1",
+    retries: int = 3,
+) -> str:
+    """An HAProxy configuration: a frontend on bind:port, the replicas `servers` [(name, "host:port")] with
+    health checks on /ready, and (stats_port) a stats page (/stats, CSV at /stats;csv) and Prometheus
+    metrics (/metrics)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not servers:
+        raise ValueError("need at least one (name, 'host:port') server")
+    balance = {
+        "roundrobin": "balance roundrobin",
+        "leastconn": "balance leastconn",
+        "affinity": f"balance hdr({SESSION_HEADER})\n    hash-type consistent",
+    }[policy]
+    error_body = (
+        '{"error": {"message": "No replica could take the request; retry shortly.", '
+        '"type": "server_error", "code": "no_replica"}}'
+    )
+    lines = [
+        "global",
+        "    nbthread 1          # the replicas need the cores; a proxy thread moves >10k chunks/s",
+        "    maxconn 4096",
+        "    log stderr format raw local0 info",
+        "",
+        "defaults",
+        "    mode http",
+        "    timeout connect 1s       # replicas are local: a connect that slow means a dead one",
+        "    timeout client 10m       # streams: idle time allowed between two chunks, not a",
+        "    timeout server 10m       #   request's total time (a long answer is not an error)",
+        "    timeout http-request 10s",
+        "    timeout queue 30s",
+        "    timeout check 2s         # a busy replica answers /ready late but answers: not dead",
+        "    option http-no-delay     # forward each SSE chunk at once, no coalescing",
+        # L7 retries. A POST may be replayed only while no byte of the response reached the client: then
+        # the client cannot tell, and a completion has no side effect beyond compute. HAProxy keeps the
+        # request in its buffer to replay it (http-buffer-request waits for the whole body first); once a
+        # response has started streaming it is forwarded as it comes and can no longer be retried.
+        "    option http-buffer-request",
+        f"    retries {retries}",
+        "    option redispatch 1       # every retry may go to another replica (needed for affinity)",
+        "    retry-on conn-failure empty-response 503   # dead, died before answering, or draining",
+        # the load balancer's own errors in the API's (OpenAI's) error shape, with a Retry-After
+        *(
+            f"    http-error status {code} content-type application/json hdr Retry-After 1 "
+            f"string '{error_body}'"
+            for code in (502, 503, 504)
+        ),
+        "",
+        "frontend api",
+        f"    bind {bind}:{port}",
+        "    log global           # one line per request: which replica, retries, how it ended",
+        '    log-format "%ci:%cp %HM %HU %ST server=%s retries=%rc time=%Tt state=%tsc"',
+        "    default_backend replicas",
+        "",
+        "backend replicas",
+        f"    {balance}",
+        "    option httpchk GET /ready      # a draining replica answers 503 here: out of rotation",
+        "    http-check expect status 200",
+        f"    default-server check inter {INTER_MS}ms fall {FALL} rise {RISE}",
+        "    http-response set-header X-Served-By %s   # which replica answered",
+        *(f"    server {name} {address}" for name, address in servers),
+    ]
+    if stats_port is not None:
+        lines += [
+            "",
+            "frontend stats",
+            f"    bind {bind}:{stats_port}",
+            "    http-request use-service prometheus-exporter if { path /metrics }",
+            "    stats enable",
+            "    stats uri /stats",
+            "    stats refresh 1s",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class LoadBalancer:
+    """HAProxy as a child process: config written to a temp dir, checked with `haproxy -c`, run in the
+    foreground (-db), and killed with its parent, like launch.py's servers."""
+
+    def __init__(
+        self,
+        servers: list[tuple[str, str]],
+        policy: str = "leastconn",
+        port: int | None = None,
+        **options,
+    ):
+        self.servers, self.policy = servers, policy
+        self.port, self.stats_port = port or free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stats_url = f"http://127.0.0.1:{self.stats_port}"
+        self.config = haproxy_config(servers, policy, self.port, self.stats_port, **options)
+        self.dir = tempfile.mkdtemp(prefix="labkit-haproxy-")
+        self.config_path = os.path.join(self.dir, "haproxy.cfg")
+        self.log_path = os.path.join(self.dir, "haproxy.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> "LoadBalancer":
+        haproxy = find_haproxy()
+        with open(self.config_path, "w") as f:
+            f.write(self.config)
+        check = subprocess.run(
+            [haproxy, "-c", "-f", self.config_path], capture_output=True, text=True
+        )
+        if check.returncode != 0:
+            raise ValueError(f"haproxy rejects the config:\n{check.stdout}{check.stderr}")
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [haproxy, "-db", "-f", self.config_path],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=terminate_with_parent if sys.platform == "linux" else None,
+            )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited with {self.proc.returncode}:\n{self.output()}")
+            try:  # listening, and every replica checked once (HAProxy says "INI" before that)
+                if all(row["check_status"] != "INI" for row in self.server_stats().values()):
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"haproxy not listening after {timeout}s:\n{self.output()}")
+
+    def server_stats(self) -> dict[str, dict[str, str]]:
+        """{server name: its row of HAProxy's stats CSV}, plus "BACKEND" (the totals). Useful columns:
+        status (UP / DOWN / "UP 1/2" while changing), scur (requests in flight), stot (total), wretr
+        (retries), wredis (redispatches), chkdown (UP->DOWN transitions), hrsp_5xx, eresp (responses cut)."""
+        text = httpx.get(self.stats_url + "/stats;csv", timeout=5).text.lstrip("# ")
+        return {
+            row["svname"]: row
+            for row in csv.DictReader(io.StringIO(text))
+            if row["pxname"] == "replicas"
+        }
+
+    def cpu_seconds(self) -> float | None:
+        return None if self.proc is None else process_cpu_seconds(self.proc.pid)
+
+    def output(self) -> str:
+        """HAProxy's log: one line per request (server, retries, termination state) and health changes."""
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "LoadBalancer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m labkit.serve.balancer", description="print an HAProxy config for replicas"
+    )
+    ap.add_argument("--servers", required=True, help="host:port,host:port,... (named r0, r1, ...)")
+    ap.add_argument("--policy", default="leastconn", choices=POLICIES)
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--stats-port", type=int, default=8404, help="stats page and /metrics")
+    ap.add_argument("--bind", default="127.0.0.1", help="0.0.0.0 inside a container")
+    args = ap.parse_args(argv)
+    servers = [(f"r{i}", address) for i, address in enumerate(args.servers.split(","))]
+    print(haproxy_config(servers, args.policy, args.port, args.stats_port, args.bind), end="")
+
+
+if __name__ == "__main__":
+    main()
