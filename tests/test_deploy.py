@@ -3,7 +3,9 @@ hadolint, validate Kubernetes manifests offline with kubernetes-validate --stric
 file's structure, unit-test the alert rules with promtool, and check that every metric the dashboard
 and the alerts use is one the server really exports."""
 
+import contextlib
 import copy
+import io
 import re
 import shutil
 import subprocess
@@ -39,6 +41,8 @@ def run(*cmd, cwd=ROOT):
 
 # ---- Docker ---------------------------------------------------------------------------------------
 
+REPLICAS = ["server-1", "server-2"]  # compose's labkit replicas behind HAProxy
+
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_hadolint(dockerfile):
@@ -58,7 +62,7 @@ def test_cpu_image_serves_the_baked_model_and_drains():
 def test_compose_structure():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"server", "server-gpu", "prometheus", "grafana"} <= set(services)
+    assert {"lb", "server-1", "server-2", "server-gpu", "prometheus", "grafana"} <= set(services)
     for name, svc in services.items():
         if "build" in svc:
             context = (DOCKER / svc["build"]["context"]).resolve()
@@ -77,15 +81,17 @@ def test_compose_structure():
     )
     gpu = services["server-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    # Prometheus scrapes the server by its compose service name and container port
+    # Prometheus scrapes every replica by its compose service name and container port; clients reach
+    # them only through the load balancer, which publishes the API's port
     prom = yaml.safe_load((MON / "prometheus.yml").read_text())
-    target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
-    assert target == "server:8000" and "8000:8000" in services["server"]["ports"]
+    targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"{name}:8000" for name in REPLICAS]
+    assert "8000:8000" in services["lb"]["ports"] and "ports" not in services["server-1"]
     # docker stop waits longer than the server's drain timeout
     drain = int(
         re.search(r'"--drain-timeout", "(\d+)"', (DOCKER / "Dockerfile.cpu").read_text()).group(1)
     )
-    assert int(services["server"]["stop_grace_period"].rstrip("s")) > drain
+    assert int(services["server-1"]["stop_grace_period"].rstrip("s")) > drain
 
 
 # ---- Kubernetes -----------------------------------------------------------------------------------
@@ -184,6 +190,99 @@ def test_prometheus_rule_matches_alert_rules():
     rule = yaml.safe_load((K8S / "prometheusrule.yaml").read_text())
     assert rule["kind"] == "PrometheusRule" and rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["spec"] == yaml.safe_load((MON / "alert_rules.yml").read_text())
+
+
+# ---- The load balancer (HAProxy) in compose and Kubernetes ----------------------------------------
+
+BALANCER_COMMAND = "python -m labkit.serve.balancer "
+
+
+def generated_haproxy_config(text: str) -> tuple[str, str]:
+    """(the config as written in the file, the same command's output now): the file names its command."""
+    from labkit.serve.balancer import main
+
+    line = next(line for line in text.splitlines() if BALANCER_COMMAND in line)
+    args = line.split(BALANCER_COMMAND)[1].split(" (")[0].split()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(args)
+    return out.getvalue(), args
+
+
+def k8s_haproxy() -> tuple[dict, dict, dict]:
+    return tuple(yaml.safe_load_all((K8S / "haproxy.yaml").read_text()))
+
+
+def test_the_haproxy_configs_are_the_balancers_output_and_haproxy_accepts_them(tmp_path):
+    compose_cfg = (DOCKER / "haproxy.cfg").read_text()
+    k8s_cfg = k8s_haproxy()[0]["data"]["haproxy.cfg"]
+    for name, written, source in (
+        ("docker/haproxy.cfg", compose_cfg.split("\n", 1)[1], compose_cfg),
+        ("k8s/haproxy.yaml", k8s_cfg, (K8S / "haproxy.yaml").read_text()),
+    ):
+        expected, args = generated_haproxy_config(source)
+        assert written == expected, f"{name} is stale: regenerate it with {BALANCER_COMMAND}{args}"
+    from labkit.serve.balancer import find_haproxy
+
+    try:
+        haproxy = find_haproxy()
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    for i, text in enumerate((compose_cfg, k8s_cfg)):
+        path = tmp_path / f"haproxy{i}.cfg"
+        path.write_text(text)
+        out = run(
+            haproxy, "-c", "-f", str(path)
+        )  # offline: the names are resolved only at run time
+        assert "Configuration file is valid" in out and "WARNING" not in out, out
+
+
+def test_compose_balances_over_exactly_its_replicas():
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    cfg = (DOCKER / "haproxy.cfg").read_text()
+    assert re.findall(r"^    server \S+ (\S+)", cfg, re.M) == [f"{r}:8000" for r in REPLICAS]
+    assert "bind 0.0.0.0:8000" in cfg and "resolvers dns" in cfg
+    lb = services["lb"]
+    assert sorted(lb["depends_on"]) == REPLICAS
+    assert "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
+    assert services["server-1"] == services["server-2"], "replicas must be identical"
+    assert services["server-1"]["deploy"]["resources"]["limits"]["cpus"] == "1"
+
+
+def test_kubernetes_haproxy_tier_finds_the_ready_pods_through_the_headless_service():
+    import kubernetes_validate
+
+    config, deployment, service = k8s_haproxy()
+    headless = yaml.safe_load((K8S / "service-headless.yaml").read_text())
+    for doc in (config, deployment, service, headless):
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    # the server-template resolves the headless Service's name (one A record per ready pod)
+    template = re.search(r"server-template \S+ (\d+) (\S+):8000", config["data"]["haproxy.cfg"])
+    assert template, "the k8s config discovers pods with server-template"
+    assert template.group(2) == f"{headless['metadata']['name']}.default.svc.cluster.local"
+    hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
+    assert int(template.group(1)) >= hpa["spec"]["maxReplicas"], (
+        "a slot for every pod the HPA may add"
+    )
+    assert headless["spec"]["clusterIP"] == "None"
+    pod_labels = yaml.safe_load((K8S / "deployment.yaml").read_text())["spec"]["template"][
+        "metadata"
+    ]["labels"]
+    assert headless["spec"]["selector"].items() <= pod_labels.items()
+    # the ServiceMonitor scrapes each pod once: through service.yaml, not through the headless Service too
+    monitor = yaml.safe_load((K8S / "servicemonitor.yaml").read_text())
+    assert (
+        not monitor["spec"]["selector"]["matchLabels"].items()
+        <= headless["metadata"]["labels"].items()
+    )
+    # the HAProxy pods mount the generated config where the image reads it, and the Service reaches them
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["configMap"]["name"] == config["metadata"]["name"]
+    assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/usr/local/etc/haproxy"
+    assert (
+        service["spec"]["selector"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 # ---- Prometheus / Grafana -------------------------------------------------------------------------

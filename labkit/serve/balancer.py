@@ -13,6 +13,8 @@ Debian package (`make prod-tools`). Everything here is its configuration; the lo
         lb.server_stats()["r0"]["status"]                  # "UP", "DOWN", ... (HAProxy's stats CSV)
     python -m labkit.serve.balancer --servers a:8000,b:8000 --policy leastconn --port 8080   # prints it
 
+docker/haproxy.cfg and k8s/haproxy.yaml are this module's output (tests/test_deploy.py regenerates them).
+
 Policies (`balance` in the backend):
 - roundrobin: each request to the next replica in turn, blind to how busy they are.
 - leastconn: to the replica with the fewest requests in flight. LLM requests last from 0.1 s to minutes,
@@ -72,10 +74,17 @@ def haproxy_config(
     stats_port: int | None = None,
     bind: str = "127.0.0.1",
     retries: int = 3,
+    dns_slots: int | None = None,
 ) -> str:
     """An HAProxy configuration: a frontend on bind:port, the replicas `servers` [(name, "host:port")] with
     health checks on /ready, and (stats_port) a stats page (/stats, CSV at /stats;csv) and Prometheus
-    metrics (/metrics)."""
+    metrics (/metrics).
+
+    dns_slots (containers, Kubernetes): replicas are found by DNS at run time, through the resolvers in
+    /etc/resolv.conf, and never at start (`init-addr none`), so the config also checks on a machine where
+    the names do not resolve. Each server is then a DNS name: a replica's own (compose: server-1), or a
+    headless Service whose A records are the ready pods, filling up to dns_slots servers named
+    <name>1..<name>N (`server-template`): pods come and go without a config change."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if not servers:
@@ -129,10 +138,23 @@ def haproxy_config(
         f"    {balance}",
         "    option httpchk GET /ready      # a draining replica answers 503 here: out of rotation",
         "    http-check expect status 200",
-        f"    default-server check inter {INTER_MS}ms fall {FALL} rise {RISE}",
+        f"    default-server check inter {INTER_MS}ms fall {FALL} rise {RISE}"
+        + (" resolvers dns init-addr none" if dns_slots else ""),
         "    http-response set-header X-Served-By %s   # which replica answered",
-        *(f"    server {name} {address}" for name, address in servers),
+        *(
+            f"    server-template {name} {dns_slots} {address}"
+            if dns_slots and dns_slots > 1
+            else f"    server {name} {address}"
+            for name, address in servers
+        ),
     ]
+    if dns_slots:
+        lines += [
+            "",
+            "resolvers dns",
+            "    parse-resolv-conf        # Docker's embedded DNS, or the cluster's",
+            "    hold valid 5s            # re-resolve often: replicas restart with new addresses",
+        ]
     if stats_port is not None:
         lines += [
             "",
@@ -241,9 +263,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--stats-port", type=int, default=8404, help="stats page and /metrics")
     ap.add_argument("--bind", default="127.0.0.1", help="0.0.0.0 inside a container")
+    ap.add_argument(
+        "--dns-slots",
+        type=int,
+        default=None,
+        help="resolve the servers by DNS at run time (containers: 1; a Kubernetes headless Service: "
+        "the most pods it may list)",
+    )
     args = ap.parse_args(argv)
-    servers = [(f"r{i}", address) for i, address in enumerate(args.servers.split(","))]
-    print(haproxy_config(servers, args.policy, args.port, args.stats_port, args.bind), end="")
+    addresses = args.servers.split(",")
+    many = (args.dns_slots or 0) > 1  # server-template: the slots are named pod1..podN
+    servers = [("pod" if many else f"r{i}", address) for i, address in enumerate(addresses)]
+    config = haproxy_config(
+        servers, args.policy, args.port, args.stats_port, args.bind, dns_slots=args.dns_slots
+    )
+    print(config, end="")
 
 
 if __name__ == "__main__":
