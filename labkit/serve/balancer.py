@@ -32,9 +32,9 @@ resends at once on each 429 (thousands a second) slows every tenant on that mach
 backstop in C, before any replica: one stick table in the frontend counts each Authorization header's
 requests over the last minute, and above the cap HAProxy answers 429 itself (OpenAI's error JSON, with
 Retry-After). The table is shared by all replicas behind this HAProxy (several HAProxy instances would
-share it with a `peers` section). Set it above the replicas' own per-key limits (say 2-5x the largest
-requests-per-minute limit): honest clients then only ever meet the replicas' exact limits, and a flood
-is refused here. Refused requests count toward the rate: a flooder that keeps flooding stays capped.
+share it with a `peers` section). Set it above the replicas' own per-key limits and above any honest
+key's rate (say 2-5x the largest requests-per-minute limit): honest clients then only ever meet the
+replicas' exact limits, and a flood is refused here. Refused requests count toward the rate: a flooder that keeps flooding stays capped.
 
 Invariants (tests/test_serve_balancer.py): every policy's config passes `haproxy -c` without warnings; a
 dead or draining replica is marked DOWN (after `fall` failed checks: `time_to_down` gives the window) and
