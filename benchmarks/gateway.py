@@ -2,6 +2,7 @@
 
     python benchmarks/gateway.py [--repeats 3] [--quiet-requests 100] [--noisy-over 10]
                                  [--noisy-concurrency 16] [--noisy-rpm 12 --noisy-tpm 1500]
+                                 [--lb-key-rpm 600]
 
 One server, three keys: `quiet` (no limit), `noisy-limited` (--noisy-rpm / --noisy-tpm) and
 `noisy-free` (no limit). The quiet tenant sends short requests as an open loop (Poisson arrivals) at
@@ -17,6 +18,10 @@ same server:
                   Retry-After (as the openai client does);
   flood           the same workers ignoring Retry-After: each sends again as soon as its 429 is
                   back;
+  flood_capped    the same flood, with both tenants sent through HAProxy (labkit/serve/balancer.py)
+                  capping each key at --lb-key-rpm requests per minute, above the limited key's own
+                  limit: past its burst the flood is refused by HAProxy, in C, and never reaches
+                  the server (this is the fix for `flood`, paired with it in each repeat);
   unlimited       the flood on the key without a limit.
 
 The flood is reported, not targeted: thousands of refusals a second is a denial-of-service attack,
@@ -24,8 +29,7 @@ not a tenant over its quota. Each refusal still costs the HTTP process a few hun
 Python (and the flooding client as much again, on the same 2 cores here), so no limit inside the
 application can keep the engine's core free of it. In production a flood is stopped before the
 application, at the load balancer or WAF, in C: HAProxy's stick tables count requests per key and
-refuse the excess, e.g. `http-request track-sc0 req.hdr(Authorization)` and
-`http-request deny deny_status 429 if { sc_http_req_rate(0) gt N }`.
+refuse the excess: flood_capped measures exactly that (balancer.py's key_requests_per_minute).
 
 The noisy client runs in a separate process, so its loop does not delay the quiet client's sends and
 reads. The quiet client starts --ramp-s after the noisy one, and on the limited key --ramp-s after
@@ -56,6 +60,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from labkit.results import save_record
+from labkit.serve.balancer import LoadBalancer
 from labkit.serve.launch import ServerProcess
 from labkit.serve.loadgen import (
     Connection,
@@ -74,9 +79,11 @@ PHASES = [
     ("over_limit", "sk-noisy-limited", "open"),
     ("limited_polite", "sk-noisy-limited", "polite"),
     ("flood", "sk-noisy-limited", "flood"),
+    ("flood_capped", "sk-noisy-limited", "flood"),
     ("unlimited", "sk-noisy-free", "flood"),
 ]
 TARGET_PHASE = "over_limit"
+CAPPED_PHASES = ("flood_capped",)  # both tenants through HAProxy with a per-key cap
 NOISY_FIGURES = ("requests", "ok", "errors", "rejected_429", "rejected_429_with_retry_after")
 NOTES = (
     "The targets are judged on over_limit: a tenant over its quota, sending at a fixed multiple "
@@ -86,9 +93,12 @@ NOTES = (
     "CPU in the HTTP process (and the client's CPU, on the same 2 cores here) that no limit "
     "inside the application can give back to the engine. In production a flood is stopped before "
     "the application, at the load balancer or WAF, in C: HAProxy's stick tables, `http-request "
-    "track-sc0 req.hdr(Authorization)` and `http-request deny deny_status 429 if { "
-    "sc_http_req_rate(0) gt N }`. server_cores / engine_cores: the CPU each server process used "
-    "during the phase, in cores."
+    "track-sc0 req.hdr(Authorization)` and a 429 above N requests per minute "
+    "(labkit/serve/balancer.py, key_requests_per_minute). flood_capped is the flood through "
+    "HAProxy with that cap (--lb-key-rpm), paired with the flood straight at the server in each "
+    "repeat. server_cores / "
+    "engine_cores / lb_cores: the CPU each server process (and HAProxy) used during the phase, in "
+    "cores."
 )
 
 
@@ -157,13 +167,29 @@ def noisy_process(*args) -> None:
     results.put(asyncio.run(noisy_client(*client_args)))
 
 
-def phase(srv: ServerProcess, payloads: list[dict], rate: float, seed: int, noisy: dict | None):
-    """The quiet tenant's open loop, alone (noisy None) or beside a noisy client process."""
+def phase(
+    srv: ServerProcess,
+    payloads: list[dict],
+    rate: float,
+    seed: int,
+    noisy: dict | None,
+    lb_key_rpm: int | None = None,
+):
+    """The quiet tenant's open loop, alone (noisy None) or beside a noisy client process; with
+    lb_key_rpm, both through HAProxy capping each key at that many requests per minute."""
+    if lb_key_rpm is None:
+        return _phase(srv, srv.url, payloads, rate, seed, noisy)
+    servers = [("r0", f"127.0.0.1:{srv.port}")]
+    with LoadBalancer(servers, "leastconn", key_requests_per_minute=lb_key_rpm) as lb:
+        return _phase(srv, lb.url, payloads, rate, seed, noisy, lb)
+
+
+def _phase(srv, url, payloads, rate, seed, noisy, lb: LoadBalancer | None = None) -> dict:
     ctx = mp.get_context("spawn")
     stop, refused, results = ctx.Event(), ctx.Event(), ctx.Queue()
     proc = None
     if noisy is not None:
-        args = [srv.url] + [noisy[k] for k in ("key", "payloads", "sends", "concurrency", "rate")]
+        args = [url] + [noisy[k] for k in ("key", "payloads", "sends", "concurrency", "rate")]
         args.append(seed)
         proc = ctx.Process(target=noisy_process, args=(*args, stop, refused, results))
         proc.start()
@@ -172,13 +198,16 @@ def phase(srv: ServerProcess, payloads: list[dict], rate: float, seed: int, nois
         time.sleep(noisy["ramp_s"])
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     cpu0 = {role: srv.cpu_seconds(role) for role in ("server", "engine")}
+    lb_cpu0 = lb.cpu_seconds() if lb else None
     arrivals = poisson_arrivals(rate, len(payloads), seed)
-    res = asyncio.run(run_open_loop(srv.url, payloads, arrivals, api_key="sk-quiet"))
+    res = asyncio.run(run_open_loop(url, payloads, arrivals, api_key="sk-quiet"))
     wall = time.perf_counter() - t0
     cpu = {
         f"{role}_cores": None if c0 is None else (srv.cpu_seconds(role) or 0.0) - c0
         for role, c0 in cpu0.items()
     }
+    if lb is not None and lb_cpu0 is not None:
+        cpu["lb_cores"] = (lb.cpu_seconds() or 0.0) - lb_cpu0
     out = {
         "quiet": res.summary(),
         "load_average": (load0 + os.getloadavg()[0]) / 2,
@@ -214,6 +243,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--noisy-concurrency", type=int, default=16, help="flood workers")
     ap.add_argument("--noisy-rpm", type=int, default=12, help="the limited key's requests/min")
     ap.add_argument("--noisy-tpm", type=int, default=1500, help="the limited key's tokens/min")
+    ap.add_argument(
+        "--lb-key-rpm",
+        type=int,
+        default=600,
+        help="flood_capped: HAProxy's per-key cap, requests/min (above --noisy-rpm, and above the "
+        "quiet tenant's rate: it sends --quiet-requests in a phase of well under a minute)",
+    )
     ap.add_argument(
         "--ramp-s",
         type=float,
@@ -267,12 +303,14 @@ def main(argv=None) -> dict:
                     noisy = {"key": key, "payloads": noisy_payloads, "sends": sends}
                     noisy |= {"concurrency": args.noisy_concurrency, "rate": noisy_rate}
                     noisy |= {"ramp_s": args.ramp_s, "limited": key == "sk-noisy-limited"}
-                runs[name] = p = phase(srv, payloads, rate, seed=r, noisy=noisy)
+                cap = args.lb_key_rpm if name in CAPPED_PHASES else None
+                runs[name] = p = phase(srv, payloads, rate, seed=r, noisy=noisy, lb_key_rpm=cap)
                 q, n = p["quiet"], p.get("noisy")
                 print(
                     f"  repeat {r} {name:14s} quiet TTFT p50 {q['ttft_p50_s'] * 1e3:5.0f} ms "
                     f"p99 {q['ttft_p99_s'] * 1e3:5.0f} ms, errors {q['errors']}; server cores: "
                     f"HTTP {p['server_cores'] or 0:.2f} engine {p['engine_cores'] or 0:.2f}"
+                    + (f" HAProxy {p['lb_cores']:.2f}" if "lb_cores" in p else "")
                     + (f"; noisy {n['ok']} ok, {n['rejected_429']} x 429" if n else "")
                     + (f" ({n['requests'] / n['wall_s']:.1f} sent/s)" if n else "")
                     + f" (load {p['load_average']:.1f})",
@@ -303,6 +341,15 @@ def main(argv=None) -> dict:
                 n: sum(rep[n]["noisy"]["rejected_429"] for rep in reps) for n in limited_phases
             },
             "server_errors_5xx": sum(s["server_errors_5xx"] for s in quiet_runs + noisy_runs),
+            # the cap's effect, paired in each repeat: the flood straight at the server vs through
+            # HAProxy's per-key cap (the quiet tenant's p99 TTFT vs alone; the server's HTTP process)
+            "flood_vs_capped": {
+                f"{name}_{figure}": [rep[name][figure] for rep in reps]
+                for name in ("flood", *CAPPED_PHASES)
+                for figure in ("server_cores", "lb_cores")
+                if figure in reps[0][name]
+            }
+            | {f"p99_ratio_{name}": ratios[name] for name in ("flood", *CAPPED_PHASES)},
             "unexpected_errors_in_server_log": "unexpected error" in server_log,
             "load_after": os.getloadavg()[0],
             "notes": NOTES,
@@ -316,7 +363,10 @@ def main(argv=None) -> dict:
         and result["server_errors_5xx"] == 0,
         "quiet_p99_ttft_within_1_5x": result["median_p99_ttft_ratio"][TARGET_PHASE] <= 1.5,
     }
-    summary = {k: result[k] for k in ("p99_ttft_ratios", "noisy_429s", "server_errors_5xx")}
+    summary = {
+        k: result[k]
+        for k in ("p99_ttft_ratios", "noisy_429s", "server_errors_5xx", "flood_vs_capped")
+    }
     print(json.dumps(summary | targets_met, indent=2))
     print("wrote", save_record("gateway", result, targets_met))
     return result

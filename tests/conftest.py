@@ -35,6 +35,7 @@ MARKS = {
         f"test_serve_balancer.py::{name}": ("server", "slow")
         for name in (
             "test_affinity_keeps_each_session_on_one_replica_and_round_robin_does_not",
+            "test_the_key_cap_answers_429_from_haproxy_past_n_requests_and_spares_other_keys",
             "test_a_crashed_replica_loses_no_request_that_had_not_started_streaming",
             "test_a_draining_replica_finishes_its_streams_and_nothing_is_lost",
         )

@@ -3,11 +3,13 @@
 The config tests need only the haproxy binary (`haproxy -c`); the others start replicas (server, slow).
 Everything skips, saying how to install it, where haproxy is missing."""
 
+import json
 import subprocess
 
 import pytest
 
 from labkit.serve.balancer import (
+    CAP_WINDOW_S,
     FALL,
     INTER_MS,
     POLICIES,
@@ -28,10 +30,13 @@ def haproxy() -> str:
         pytest.skip(str(err))
 
 
+@pytest.mark.parametrize("cap", [None, 600])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_every_policy_config_passes_haproxy_check_without_warnings(policy, tmp_path):
+def test_every_policy_config_passes_haproxy_check_without_warnings(policy, cap, tmp_path):
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(haproxy_config(SERVERS, policy, 8080, stats_port=8404))
+    cfg.write_text(
+        haproxy_config(SERVERS, policy, 8080, stats_port=8404, key_requests_per_minute=cap)
+    )
     check = subprocess.run([haproxy(), "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "WARNING" not in check.stdout + check.stderr, check.stdout + check.stderr
@@ -52,6 +57,25 @@ def test_policies_health_checks_and_retries_are_in_the_config():
             assert f" {address}" in cfg
         assert "frontend stats" not in cfg  # only with a stats_port
     assert "prometheus-exporter" in haproxy_config(SERVERS, stats_port=8404)
+
+
+def test_the_per_key_cap_is_in_the_frontend_only_when_asked():
+    assert "stick-table" not in haproxy_config(SERVERS) and "track-sc0" not in haproxy_config(
+        SERVERS
+    )
+    cfg = haproxy_config(SERVERS, key_requests_per_minute=600)
+    frontend = cfg[cfg.index("frontend api") : cfg.index("backend replicas")]
+    assert f"store http_req_rate({CAP_WINDOW_S}s)" in frontend
+    assert " size " in frontend and " expire " in frontend  # bounded memory
+    assert "http-request track-sc0 req.hdr(Authorization)" in frontend
+    refusal = next(line for line in frontend.splitlines() if "return status 429" in line)
+    assert refusal.endswith("if { sc_http_req_rate(0) gt 600 }")
+    assert f"hdr Retry-After {CAP_WINDOW_S} " in refusal
+    error = json.loads(refusal[refusal.index("'") + 1 : refusal.rindex("'")])["error"]
+    assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded"
+    assert "load balancer" in error["message"] and "600" in error["message"]
+    with pytest.raises(ValueError, match="key_requests_per_minute"):
+        haproxy_config(SERVERS, key_requests_per_minute=0)
 
 
 def test_bad_arguments_are_refused_with_the_choices():
@@ -79,11 +103,18 @@ def test_the_command_line_prints_the_config(capsys):
             "9000",
             "--bind",
             "0.0.0.0",
+            "--key-requests-per-minute",
+            "120",
         ]
     )
     out = capsys.readouterr().out
     assert out == haproxy_config(
-        [("r0", "a:8000"), ("r1", "b:8000")], "affinity", 9000, 8404, "0.0.0.0"
+        [("r0", "a:8000"), ("r1", "b:8000")],
+        "affinity",
+        9000,
+        8404,
+        "0.0.0.0",
+        key_requests_per_minute=120,
     )
 
 
@@ -173,6 +204,42 @@ def test_affinity_keeps_each_session_on_one_replica_and_round_robin_does_not(rep
         turns = asyncio.run(run_conversations(lb.url, 1, 3, max_tokens=8, seed=4))
     first, second, third = [t.served_by for t in turns]
     assert {first, second} == {"r0", "r1"} and third == first
+
+
+def test_the_key_cap_answers_429_from_haproxy_past_n_requests_and_spares_other_keys(replicas):
+    import time
+
+    import httpx
+
+    from labkit.serve.balancer import LoadBalancer
+
+    cap = 3
+    payload = {"prompt": "It is a truth", "max_tokens": 2}
+
+    def send(key: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.post(lb.url + "/v1/completions", json=payload, headers=headers, timeout=60)
+
+    with LoadBalancer(replicas.addresses(), "leastconn", key_requests_per_minute=cap) as lb:
+        a = [send("sk-a") for _ in range(cap + 2)]
+        b = send("sk-b")
+        # HAProxy logs a request as its stream closes, just after the client has the answer
+        for _ in range(100):
+            log = lb.output()
+            if log.count("/v1/completions") == cap + 3:
+                break
+            time.sleep(0.05)
+    assert [r.status_code for r in a] == [200] * cap + [429, 429], [r.text for r in a]
+    assert b.status_code == 200
+    for refused in a[cap:]:
+        assert refused.headers["retry-after"] == str(CAP_WINDOW_S)
+        assert "x-served-by" not in refused.headers  # no replica saw it
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and "load balancer" in error["message"]
+    # HAProxy's log: the refusals went to no server, the answers each to a replica
+    lines = [line for line in log.splitlines() if "/v1/completions" in line]
+    assert sum(" 429 server=<NOSRV>" in line for line in lines) == 2, log
+    assert sum(" 200 server=r" in line for line in lines) == cap + 1, log
 
 
 def _check_failover(replicas, graceful: bool):

@@ -12,6 +12,7 @@ Debian package (`make prod-tools`). Everything here is its configuration; the lo
     with LoadBalancer(servers, "affinity") as lb:          # lb.url -> http://127.0.0.1:<port>
         lb.server_stats()["r0"]["status"]                  # "UP", "DOWN", ... (HAProxy's stats CSV)
     python -m labkit.serve.balancer --servers a:8000,b:8000 --policy leastconn --port 8080   # prints it
+    haproxy_config(servers, key_requests_per_minute=600)   # + a per-key request cap, enforced here
 
 docker/haproxy.cfg and k8s/haproxy.yaml are this module's output (tests/test_deploy.py regenerates them).
 
@@ -23,6 +24,17 @@ Policies (`balance` in the backend):
   on the replica that already holds its prefix in its KV cache (labkit/engine/block_manager.py). A request
   without the header is balanced round robin (HAProxy's rule for `balance hdr`). Consistent hashing: when
   a replica goes down, only its own sessions move (a plain modulo hash would reshuffle nearly all).
+
+A per-key request cap (key_requests_per_minute): the replicas meter each API key exactly (token buckets,
+x-ratelimit-* headers: ratelimit.py), but each on its own, so behind N replicas a key gets N times its
+limit, and every refusal still costs a replica a few hundred microseconds of Python: a client that
+resends at once on each 429 (thousands a second) slows every tenant on that machine. The cap is a coarse
+backstop in C, before any replica: one stick table in the frontend counts each Authorization header's
+requests over the last minute, and above the cap HAProxy answers 429 itself (OpenAI's error JSON, with
+Retry-After). The table is shared by all replicas behind this HAProxy (several HAProxy instances would
+share it with a `peers` section). Set it above the replicas' own per-key limits and above any honest
+key's rate (say 2-5x the largest requests-per-minute limit): honest clients then only ever meet the
+replicas' exact limits, and a flood is refused here. Refused requests count toward the rate: a flooder that keeps flooding stays capped.
 
 Invariants (tests/test_serve_balancer.py): every policy's config passes `haproxy -c` without warnings; a
 dead or draining replica is marked DOWN (after `fall` failed checks: `time_to_down` gives the window) and
@@ -48,6 +60,8 @@ POLICIES = ("roundrobin", "leastconn", "affinity")
 SESSION_HEADER = "X-Session-Id"
 # health checks: GET /ready every INTER_MS; FALL failures in a row mark a replica DOWN, RISE passes UP
 INTER_MS, FALL, RISE = 500, 2, 2
+# the per-key cap: its window, and the stick table's bounds (keys tracked at once, a key's idle lifetime)
+CAP_WINDOW_S, CAP_TABLE_SIZE, CAP_KEY_LEN = 60, "100k", 128
 
 
 def time_to_down(inter_ms: int = INTER_MS, fall: int = FALL) -> tuple[float, float]:
@@ -75,6 +89,7 @@ def haproxy_config(
     bind: str = "127.0.0.1",
     retries: int = 3,
     dns_slots: int | None = None,
+    key_requests_per_minute: int | None = None,
 ) -> str:
     """An HAProxy configuration: a frontend on bind:port, the replicas `servers` [(name, "host:port")] with
     health checks on /ready, and (stats_port) a stats page (/stats, CSV at /stats;csv) and Prometheus
@@ -84,11 +99,16 @@ def haproxy_config(
     /etc/resolv.conf, and never at start (`init-addr none`), so the config also checks on a machine where
     the names do not resolve. Each server is then a DNS name: a replica's own (compose: server-1), or a
     headless Service whose A records are the ready pods, filling up to dns_slots servers named
-    <name>1..<name>N (`server-template`): pods come and go without a config change."""
+    <name>1..<name>N (`server-template`): pods come and go without a config change.
+
+    key_requests_per_minute: each Authorization header may send this many requests per minute; above
+    it HAProxy answers 429 itself (see the module docstring; None: no cap, the replicas' limits only)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if not servers:
         raise ValueError("need at least one (name, 'host:port') server")
+    if key_requests_per_minute is not None and key_requests_per_minute < 1:
+        raise ValueError(f"key_requests_per_minute must be >= 1, got {key_requests_per_minute}")
     balance = {
         "roundrobin": "balance roundrobin",
         "leastconn": "balance leastconn",
@@ -132,6 +152,7 @@ def haproxy_config(
         f"    bind {bind}:{port}",
         "    log global           # one line per request: which replica, retries, how it ended",
         '    log-format "%ci:%cp %HM %HU %ST server=%s retries=%rc time=%Tt state=%tsc"',
+        *(key_cap_lines(key_requests_per_minute) if key_requests_per_minute else []),
         "    default_backend replicas",
         "",
         "backend replicas",
@@ -166,6 +187,35 @@ def haproxy_config(
             "    stats refresh 1s",
         ]
     return "\n".join(lines) + "\n"
+
+
+def key_cap_lines(requests_per_minute: int) -> list[str]:
+    """The frontend's per-key cap: a stick table of request rates keyed on the Authorization header,
+    and a 429 from HAProxy (no replica involved) for a key above `requests_per_minute`.
+
+    Every request is counted, refused ones too (track-sc0 runs before the check), so a client that keeps
+    resending stays above the cap until it stops. Its rate is HAProxy's sliding estimate over the last
+    CAP_WINDOW_S (this period's count plus the last one's, weighted by how much of it is still in the
+    window): after it stops sending, it falls below the cap within one to two windows. Retry-After says
+    one window, the figure a client can reason about; one that comes back early is refused again, at a
+    cost of microseconds, and its single retry barely moves its rate. A request without the header is
+    not tracked (the replicas refuse it if they require keys)."""
+    body = (  # in single quotes in the config: no apostrophe in it
+        '{"error": {"message": "Rate limit reached: the load balancer caps this API key at '
+        f"{requests_per_minute} requests per minute, above the per-key limits of the replicas. "
+        'Wait Retry-After seconds.", '
+        '"type": "requests", "param": null, "code": "rate_limit_exceeded"}}'
+    )
+    return [
+        # one row per key: its request rate over the window; the expiry (two windows) outlives the
+        # rate's memory, and the size bounds memory (about 50 bytes + the key per row; oldest evicted)
+        f"    stick-table type string len {CAP_KEY_LEN} size {CAP_TABLE_SIZE} "
+        f"expire {2 * CAP_WINDOW_S}s store http_req_rate({CAP_WINDOW_S}s)",
+        "    http-request track-sc0 req.hdr(Authorization)",
+        f"    http-request return status 429 content-type application/json "
+        f"hdr Retry-After {CAP_WINDOW_S} string '{body}' "
+        f"if {{ sc_http_req_rate(0) gt {requests_per_minute} }}",
+    ]
 
 
 class LoadBalancer:
@@ -270,12 +320,25 @@ def main(argv: list[str] | None = None) -> None:
         help="resolve the servers by DNS at run time (containers: 1; a Kubernetes headless Service: "
         "the most pods it may list)",
     )
+    ap.add_argument(
+        "--key-requests-per-minute",
+        type=int,
+        default=None,
+        help="cap each API key (Authorization header) here, in C, before any replica: a backstop "
+        "above the replicas' own per-key limits that refuses floods (default: no cap)",
+    )
     args = ap.parse_args(argv)
     addresses = args.servers.split(",")
     many = (args.dns_slots or 0) > 1  # server-template: the slots are named pod1..podN
     servers = [("pod" if many else f"r{i}", address) for i, address in enumerate(addresses)]
     config = haproxy_config(
-        servers, args.policy, args.port, args.stats_port, args.bind, dns_slots=args.dns_slots
+        servers,
+        args.policy,
+        args.port,
+        args.stats_port,
+        args.bind,
+        dns_slots=args.dns_slots,
+        key_requests_per_minute=args.key_requests_per_minute,
     )
     print(config, end="")
 

@@ -26,11 +26,14 @@ requests bucket is looked at first by a pure ASGI middleware (RequestLimitGate),
 before FastAPI reads or validates the body: an empty bucket is refused in tens of microseconds. The full
 check needs the prompt's length, so it runs after tokenizing, right before the engine gets the request.
 Even so, each refusal costs the HTTP process a few hundred microseconds of Python (benchmarks/gateway.py
-measures it): a client that ignores Retry-After is best stopped before Python, at the load balancer.
+measures it): a client that ignores Retry-After is best stopped before Python, at the load balancer
+(balancer.py's per-key cap).
 
 The buckets live in this process. Behind a load balancer with N replicas, each replica meters on its
-own, so a key gets up to N times its limit; one limit for all replicas needs the balancer to meter
-(HAProxy's stick tables) or a shared store.
+own, so a key gets up to N times its limit; one exact limit for all replicas needs a shared store. The
+load balancer adds a coarse one (balancer.py, key_requests_per_minute): an HAProxy stick table counts
+each key's requests across all replicas and refuses those above a cap, in C, before any replica. Set
+above these limits, it leaves honest clients to the exact buckets here and stops a flood at the door.
 """
 
 import json
