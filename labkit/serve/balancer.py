@@ -288,6 +288,17 @@ class LoadBalancer:
         with open(self.log_path) as f:
             return f.read()
 
+    def request_lines(self, expect: int = 0, since: int = 0, timeout: float = 5.0) -> list[str]:
+        """The log's request lines (one per request, retries included) after character `since` of the
+        log, waiting up to `timeout` s until at least `expect` are there: HAProxy logs a request as its
+        stream closes, just after the client has read the answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = [line for line in self.output()[since:].splitlines() if " server=" in line]
+            if len(lines) >= expect or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -56,10 +56,6 @@ class FailoverReport:
         return self.outcomes["lost"]
 
 
-def _log_lines_since(lb: LoadBalancer, offset: int) -> list[str]:
-    return lb.output()[offset:].splitlines()
-
-
 async def kill_under_load(
     replicas: Replicas,
     lb: LoadBalancer,
@@ -91,13 +87,8 @@ async def kill_under_load(
     stats_after = await asyncio.to_thread(lb.server_stats)
     stot_after = int(stats_after[name]["stot"])
     # HAProxy logs each request once, retries included, as it ends: wait for every line to be written
-    deadline = time.monotonic() + 5.0
-    while True:
-        lines = _log_lines_since(lb, log_start)
-        requests = [ln for ln in lines if " server=" in ln]
-        if len(requests) >= len(result.records) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    requests = await asyncio.to_thread(lb.request_lines, len(result.records), log_start)
+    lines = lb.output()[log_start:].splitlines()
     retried = sum(1 for ln in requests if not re.search(r" retries=0 ", ln))
     cut = sum(1 for ln in requests if f"server={name} " in ln and " state=SD" in ln)
     outcomes = dict.fromkeys(OUTCOMES, 0)
