@@ -54,7 +54,7 @@ import time
 
 import httpx
 
-from .launch import free_port, process_cpu_seconds, terminate_with_parent
+from .launch import free_port, process_cpu_seconds, terminate, terminate_with_parent
 
 POLICIES = ("roundrobin", "leastconn", "affinity")
 SESSION_HEADER = "X-Session-Id"
@@ -300,13 +300,8 @@ class LoadBalancer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, timeout=10)
 
     def __enter__(self) -> "LoadBalancer":
         return self.start()

@@ -53,6 +53,18 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def terminate(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM a child, then SIGKILL if it has not exited within `timeout` s. Returns its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,14 +182,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (graceful drain), then SIGKILL if it does not exit in time. Returns the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return None if self.proc is None else terminate(self.proc, timeout)
 
     def __enter__(self):
         return self.start()
