@@ -15,7 +15,9 @@ bytes). The greedy check compares each quantized model's fast kernels with its o
 Targets (ratios measured in this run; paired: the variants alternate within each round, each ratio is the
 median over rounds): batch-1 decode int4 >= 3.0x fp32, int8 >= 2.0x fp32; fp32 batch-1 decode >= 0.70 of
 the roofline bound from the bandwidth measured in this run; the same greedy tokens for the first 32 tokens
-of every prompt (or the first differing step and the reference's logit margin there, which says why).
+of every prompt, or the exact reason they differ: at the first differing step, the reference's logit
+margin between the two tokens is below the fast kernels' largest logit error on the same prefix (a near-tie
+that bfloat16 rounding flips; both numbers are recorded).
 The CPU peer (no target, a ratio reported): llama.cpp (`make llama`) decoding the very GGUF file SmolLM2 is
 converted from (Q4_1 weights) at batch 1, vs labkit's int4.
 Writes results/roofline.json and the committed record benchmarks/results/roofline.json.
@@ -104,19 +106,26 @@ def decode(engine, batch_prompts, new_tokens: int) -> tuple[float, dict]:
     return produced / (time.perf_counter() - start), tokens
 
 
-def first_difference(reference, prompt, ref_tokens, fast_tokens) -> dict | None:
-    """Where greedy decoding first differs, and the reference's logit margin between the two tokens."""
+def first_difference(reference, fast, prompt, ref_tokens, fast_tokens) -> dict | None:
+    """Where greedy decoding first differs, and why: the reference's logit margin between the two tokens
+    beside the largest logit error of the fast kernels on the same prefix (bfloat16 activations round
+    every matmul input). A margin below that error is a near-tie the rounding can flip."""
     for step, (a, b) in enumerate(zip(ref_tokens, fast_tokens)):
         if a != b:
             ids = torch.tensor([prompt + ref_tokens[:step]])
             with torch.no_grad():
                 logits = reference(input_ids=ids).logits[0, -1]
+                fast_logits = fast(input_ids=ids).logits[0, -1]
+            margin = float(logits[a] - logits[b])
+            error = float((fast_logits - logits).abs().max())
             return {
                 "step": step,
                 "reference_token": a,
                 "fast_token": b,
-                "reference_logit_margin": float(logits[a] - logits[b]),
+                "reference_logit_margin": margin,
                 "reference_logit_spread": float(logits.max() - logits.min()),
+                "fast_logit_error_max": error,
+                "near_tie_within_rounding": margin <= error,
             }
     return None
 
@@ -188,14 +197,22 @@ def main():
         check = all_prompts[: args.greedy_prompts]
         _, ref = decode(make_engine(ref_model, tokenizer, len(check), max_len), check, 31)
         _, fast = decode(make_engine(models[name], tokenizer, len(check), max_len), check, 31)
-        diffs = [first_difference(ref_model, check[int(i)], ref[i][:32], fast[i][:32]) for i in ref]
+        diffs = [
+            first_difference(ref_model, models[name], check[int(i)], ref[i][:32], fast[i][:32])
+            for i in ref
+        ]
         greedy[name] = {
             "prompts": len(check),
             "identical": sum(d is None for d in diffs),
             "differences": [d for d in diffs if d is not None],
         }
         del ref_model
-        print(f"greedy {name}: {greedy[name]['identical']}/{len(check)} prompts identical")
+        near_ties = sum(d["near_tie_within_rounding"] for d in greedy[name]["differences"])
+        print(
+            f"greedy {name}: {greedy[name]['identical']}/{len(check)} prompts identical; "
+            f"{near_ties}/{len(diffs) - greedy[name]['identical']} differences are near-ties "
+            "within the kernel's rounding"
+        )
 
     # 2. decode tok/s: variants alternate within each round (same machine load for each pair)
     engines = {
@@ -273,8 +290,11 @@ def main():
         "int4 batch-1 decode >= 3.0x fp32": ratios["int4_vs_fp32"] >= 3.0,
         "int8 batch-1 decode >= 2.0x fp32": ratios["int8_vs_fp32"] >= 2.0,
         "fp32 batch-1 decode >= 0.70 of the roofline bound": fp32_fraction >= 0.70,
-        "same greedy tokens as the dequantized reference (32 tokens, every prompt)": all(
-            g["identical"] == g["prompts"] for g in greedy.values()
+        # the issue's wording: the same tokens "or the exact reason they differ"; the reason we accept is
+        # measured, not assumed: a flip at a near-tie closer than the fast path's own logit error there
+        "same greedy tokens as the dequantized reference (32 tokens, every prompt), "
+        "or each difference a near-tie within the kernel's rounding": all(
+            d["near_tie_within_rounding"] for g in greedy.values() for d in g["differences"]
         ),
     }
     print()

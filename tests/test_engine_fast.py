@@ -9,8 +9,11 @@ import torch
 from labkit import load_model
 from labkit.engine import LLM, SamplingParams
 from labkit.engine.fast_layers import (
+    ONE_ROW_PATHS,
     FastLayer,
+    PackedLinears,
     RotaryTable,
+    choose_one_row_path,
     fast_rms_norm,
     fused_linear,
     prepacked_linear,
@@ -31,9 +34,13 @@ def test_fused_linear_equals_separate_linears_with_and_without_bias():
         torch.nn.Linear(32, 16, bias=False),
         torch.nn.Linear(32, 8),
     ]
-    for rows in (5, 1):  # a batch (the packed, fused weight) and one row (the modules' own weights)
+    fused = fused_linear(parts)
+    # a batch (the packed, fused weight) and one row, through either one-row path
+    for rows, one_row_packed in ((5, False), (1, False), (1, True)):
+        if isinstance(fused, PackedLinears):
+            fused.one_row_packed = one_row_packed
         x = torch.randn(rows, 32)
-        outs = fused_linear(parts)(x)
+        outs = fused(x)
         assert [tuple(o.shape) for o in outs] == [(rows, 48), (rows, 16), (rows, 8)]
         for out, part in zip(outs, parts):
             torch.testing.assert_close(out, part(x), rtol=1e-5, atol=1e-5)
@@ -46,7 +53,33 @@ def test_prepacked_linear_matches_or_declines():
         torch.testing.assert_close(
             run(x), torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4
         )
-    assert prepacked_linear(w.double()) is None  # only float32 is pre-packed
+    assert prepacked_linear(w.double()) is None  # float64 is never pre-packed
+    run = prepacked_linear(w.bfloat16())
+    if run is not None:  # bfloat16 only where the CPU has bfloat16 instructions
+        assert torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        xb = x.bfloat16()
+        torch.testing.assert_close(
+            run(xb), torch.nn.functional.linear(xb, w.bfloat16()), rtol=2e-2, atol=2e-2
+        )
+
+
+def test_choose_one_row_path_sets_every_linear_alike_and_both_paths_agree():
+    torch.manual_seed(0)
+    linears = [fused_linear([torch.nn.Linear(64, 96), torch.nn.Linear(64, 32)]) for _ in range(4)]
+    if not isinstance(linears[0], PackedLinears):
+        pytest.skip("this torch build has no oneDNN pre-packing: there is no second path to choose")
+    assert choose_one_row_path([]) is None
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        outputs = {}
+        for packed in (False, True):
+            linears[0].one_row_packed = packed
+            outputs[packed] = torch.cat(linears[0](x), dim=-1)
+        torch.testing.assert_close(outputs[False], outputs[True], rtol=1e-5, atol=1e-5)
+        name = choose_one_row_path(linears, rounds=2)
+    assert name in ONE_ROW_PATHS.values()
+    assert len({lin.one_row_packed for lin in linears}) == 1
+    assert ONE_ROW_PATHS[linears[0].one_row_packed] == name
 
 
 def test_layer_pieces_match_the_model_modules(model_tok):

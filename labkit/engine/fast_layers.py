@@ -5,8 +5,12 @@ streams through the caches matter as much as FLOPs. Standard tricks (nano-vllm a
 for every model):
 - fuse the projections that read the same input: q, k and v become one [q+k+v, hidden] matmul, gate and up
   one [2 x mlp, hidden] matmul; 7 matmuls per layer become 4;
-- on a CPU, let oneDNN re-lay each fused weight out once into its blocked format (`prepacked_linear`),
-  used from two rows up: one row (batch-1 decode) only streams the weight, and plain `F.linear` does that best;
+- on a CPU, let oneDNN re-lay each fused weight out once into its blocked format (`prepacked_linear`);
+  from two rows up that is the faster path everywhere we measured. One row (batch-1 decode) only streams
+  the weight, and which library streams it faster depends on the CPU: plain `F.linear` (MKL) was 25% faster
+  than oneDNN on an Intel Xeon, and half as fast on an AMD EPYC (MKL's matrix-vector code is tuned for
+  Intel's chips). So `choose_one_row_path` times both on the model's own weights when the runner is built
+  and keeps the faster, as cuDNN's benchmark mode does;
 - the same fusion for 4-/8-bit QuantLinears that share a fast kernel (one packed weight, one activation
   conversion to bfloat16 instead of three);
 - RMSNorm as one fused op (`F.rms_norm`) and the rotary cos/sin as a table lookup by position.
@@ -15,6 +19,7 @@ rotary scaling) keeps running through the model's own module, so the runner work
 worked on before.
 """
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -28,11 +33,13 @@ STATIC_ROPE = {"default", "linear", "llama3"}  # cos/sin depend on the position 
 
 def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable | None:
     """x -> x @ weight.T + bias through oneDNN's pre-packed (blocked) weight layout, measured 10-40% faster
-    than `F.linear` here from a few rows up (vLLM's CPU backend packs every linear this way). The packed copy
-    is a snapshot: build the engine after changing weights. None where this does not apply or disagrees."""
+    than `F.linear` here from a few rows up (vLLM's CPU backend packs every linear this way). float32, and
+    bfloat16 where the CPU has bfloat16 instructions. The packed copy is a snapshot: build the engine after
+    changing weights. None where this does not apply or disagrees."""
+    low_precision = weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if not (
         weight.device.type == "cpu"
-        and weight.dtype == torch.float32
+        and (weight.dtype == torch.float32 or low_precision)
         and torch.backends.mkldnn.is_available()
     ):
         return None
@@ -42,12 +49,59 @@ def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> 
         def run(x):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
-        x = torch.randn(3, weight.shape[1])
-        if not torch.allclose(run(x), F.linear(x, weight, bias), rtol=1e-4, atol=1e-4):
+        x = torch.randn(3, weight.shape[1]).to(weight.dtype)
+        tolerance = 2e-2 if low_precision else 1e-4  # bfloat16 keeps 8 significant bits
+        if not torch.allclose(run(x), F.linear(x, weight, bias), rtol=tolerance, atol=tolerance):
             return None
         return run
     except (RuntimeError, AttributeError):  # a torch build without these ops: plain linear it is
         return None
+
+
+class PackedLinears:
+    """Plain `nn.Linear`s that read the same input, run as one concatenated, pre-packed weight:
+    x [rows, in] -> one [rows, out_i] per module. With one row, `one_row_packed` picks the packed copy or
+    the modules' own weights (`F.linear`); `choose_one_row_path` sets it from a timing."""
+
+    def __init__(self, modules: list, packed: Callable):
+        self.modules, self.packed = modules, packed
+        self.sizes = [m.out_features for m in modules]
+        self.in_features = modules[0].in_features
+        self.one_row_packed = False
+
+    def __call__(self, x: torch.Tensor) -> tuple:
+        if x.shape[0] == 1 and not self.one_row_packed:
+            return tuple(m(x) for m in self.modules)
+        out = self.packed(x)
+        return (out,) if len(self.modules) == 1 else out.split_with_sizes(self.sizes, dim=-1)
+
+
+ONE_ROW_PATHS = {False: "F.linear (module weights)", True: "oneDNN (pre-packed)"}
+
+
+@torch.inference_mode()
+def choose_one_row_path(linears: list[PackedLinears], rounds: int = 3) -> str | None:
+    """Time one row through every pre-packed linear of the model, both ways, and keep the faster path for
+    batch-1 decode. A sweep over all of them reads the whole model, as a decode step does (more bytes than
+    any cache holds, for a real model), and the two paths alternate so that load hits both alike.
+    Returns the chosen path's name (ONE_ROW_PATHS), None when there is nothing to choose."""
+    if not linears:
+        return None
+    dtype = linears[0].modules[0].weight.dtype
+    inputs = [torch.randn(1, lin.in_features, dtype=dtype) for lin in linears]
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(rounds):
+        for packed in best:
+            for lin in linears:
+                lin.one_row_packed = packed
+            start = time.perf_counter()
+            for lin, x in zip(linears, inputs):
+                lin(x)
+            best[packed] = min(best[packed], time.perf_counter() - start)
+    choice = best[True] < best[False]
+    for lin in linears:
+        lin.one_row_packed = choice
+    return ONE_ROW_PATHS[choice]
 
 
 def fused_linear(modules: list) -> Callable:
@@ -76,16 +130,7 @@ def fused_linear(modules: list) -> Callable:
         if len(modules) == 1:
             return lambda x: (F.linear(x, weight, bias),)
         return lambda x: F.linear(x, weight, bias).split_with_sizes(sizes, dim=-1)
-
-    def run(x):
-        # One row (batch-1 decode) is a pure read of the weight: the packed layout's blocking buys nothing
-        # there and measured ~25% slower than F.linear, so one row reads the modules' own weights (no copy).
-        if x.shape[0] == 1:
-            return tuple(m(x) for m in modules)
-        out = packed(x)
-        return (out,) if len(modules) == 1 else out.split_with_sizes(sizes, dim=-1)
-
-    return run
+    return PackedLinears(modules, packed)
 
 
 def fast_rms_norm(norm) -> Callable:
@@ -114,7 +159,8 @@ class RotaryTable:
 
 
 class FastLayer:
-    """A decoder layer's weights, regrouped for the runner: qkv(x) -> (q, k, v), o(x), mlp(x)."""
+    """A decoder layer's weights, regrouped for the runner: qkv(x) -> (q, k, v), o(x), mlp(x).
+    `packed` lists its pre-packed linears, for `choose_one_row_path`."""
 
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
@@ -123,12 +169,14 @@ class FastLayer:
         self.post_norm = fast_rms_norm(layer.post_attention_layernorm)
         self.qkv = fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o = fused_linear([attn.o_proj])
+        linears = [self.qkv, self.o]
         if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             gate_up, down, act = (
                 fused_linear([mlp.gate_proj, mlp.up_proj]),
                 fused_linear([mlp.down_proj]),
                 mlp.act_fn,
             )
+            linears += [gate_up, down]
 
             def run_mlp(x):
                 gate, up = gate_up(x)
@@ -137,3 +185,4 @@ class FastLayer:
             self.mlp = run_mlp
         else:
             self.mlp = mlp
+        self.packed = [lin for lin in linears if isinstance(lin, PackedLinears)]

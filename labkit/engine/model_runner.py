@@ -23,7 +23,14 @@ from .attention import (
     decode_attention,
     prefill_attention,
 )
-from .fast_layers import FastLayer, RotaryTable, fast_rms_norm, fused_linear
+from .fast_layers import (
+    FastLayer,
+    PackedLinears,
+    RotaryTable,
+    choose_one_row_path,
+    fast_rms_norm,
+    fused_linear,
+)
 from .kv_cache import KVShape, PagedKVCache
 from .scheduler import ScheduledChunk
 
@@ -71,6 +78,10 @@ class ModelRunner:
         # on a CPU the [vocab, hidden] output layer is the largest matmul of a decode step: pre-pack it too
         head = fused_linear([model.lm_head])
         self.lm_head = lambda x: head(x)[0]
+        packed = [lin for layer in self.layers for lin in layer.packed]
+        packed += [head] if isinstance(head, PackedLinears) else []
+        # batch-1 decode: MKL's F.linear or oneDNN's packed weight, whichever streams faster on this CPU
+        self.one_row_path = choose_one_row_path(packed)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInput:
         """The step's flat batch from the scheduler's chunks (each: a sequence's tokens from `start`).
