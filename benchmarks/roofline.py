@@ -18,6 +18,9 @@ the roofline bound from the bandwidth measured in this run; the same greedy toke
 of every prompt, or the exact reason they differ: at the first differing step, the reference's logit
 margin between the two tokens is below the fast kernels' largest logit error on the same prefix (a near-tie
 that bfloat16 rounding flips; both numbers are recorded).
+Where a batch-1 step's time goes (reported, no target): the weight matmuls (torch.profiler) and everything
+else (norms, rotary, attention, conversions, sampling, Python), and the matmuls-only ratio of each precision
+to fp32, the speed-up quantization would give if nothing else took time.
 The CPU peer (no target, a ratio reported): llama.cpp (`make llama`) decoding the very GGUF file SmolLM2 is
 converted from (Q4_1 weights) at batch 1, vs labkit's int4.
 Writes results/roofline.json and the committed record benchmarks/results/roofline.json.
@@ -48,6 +51,7 @@ from labkit.roofline import (
     measure_flop_rate,
     measure_read_bandwidth,
     sample_layers,
+    time_in_matmuls,
     weight_bytes_per_step,
 )
 from labkit.smollm2 import gguf_file
@@ -232,6 +236,23 @@ def main():
             + " tok/s"
         )
 
+    # 2a. where a batch-1 step's time goes: the weight matmuls (what quantization shrinks) and the rest
+    breakdown = {}
+    for name, model in models.items():
+        engine = make_engine(model, tokenizer, 1, args.prompt_tokens + 3 * 8 + 4)
+        params = SamplingParams(temperature=0, max_tokens=3 * 8 + 2, ignore_eos=True)
+        engine.add_request("0", all_prompts[0], params)
+        engine.step()  # prefill
+        engine.step()
+        seconds = time_in_matmuls(engine.step, 8)  # step_s, matmul_s, other_s
+        breakdown[name] = {k.replace("_s", "_ms"): v * 1e3 for k, v in seconds.items()}
+        del engine
+        b = breakdown[name]
+        print(
+            f"{name} batch-1 step {b['step_ms']:.1f} ms: matmuls {b['matmul_ms']:.1f} ms, "
+            f"everything else {b['other_ms']:.1f} ms"
+        )
+
     # 2b. the CPU peer: llama.cpp on the very GGUF file SmolLM2 was converted from (Q4_1), batch 1
     llama = llama_peer(args, all_prompts[0])
     print("llama.cpp:", llama.get("skipped", "measured"))
@@ -260,6 +281,13 @@ def main():
             "kv_bytes_per_seq_per_step": kv,
             "flops_per_token": flops,
             "kernels": kernels[name],
+            # the batch-1 matmul kernels alone against the roofline's time for the weight bytes
+            "batch1_matmuls_fraction_of_roof": weights
+            / bandwidth
+            * 1e3
+            / breakdown[name]["matmul_ms"],
+            # which library ran batch-1 plain matmuls (None: every matmul is a QuantLinear)
+            "one_row_path": engines[name].runner.one_row_path,
             "batches": rows,
         }
 
@@ -279,6 +307,14 @@ def main():
 
     ratios = {"int4_vs_fp32": paired_ratio("int4"), "int8_vs_fp32": paired_ratio("int8")}
     ratios["bf16_vs_fp32"] = paired_ratio("bf16")
+    for name in (
+        "bf16",
+        "int8",
+        "int4",
+    ):  # the kernels alone, as if nothing else took time (not paired)
+        ratios[f"{name}_vs_fp32_matmuls_only"] = (
+            breakdown["fp32"]["matmul_ms"] / breakdown[name]["matmul_ms"]
+        )
     if (
         "median_tokens_per_s" in llama
     ):  # not paired (another process): read it with the load beside it
@@ -318,6 +354,7 @@ def main():
         "ratios": ratios,
         "fp32_fraction_of_bound": fp32_fraction,
         "greedy": greedy,
+        "step_breakdown_batch1": breakdown,
         "llama_cpp": llama,
     }
     print("wrote", save_record("roofline", figures, targets, **context))

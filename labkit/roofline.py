@@ -15,6 +15,7 @@ and bytes read = the weights (once per step, whatever the batch) + each sequence
 Everything here counts bytes and FLOPs from the model in memory and measures the machine in the run.
 """
 
+import os
 import time
 
 import torch
@@ -49,6 +50,37 @@ def measure_flop_rate(linear, in_features: int, rows: int = 128, runs: int = 5) 
         linear(x)
         best = min(best, time.perf_counter() - start)
     return 2 * rows * in_features * out_features / best
+
+
+# every kernel a linear layer runs: F.linear's MKL call, oneDNN's pre-packed one, PyTorch's int4/int8 kernels
+MATMUL_OPS = {
+    "aten::mm",
+    "aten::addmm",
+    "mkldnn::_linear_pointwise",
+    "aten::_weight_int4pack_mm_for_cpu",
+    "aten::_weight_int4pack_mm",
+    "aten::_weight_int8pack_mm",
+}
+
+
+def time_in_matmuls(run, calls: int = 8) -> dict:
+    """Split the time of `run()` (one decode step, say) into its weight matmuls and everything else: norms,
+    rotary, attention, dtype conversions, sampling, Python. Quantization only shrinks the first part
+    (Amdahl's law). The total is timed plainly; the matmuls' share comes from torch.profiler (each
+    kernel's own CPU time), which would slow the many small ops if it timed them too."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    step_s = (time.perf_counter() - start) / calls
+    # torch 2.13's profiler (kineto) prints a "USDT ... profiler_start/stop" pair at level 5 on every run;
+    # 6 keeps a notebook's output to what it computes (set your own KINETO_LOG_LEVEL to see them)
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            run()
+    matmul_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS)
+    matmul_s = min(matmul_us / 1e6 / calls, step_s)
+    return {"step_s": step_s, "matmul_s": matmul_s, "other_s": step_s - matmul_s}
 
 
 def linear_layers(model) -> list[nn.Module]:

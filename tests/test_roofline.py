@@ -10,6 +10,7 @@ from labkit.roofline import (
     flops_per_token,
     kv_bytes_per_token,
     measure_read_bandwidth,
+    time_in_matmuls,
     weight_bytes_per_step,
 )
 
@@ -73,3 +74,17 @@ def test_decode_bound_switches_from_memory_to_compute():
 
 def test_bandwidth_is_measured_on_written_pages():
     assert measure_read_bandwidth(mib=16, runs=2) > 0
+
+
+def test_time_in_matmuls_splits_a_step_into_matmuls_and_the_rest():
+    w, x = torch.randn(512, 512), torch.randn(4, 512)
+
+    def step():  # one matmul, then small ops
+        y = torch.nn.functional.linear(x, w)
+        for _ in range(20):
+            y = (y * 0.5).relu()
+
+    split = time_in_matmuls(step, calls=3)
+    assert 0 < split["matmul_s"] <= split["step_s"]
+    assert split["other_s"] == pytest.approx(split["step_s"] - split["matmul_s"])
+    assert time_in_matmuls(lambda: (x * 2).relu(), calls=3)["matmul_s"] == 0  # no matmul at all
