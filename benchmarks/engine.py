@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,7 +42,19 @@ from labkit.engine.kv_cache import KVShape, kv_bytes_per_token
 from labkit.engine.vllm_runner import PairedRunner, vllm_available
 from labkit.engine.workload import mixed_workload, run_engine
 from labkit.results import save_record
+from labkit.serve.launch import process_cpu_seconds
 from labkit.timing import time_it
+
+
+def with_cores_used(cpu_seconds, run, cores: list):
+    """run() -> its result, appending to `cores` how many cores the process measured by `cpu_seconds`
+    kept busy meanwhile (CPU seconds / wall seconds): the check that both engines computed on as many."""
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    result = run()
+    used = cpu_seconds()
+    if cpu is not None and used is not None:
+        cores.append((used - cpu) / (time.perf_counter() - wall))
+    return result
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -98,9 +111,10 @@ def main(argv=None):
     ap.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads for labkit on a CPU (default 1: vLLM's CPU worker also computes on one core, "
-        "reserving the other for its frontend; 0 = torch's default)",
+        default=0,
+        help="torch threads for labkit on a CPU (default 0 = torch's default, every core: vLLM's CPU "
+        "engine, run in-process here, keeps two threads busy on 2 cores; the record gives the cores each "
+        "side used)",
     )
     ap.add_argument(
         "--repeats",
@@ -239,17 +253,33 @@ def main(argv=None):
                     max_num_seqs=args.max_num_seqs,
                     enforce_eager=mode == "eager",
                 ) as vllm:
-                    pairs = [
-                        (run_engine(engine, workload, tag=f"pair-{mode}{r}"), vllm.run())
-                        for r in range(args.repeats)
-                    ]
+                    pairs, cores = [], {"labkit": [], "vllm": []}
+                    for r in range(args.repeats):
+                        pairs.append(
+                            (
+                                with_cores_used(
+                                    time.process_time,
+                                    partial(run_engine, engine, workload, tag=f"pair-{mode}{r}"),
+                                    cores["labkit"],
+                                ),
+                                with_cores_used(
+                                    lambda: process_cpu_seconds(vllm.worker.proc.pid),
+                                    vllm.run,
+                                    cores["vllm"],
+                                ),
+                            )
+                        )
                 ids = pairs[0][1]["token_ids"]
                 v = {**median_run([b for _, b in pairs]), **vllm.info}
                 v["same_tokens_as_labkit"] = sum(a == b for a, b in zip(ids, labkit_ids)) / len(
                     workload
                 )
+                v["cores_used"] = cores["vllm"]  # CPU seconds / wall seconds, run by run
                 systems[f"vllm_{mode}"] = v
-                systems[f"labkit_continuous_paired_with_{mode}"] = median_run([a for a, _ in pairs])
+                systems[f"labkit_continuous_paired_with_{mode}"] = {
+                    **median_run([a for a, _ in pairs]),
+                    "cores_used": cores["labkit"],
+                }
                 pair_ratios[f"labkit_vs_vllm_{mode}"] = [
                     a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs
                 ]
