@@ -112,9 +112,8 @@ def main(argv=None):
         "--threads",
         type=int,
         default=0,
-        help="torch threads for labkit on a CPU (default 0 = torch's default, every core: vLLM's CPU "
-        "engine, run in-process here, keeps two threads busy on 2 cores; the record gives the cores each "
-        "side used)",
+        help="torch threads for both engines on a CPU (default 0 = torch's default, every core: what "
+        "vLLM's CPU engine uses when it runs in-process, as here; the record gives the cores each side used)",
     )
     ap.add_argument(
         "--repeats",
@@ -252,6 +251,7 @@ def main(argv=None):
                     args.model,
                     max_num_seqs=args.max_num_seqs,
                     enforce_eager=mode == "eager",
+                    torch_threads=args.threads or None,  # the same threads as labkit's
                 ) as vllm:
                     pairs, cores = [], {"labkit": [], "vllm": []}
                     for r in range(args.repeats):

@@ -29,14 +29,15 @@ def start(spec: dict):
     if which == "vllm":
         from vllm import LLM, SamplingParams
     elif which == "labkit":
-        import torch
-
         from labkit.engine import LLM, SamplingParams
-
-        if spec.get("torch_threads"):
-            torch.set_num_threads(spec["torch_threads"])
     else:
         raise ValueError(f"engine must be 'labkit' or 'vllm', got {which!r}")
+    if spec.get("torch_threads"):
+        # either engine: vLLM's CPU engine, run in this process, computes on torch's threads too (every
+        # core by default; its own VLLM_CPU_OMP_THREADS_BIND only applies to worker processes it spawns)
+        import torch
+
+        torch.set_num_threads(spec["torch_threads"])
     kwargs = dict(
         model=spec["model"],
         dtype=spec.get("dtype", "float32"),
