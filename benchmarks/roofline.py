@@ -237,14 +237,18 @@ def main():
         )
 
     # 2a. where a batch-1 step's time goes: the weight matmuls (what quantization shrinks) and the rest
-    breakdown = {}
+    breakdown, matmul_s, calls = {}, {}, 8
+    new_tokens = (
+        2 + 2 * calls + 1
+    )  # prefill's token, one warm-up step, then time_in_matmuls' 2 x calls
     for name, model in models.items():
-        engine = make_engine(model, tokenizer, 1, args.prompt_tokens + 3 * 8 + 4)
-        params = SamplingParams(temperature=0, max_tokens=3 * 8 + 2, ignore_eos=True)
+        engine = make_engine(model, tokenizer, 1, args.prompt_tokens + new_tokens)
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
         engine.add_request("0", all_prompts[0], params)
         engine.step()  # prefill
         engine.step()
-        seconds = time_in_matmuls(engine.step, 8)  # step_s, matmul_s, other_s
+        seconds = time_in_matmuls(engine.step, calls)  # step_s, matmul_s, other_s
+        matmul_s[name] = seconds["matmul_s"]
         breakdown[name] = {k.replace("_s", "_ms"): v * 1e3 for k, v in seconds.items()}
         del engine
         b = breakdown[name]
@@ -282,10 +286,7 @@ def main():
             "flops_per_token": flops,
             "kernels": kernels[name],
             # the batch-1 matmul kernels alone against the roofline's time for the weight bytes
-            "batch1_matmuls_fraction_of_roof": weights
-            / bandwidth
-            * 1e3
-            / breakdown[name]["matmul_ms"],
+            "batch1_matmuls_fraction_of_roof": weights / bandwidth / matmul_s[name],
             # which library ran batch-1 plain matmuls (None: every matmul is a QuantLinear)
             "one_row_path": engines[name].runner.one_row_path,
             "batches": rows,
@@ -307,11 +308,8 @@ def main():
 
     ratios = {"int4_vs_fp32": paired_ratio("int4"), "int8_vs_fp32": paired_ratio("int8")}
     ratios["bf16_vs_fp32"] = paired_ratio("bf16")
-    for name in (
-        "bf16",
-        "int8",
-        "int4",
-    ):  # the kernels alone, as if nothing else took time (not paired)
+    # the kernels alone, as if nothing else took time (one measurement each, not paired)
+    for name in ("bf16", "int8", "int4"):
         ratios[f"{name}_vs_fp32_matmuls_only"] = (
             breakdown["fp32"]["matmul_ms"] / breakdown[name]["matmul_ms"]
         )
