@@ -238,19 +238,18 @@ def main():
 
     # 2a. where a batch-1 step's time goes: the weight matmuls (what quantization shrinks) and the rest
     breakdown, matmul_s, calls = {}, {}, 8
-    new_tokens = (
-        2 + 2 * calls + 1
-    )  # prefill's token, one warm-up step, then time_in_matmuls' 2 x calls
-    for name, model in models.items():
-        engine = make_engine(model, tokenizer, 1, args.prompt_tokens + new_tokens)
+    # prefill's token, one warm-up step, time_in_matmuls' 2 x calls, one spare
+    new_tokens = 2 + 2 * calls + 1
+    for name, engine in engines.items():  # the engines measured above: built (and pre-packed) once
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-        engine.add_request("0", all_prompts[0], params)
+        engine.add_request("split", all_prompts[0], params)
         engine.step()  # prefill
         engine.step()
         seconds = time_in_matmuls(engine.step, calls)  # step_s, matmul_s, other_s
+        while engine.has_unfinished_requests():
+            engine.step()
         matmul_s[name] = seconds["matmul_s"]
         breakdown[name] = {k.replace("_s", "_ms"): v * 1e3 for k, v in seconds.items()}
-        del engine
         b = breakdown[name]
         print(
             f"{name} batch-1 step {b['step_ms']:.1f} ms: matmuls {b['matmul_ms']:.1f} ms, "
