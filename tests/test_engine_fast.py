@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from labkit import load_model
 from labkit.engine import LLM, SamplingParams
@@ -17,6 +18,7 @@ from labkit.engine.fast_layers import (
     fast_rms_norm,
     fused_linear,
     prepacked_linear,
+    rotate,
 )
 from labkit.quant import pack_model, rtn_quantize_model
 from labkit.quant.qlinear import fused_kernel
@@ -102,8 +104,17 @@ def test_layer_pieces_match_the_model_modules(model_tok):
         pos = torch.tensor([0, 5, 17, 511])
         cos, sin = RotaryTable(model.model.rotary_emb, 512, torch.float32, "cpu")(x, pos)
         ref_cos, ref_sin = model.model.rotary_emb(x, pos[None])
-        torch.testing.assert_close(cos, ref_cos[0])
-        torch.testing.assert_close(sin, ref_sin[0])
+        torch.testing.assert_close(cos[:, 0], ref_cos[0])
+        # q and k rotated together, by a roll, equal Llama's rotate_half form bit for bit
+        H, Hkv, D = (
+            model.config.num_attention_heads,
+            model.config.num_key_value_heads,
+            cos.shape[-1],
+        )
+        q, k = torch.randn(4, H, D), torch.randn(4, Hkv, D)
+        ref_q, ref_k = apply_rotary_pos_emb(q, k, ref_cos[0], ref_sin[0], unsqueeze_dim=1)
+        qk = rotate(torch.cat((q, k), dim=1), cos, sin)
+        assert torch.equal(qk[:, :H], ref_q) and torch.equal(qk[:, H:], ref_k)
     # unknown norms are kept
     assert fast_rms_norm(torch.nn.LayerNorm(4)).__class__ is torch.nn.LayerNorm
 

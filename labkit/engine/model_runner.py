@@ -13,7 +13,6 @@ this works for the course model and Llama-family hub models (Llama, Mistral, Qwe
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .attention import (
     DecodeBatch,
@@ -30,6 +29,7 @@ from .fast_layers import (
     choose_one_row_path,
     fast_rms_norm,
     fused_linear,
+    rotate,
 )
 from .kv_cache import KVShape, PagedKVCache
 from .scheduler import ScheduledChunk
@@ -158,7 +158,7 @@ class ModelRunner:
     def forward(self, step: StepInput) -> torch.Tensor:
         """Run all tokens, write their K/V into the cache, return logits [R, vocab] at logits_index."""
         hidden = self.model.model.embed_tokens(step.input_ids)  # [T, hidden]
-        cos, sin = self.rotary(hidden, step.positions)  # [T, head_dim]
+        cos, sin = self.rotary(hidden, step.positions)  # [T, 1, head_dim] each
         T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads
         decode, prefill = step.decode, step.prefill
         for i, layer in enumerate(self.layers):
@@ -167,7 +167,8 @@ class ModelRunner:
             q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
             if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+            qk = rotate(torch.cat((q, k), dim=1), cos, sin)  # [T, H + Hkv, D]: both in one pass
+            q, k = qk[:, :H], qk[:, H:]
             self.cache.write(i, step.cache_index, k, v)
             k_cache, v_cache = self.cache.k[i], self.cache.v[i]
             scale = getattr(attn, "scaling", D**-0.5)

@@ -48,7 +48,10 @@ def _contiguous_groups(g_idx: torch.Tensor, n_groups: int) -> int | None:
 
 
 def _flat(x: torch.Tensor, fn) -> torch.Tensor:
-    """The kernels take a 2-D [rows, in] input: flatten the leading dims and restore them."""
+    """The kernels take a 2-D [rows, in] input: flatten the leading dims and restore them. (The engine's
+    inputs are 2-D already, and a decode step makes over a hundred of these calls: no reshapes for them.)"""
+    if x.dim() == 2:
+        return fn(x)
     y = fn(x.reshape(-1, x.shape[-1]))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -81,8 +84,9 @@ def build_int4(q, zero, scale, group_size: int, bias, dtype=COMPUTE_DTYPE) -> Ca
     scale_offset = int4_scale_and_offset(zero, scale).to(dtype)
 
     def run(x):  # x [..., in] -> [..., out] in x's dtype
-        y = _flat(x, lambda x2d: int4_matmul(x2d.to(dtype), packed, group_size, scale_offset))
-        y = y.to(x.dtype)
+        y = _flat(x, lambda x2d: int4_matmul(x2d.to(dtype), packed, group_size, scale_offset)).to(
+            x.dtype
+        )
         return y if bias is None else y + bias.to(x.dtype)
 
     run.nbytes = _nbytes(packed, scale_offset)  # type: ignore[attr-defined]  # read by QuantLinear.bytes_read
@@ -98,13 +102,16 @@ def build_int8(q, zero, scale, bias, dtype=COMPUTE_DTYPE) -> Callable:
     `dtype` (float32 only to check the repacking), the correction in float32."""
     codes = (q.to(torch.int16) - 128).to(torch.int8).contiguous()  # [out, in]
     scale = scale[:, 0].float()  # [out]
-    correction = (128 - zero[:, 0].float()) * scale  # [out]; all zero for symmetric weights
+    correction = ((128 - zero[:, 0].float()) * scale)[
+        None
+    ]  # [1, out]; all zero for symmetric weights
     scale_lowp = scale.to(dtype)
 
     def run(x):
-        def matmul(x2d):
+        def matmul(x2d):  # [rows, in] -> [rows, out] float32
             y = torch.ops.aten._weight_int8pack_mm(x2d.to(dtype), codes, scale_lowp)
-            return y.float() + x2d.float().sum(-1, keepdim=True) * correction
+            # y + sum(x) [rows, 1] @ correction [1, out]: the rank-1 update as one op
+            return torch.addmm(y.float(), x2d.float().sum(-1, keepdim=True), correction)
 
         y = _flat(x, matmul).to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
