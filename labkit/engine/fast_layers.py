@@ -159,9 +159,8 @@ class RotaryTable:
         else:
             cos, sin = self.rotary_emb(hidden, positions[None])
             cos, sin = cos[0], signed(sin[0])
-        return cos[:, None], sin[
-            :, None
-        ]  # [T, 1, head_dim]: one row per token, shared by every head
+        # [T, 1, head_dim]: one row per token, shared by every head
+        return cos[:, None], sin[:, None]
 
 
 def signed(sin: torch.Tensor) -> torch.Tensor:
