@@ -20,7 +20,9 @@ margin between the two tokens is below the fast kernels' largest logit error on 
 that bfloat16 rounding flips; both numbers are recorded).
 Where a batch-1 step's time goes (reported, no target): the weight matmuls (torch.profiler) and everything
 else (norms, rotary, attention, conversions, sampling, Python), and the matmuls-only ratio of each precision
-to fp32, the speed-up quantization would give if nothing else took time.
+to fp32, the speed-up quantization would give if nothing else took time. The matmuls are compared with
+their roof: the weight bytes at the measured bandwidth, or the weights at the kernel's own one-row pace
+with the weight in cache (a low-bit kernel unpacks every weight), whichever is slower.
 The CPU peer (no target, a ratio reported): llama.cpp (`make llama`) decoding the very GGUF file SmolLM2 is
 converted from (Q4_1 weights) at batch 1, vs labkit's int4.
 Writes results/roofline.json and the committed record benchmarks/results/roofline.json.
@@ -49,10 +51,12 @@ from labkit.roofline import (
     flops_per_token,
     kv_bytes_per_token,
     measure_flop_rate,
+    measure_one_row_rate,
     measure_read_bandwidth,
     sample_layers,
     time_in_matmuls,
     weight_bytes_per_step,
+    weights_per_step,
 )
 from labkit.smollm2 import gguf_file
 from labkit.workers.llama_client import decode_speed, llama_available
@@ -171,12 +175,15 @@ def main():
 
     bandwidth = measure_read_bandwidth()
     # each precision's compute roof: its own kernel on a 64-row batch through a 576 -> 1536 layer
-    flop_rate = {
-        name: measure_flop_rate(layer, 576, rows=64) for name, layer in sample_layers().items()
-    }
+    layers = sample_layers()
+    flop_rate = {name: measure_flop_rate(layer, 576, rows=64) for name, layer in layers.items()}
+    # and its own pace at one row, in cache: weights per second it unpacks and multiplies
+    one_row_rate = {name: measure_one_row_rate(layer, 576) for name, layer in layers.items()}
     print(
         f"bandwidth {bandwidth / 1e9:.1f} GB/s; GFLOP/s "
         + ", ".join(f"{n} {r / 1e9:.1f}" for n, r in flop_rate.items())
+        + "; one row in cache, G weights/s "
+        + ", ".join(f"{n} {r / 1e9:.1f}" for n, r in one_row_rate.items())
         + f"; load average {load_before[0]:.1f}"
     )
 
@@ -279,13 +286,20 @@ def main():
                 "bound": bound["bound"],
                 "fraction_of_bound": tok_s / bound["tok_s"],
             }
+        # the batch-1 matmuls' own roof: reading the weight bytes, or the kernel getting through the
+        # weights at its one-row pace, whichever takes longer
+        memory_s, kernel_s = weights / bandwidth, weights_per_step(model) / one_row_rate[name]
         figures[name] = {
             "weight_bytes_per_step": weights,
+            "weights_per_step": weights_per_step(model),
             "kv_bytes_per_seq_per_step": kv,
             "flops_per_token": flops,
             "kernels": kernels[name],
             # the batch-1 matmul kernels alone against the roofline's time for the weight bytes
-            "batch1_matmuls_fraction_of_roof": weights / bandwidth / matmul_s[name],
+            "batch1_matmuls_fraction_of_roof": memory_s / matmul_s[name],
+            # ... and against the slower of that and the kernel's own one-row pace
+            "batch1_matmuls_limit": "memory" if memory_s >= kernel_s else "kernel",
+            "batch1_matmuls_fraction_of_limit": max(memory_s, kernel_s) / matmul_s[name],
             # which library ran batch-1 plain matmuls (None: every matmul is a QuantLinear)
             "one_row_path": engines[name].runner.one_row_path,
             "batches": rows,
@@ -301,6 +315,13 @@ def main():
                 f"{row['bound_tok_s']:>9.1f} ({row['bound'][0]}){row['measured_tok_s']:>10.1f}"
                 f"{row['fraction_of_bound']:>7.2f}"
             )
+
+    print()
+    for name, f in figures.items():
+        print(
+            f"{name} batch-1 matmuls: {f['batch1_matmuls_fraction_of_roof']:.2f} of the roof for their bytes; "
+            f"limit: {f['batch1_matmuls_limit']}, {f['batch1_matmuls_fraction_of_limit']:.2f} of it"
+        )
 
     def paired_ratio(name):  # median of per-round ratios at batch 1
         return statistics.median(a / b for a, b in zip(measured[name][1], measured["fp32"][1]))
@@ -347,6 +368,7 @@ def main():
     figures = {
         "bandwidth_bytes_per_s": bandwidth,
         "matmul_flop_per_s": flop_rate,
+        "one_row_weights_per_s": one_row_rate,
         "decode": figures,
         "ratios": ratios,
         "fp32_fraction_of_bound": fp32_fraction,

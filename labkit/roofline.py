@@ -12,6 +12,11 @@ and bytes read = the weights (once per step, whatever the batch) + each sequence
   B * FLOPs per token reach the FLOP rate, where decode turns compute-bound;
 - prefill already multiplies each weight by hundreds of tokens: it is compute-bound, and neither trick helps.
 
+One more limit shows up at batch 1 with low-bit weights: the kernel must unpack and scale every weight
+before it multiplies, and on a few CPU cores that work, not memory, can set the pace. So the matmuls of a
+batch-1 step take at least  max(weight bytes / bandwidth, weights / the kernel's one-row rate),  the rate
+measured with the weight in cache (`measure_one_row_rate`).
+
 Everything here counts bytes and FLOPs from the model in memory and measures the machine in the run.
 """
 
@@ -22,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .engine.fast_layers import prepacked_linear
 from .quant.qlinear import QuantLinear
 
 
@@ -50,6 +56,13 @@ def measure_flop_rate(linear, in_features: int, rows: int = 128, runs: int = 5) 
         linear(x)
         best = min(best, time.perf_counter() - start)
     return 2 * rows * in_features * out_features / best
+
+
+def measure_one_row_rate(linear, in_features: int, runs: int = 100) -> float:
+    """Weights per second `linear` gets through for one row (a batch-1 decode step) with its weight in
+    cache, so that memory does not limit it: the kernel's own pace. A float matmul does one multiply-add
+    per weight and stays above the memory roof; a 4-bit kernel also unpacks and scales every weight."""
+    return measure_flop_rate(linear, in_features, rows=1, runs=runs) / 2
 
 
 # every kernel a linear layer runs: F.linear's MKL call, oneDNN's pre-packed one, PyTorch's int4/int8 kernels
@@ -100,12 +113,16 @@ def weight_bytes_per_step(model) -> int:
     return total
 
 
+def weights_per_step(model) -> int:
+    """How many weights (not bytes) one decode step multiplies: every linear layer's in x out."""
+    return sum(m.in_features * m.out_features for m in linear_layers(model))
+
+
 def flops_per_token(model, context: int = 0) -> int:
     """2 FLOPs per weight (multiply + add) plus attention over `context` past tokens (q.k and p.v)."""
-    weights = sum(m.in_features * m.out_features for m in linear_layers(model))
     cfg = model.config
     attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * _head_dim(cfg) * context
-    return 2 * weights + attention
+    return 2 * weights_per_step(model) + attention
 
 
 def _head_dim(cfg) -> int:
@@ -141,14 +158,18 @@ def decode_bound(
 
 
 def sample_layers(in_features: int = 576, out_features: int = 1536) -> dict:
-    """One random layer per precision, as the decode path runs it, for `measure_flop_rate`."""
+    """One random layer per precision, as the engine runs it, for `measure_flop_rate` and
+    `measure_one_row_rate`: float weights pre-packed for oneDNN where the CPU supports it (the engine's
+    path from two rows up), else `F.linear`; int8 and int4 through QuantLinear's kernels."""
     from .quant.primitives import quantize_weight
 
     w = torch.randn(out_features, in_features) * 0.02
     w16 = w.to(torch.bfloat16)
+    fp32 = prepacked_linear(w) or (lambda x: F.linear(x, w))
+    bf16 = prepacked_linear(w16) or (lambda x: F.linear(x, w16))
     return {
-        "fp32": lambda x: F.linear(x, w),
-        "bf16": lambda x: F.linear(x.to(torch.bfloat16), w16),
+        "fp32": fp32,
+        "bf16": lambda x: bf16(x.to(torch.bfloat16)),
         "int8": QuantLinear.from_quantized(quantize_weight(w, 8, False, "channel")),
         "int4": QuantLinear.from_quantized(quantize_weight(w, 4, False, "group", 64)),
     }

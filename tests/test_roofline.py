@@ -1,5 +1,7 @@
 """Bytes and FLOPs per decode step (labkit.roofline): counted from the model, checked by hand."""
 
+import time
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -9,9 +11,11 @@ from labkit.roofline import (
     decode_bound,
     flops_per_token,
     kv_bytes_per_token,
+    measure_one_row_rate,
     measure_read_bandwidth,
     time_in_matmuls,
     weight_bytes_per_step,
+    weights_per_step,
 )
 
 HIDDEN, MLP, VOCAB, LAYERS, KV_HEADS = 128, 256, 512, 2, 1
@@ -44,6 +48,7 @@ def test_weight_bytes_and_flops_count_every_linear_once():
     assert weight_bytes_per_step(model) == 4 * LINEAR_WEIGHTS
     assert weight_bytes_per_step(model.to(torch.bfloat16)) == 2 * LINEAR_WEIGHTS
     assert flops_per_token(model) == 2 * LINEAR_WEIGHTS
+    assert weights_per_step(model) == LINEAR_WEIGHTS
     # attention over 10 past tokens: q.k and p.v, 2 FLOPs each per head dimension, every head
     assert flops_per_token(model, 10) == 2 * LINEAR_WEIGHTS + 4 * LAYERS * 2 * 64 * 10
 
@@ -54,6 +59,7 @@ def test_int4_reads_codes_and_group_scales_only():
     groups = LINEAR_WEIGHTS // 64
     # half a byte per code, a bfloat16 (scale, offset) pair per group
     assert weight_bytes_per_step(model) == LINEAR_WEIGHTS // 2 + groups * 2 * 2
+    assert weights_per_step(model) == LINEAR_WEIGHTS  # fewer bytes, the same weights to unpack
 
 
 def test_kv_bytes_per_token():
@@ -74,6 +80,15 @@ def test_decode_bound_switches_from_memory_to_compute():
 
 def test_bandwidth_is_measured_on_written_pages():
     assert measure_read_bandwidth(mib=16, runs=2) > 0
+
+
+def test_one_row_rate_counts_weights_per_second_of_one_row():
+    def slow_layer(x):  # a 100 x 200 layer that takes at least 2 ms per call
+        time.sleep(0.002)
+        return x.new_zeros(x.shape[0], 200)
+
+    rate = measure_one_row_rate(slow_layer, 100, runs=3)
+    assert 100 * 200 / 0.05 < rate <= 100 * 200 / 0.002
 
 
 def test_time_in_matmuls_splits_a_step_into_matmuls_and_the_rest():
