@@ -303,10 +303,11 @@ def main():
             }
         # the batch-1 matmuls' own roof: reading the weight bytes, or the kernel getting through the
         # weights at its one-row pace, whichever takes longer
-        memory_s, kernel_s = weights / bandwidth, weights_per_step(model) / one_row_rate[name]
+        count = weights_per_step(model)
+        memory_s, kernel_s = weights / bandwidth, count / one_row_rate[name]
         figures[name] = {
             "weight_bytes_per_step": weights,
-            "weights_per_step": weights_per_step(model),
+            "weights_per_step": count,
             "kv_bytes_per_seq_per_step": kv,
             "flops_per_token": flops,
             "kernels": kernels[name],

@@ -84,9 +84,8 @@ def build_int4(q, zero, scale, group_size: int, bias, dtype=COMPUTE_DTYPE) -> Ca
     scale_offset = int4_scale_and_offset(zero, scale).to(dtype)
 
     def run(x):  # x [..., in] -> [..., out] in x's dtype
-        y = _flat(x, lambda x2d: int4_matmul(x2d.to(dtype), packed, group_size, scale_offset)).to(
-            x.dtype
-        )
+        y = _flat(x, lambda x2d: int4_matmul(x2d.to(dtype), packed, group_size, scale_offset))
+        y = y.to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
 
     run.nbytes = _nbytes(packed, scale_offset)  # type: ignore[attr-defined]  # read by QuantLinear.bytes_read
@@ -102,9 +101,8 @@ def build_int8(q, zero, scale, bias, dtype=COMPUTE_DTYPE) -> Callable:
     `dtype` (float32 only to check the repacking), the correction in float32."""
     codes = (q.to(torch.int16) - 128).to(torch.int8).contiguous()  # [out, in]
     scale = scale[:, 0].float()  # [out]
-    correction = ((128 - zero[:, 0].float()) * scale)[
-        None
-    ]  # [1, out]; all zero for symmetric weights
+    # [1, out]; all zero for symmetric weights
+    correction = ((128 - zero[:, 0].float()) * scale)[None]
     scale_lowp = scale.to(dtype)
 
     def run(x):
