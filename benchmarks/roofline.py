@@ -48,6 +48,7 @@ from labkit.model import load_model
 from labkit.quant import QuantLinear, pack_model, rtn_quantize_model
 from labkit.results import save_record
 from labkit.roofline import (
+    batch1_matmul_roof,
     decode_bound,
     flops_per_token,
     kv_bytes_per_token,
@@ -301,21 +302,18 @@ def main():
                 "bound": bound["bound"],
                 "fraction_of_bound": tok_s / bound["tok_s"],
             }
-        # the batch-1 matmuls' own roof: reading the weight bytes, or the kernel getting through the
-        # weights at its one-row pace, whichever takes longer
-        count = weights_per_step(model)
-        memory_s, kernel_s = weights / bandwidth, count / one_row_rate[name]
+        roof = batch1_matmul_roof(model, bandwidth, one_row_rate[name])
         figures[name] = {
             "weight_bytes_per_step": weights,
-            "weights_per_step": count,
+            "weights_per_step": weights_per_step(model),
             "kv_bytes_per_seq_per_step": kv,
             "flops_per_token": flops,
             "kernels": kernels[name],
             # the batch-1 matmul kernels alone against the roofline's time for the weight bytes
-            "batch1_matmuls_fraction_of_roof": memory_s / matmul_s[name],
+            "batch1_matmuls_fraction_of_roof": roof["memory_s"] / matmul_s[name],
             # ... and against the slower of that and the kernel's own one-row pace
-            "batch1_matmuls_limit": "memory" if memory_s >= kernel_s else "kernel",
-            "batch1_matmuls_fraction_of_limit": max(memory_s, kernel_s) / matmul_s[name],
+            "batch1_matmuls_limit": roof["limit"],
+            "batch1_matmuls_fraction_of_limit": roof["roof_s"] / matmul_s[name],
             # which library ran batch-1 plain matmuls (None: every matmul is a QuantLinear)
             "one_row_path": engines[name].runner.one_row_path,
             "batches": rows,

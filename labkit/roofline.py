@@ -157,6 +157,19 @@ def decode_bound(
     }
 
 
+def batch1_matmul_roof(model, bandwidth: float, one_row_rate: float) -> dict:
+    """The least time a batch-1 step's matmuls can take: reading the weight bytes at `bandwidth`, or the
+    kernel getting through the weights at its one-row pace (`measure_one_row_rate`), whichever is slower."""
+    memory_s = weight_bytes_per_step(model) / bandwidth
+    kernel_s = weights_per_step(model) / one_row_rate
+    return {
+        "memory_s": memory_s,
+        "kernel_s": kernel_s,
+        "roof_s": max(memory_s, kernel_s),
+        "limit": "memory" if memory_s >= kernel_s else "kernel",
+    }
+
+
 def sample_layers(in_features: int = 576, out_features: int = 1536) -> dict:
     """One random layer per precision, as the engine runs it, for `measure_flop_rate` and
     `measure_one_row_rate`: float weights pre-packed for oneDNN where the CPU supports it (the engine's

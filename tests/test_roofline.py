@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from labkit.quant import pack_model, rtn_quantize_model
 from labkit.roofline import (
+    batch1_matmul_roof,
     decode_bound,
     flops_per_token,
     kv_bytes_per_token,
@@ -89,6 +90,16 @@ def test_one_row_rate_counts_weights_per_second_of_one_row():
 
     rate = measure_one_row_rate(slow_layer, 100, runs=3)
     assert 100 * 200 / 0.05 < rate <= 100 * 200 / 0.002
+
+
+def test_batch1_matmul_roof_is_set_by_the_slower_of_memory_and_the_kernel():
+    model = tiny_llama()  # fp32: 4 bytes per weight
+    fast_kernel = batch1_matmul_roof(model, bandwidth=4e9, one_row_rate=1e12)
+    assert fast_kernel["limit"] == "memory"
+    assert fast_kernel["roof_s"] == pytest.approx(LINEAR_WEIGHTS / 1e9)  # 4 bytes at 4 GB/s
+    slow_kernel = batch1_matmul_roof(model, bandwidth=4e9, one_row_rate=1e8)
+    assert slow_kernel["limit"] == "kernel"
+    assert slow_kernel["roof_s"] == pytest.approx(LINEAR_WEIGHTS / 1e8)
 
 
 def test_time_in_matmuls_splits_a_step_into_matmuls_and_the_rest():
