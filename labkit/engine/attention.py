@@ -136,9 +136,8 @@ class PrefillSequence:
     length: int
     start: int
     blocks: torch.Tensor  # [blocks it needs] physical block ids, in order
-    mask: (
-        torch.Tensor | None
-    )  # [length, start + length] True = may attend; None = plain causal (start 0)
+    # [length, start + length] True = may attend; None = plain causal (start 0)
+    mask: torch.Tensor | None
 
 
 @dataclass
