@@ -50,6 +50,9 @@ MARKS = {
     "test_engine.py": ("slow",),
     "test_engine_requests.py": ("slow",),
     "test_golden.py": ("slow",),
+    "test_engine_compiled.py": (
+        "slow",
+    ),  # compiles the course model's decode step at several sizes
 }
 
 

@@ -9,6 +9,7 @@ scheduler.py      continuous batching: who runs this step, preemption when block
 attention_reference.py  paged attention one sequence at a time: gather, then textbook attention (the reference)
 attention.py      paged attention in plain PyTorch: decode reads the blocks in place, prefill gathers them
 fast_layers.py    fused, pre-packed projections and norms for the runner
+compiled_decode.py  the decode step compiled once per padded batch size (Inductor; CUDA graphs on a GPU)
 model_runner.py   one forward pass over a flat batch of prefill and decode tokens
 speculative.py    speculative decoding: prompt-lookup drafts, verified k at a time in one forward pass
 engine.py         LLMEngine: add_request / step / abort_request / stats

@@ -199,3 +199,35 @@ def prefill_attention(
         )
         out[rows] = attended.transpose(0, 1)
     return out
+
+
+def padded_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention with static shapes, for the compiled step (compiled_decode.py): q [S, heads, D],
+    tables [S, M] (each row's first M block ids, padded with any valid block), context_lens [S] -> [S, heads,
+    D]. Gathers M whole blocks per row and masks the keys past each row's length: a few big ops whose shapes
+    depend only on S and M, where `decode_attention`'s ragged bags depend on every length. It reads up to
+    one block per row more than it needs; `decode_attention` stays the eager path's kernel."""
+    S, M = tables.shape
+    kv_heads, _, dim, block_size = k_cache.shape
+    # [kv_heads, S, M, D, block] -> [S, kv_heads, M * block, D]: K is stored transposed within a block
+    k = k_cache[:, tables].permute(1, 0, 2, 4, 3).reshape(S, kv_heads, M * block_size, dim)
+    v = v_cache.view(kv_heads, -1, block_size, dim)[:, tables]  # [kv_heads, S, M, block, D]
+    v = v.permute(1, 0, 2, 3, 4).reshape(S, kv_heads, M * block_size, dim)
+    keys = torch.arange(M * block_size, device=q.device)
+    mask = (keys < context_lens[:, None])[:, None, None, :]  # [S, 1, 1, M * block]: True = attend
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :],  # [S, heads, 1, D]: one query per row
+        k.to(q.dtype),
+        v.to(q.dtype),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out[:, :, 0, :]

@@ -27,6 +27,12 @@ class EngineConfig:
         4  # tokens drafted (and verified in one step) per sequence at most
     )
 
+    # run every step eagerly (vLLM's name); by default plain decode steps run compiled (compiled_decode.py)
+    enforce_eager: bool = False
+    # a padded decode size compiles once it has run this many steps eagerly (0: at its first step);
+    # LLMEngine.warm_up() compiles them all up front
+    compile_after_steps: int = 64
+
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             require_int(name, getattr(self, name), low=1)
@@ -40,10 +46,10 @@ class EngineConfig:
         require_int("seed", self.seed, low=-(2**63))
         require_int("speculative_ngram", self.speculative_ngram, low=0, hint="an int (0 = off)")
         require_int("num_speculative_tokens", self.num_speculative_tokens, low=1)
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(
-                f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}"
-            )
+        require_int("compile_after_steps", self.compile_after_steps, low=0)
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kv_cache_dtype is not None and not isinstance(self.kv_cache_dtype, torch.dtype):
             raise ValueError(
                 f"kv_cache_dtype must be None (the model's dtype) or a torch.dtype, "

@@ -97,10 +97,14 @@ class LLMEngine:
             self.kv_shape, dtype, config.block_size, config.max_num_seqs, self.device
         )
         self.block_size = config.block_size
-        self.cache = PagedKVCache(self.kv_shape, num_blocks, self.block_size, dtype, self.device)
+        # one block more than the block manager hands out: the compiled decode step's padding rows write
+        # there (compiled_decode.py), so they can never touch a sequence's KV
+        self.cache = PagedKVCache(
+            self.kv_shape, num_blocks + 1, self.block_size, dtype, self.device
+        )
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, config)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = {eos} if isinstance(eos, int) else set()
@@ -202,6 +206,11 @@ class LLMEngine:
                 )
         return outputs
 
+    def warm_up(self) -> dict[int, float]:
+        """Compile the decode step for every padded batch size now (vLLM and SGLang do this at start-up), so
+        that no request waits for a compilation. Returns seconds per size ({} with enforce_eager)."""
+        return self.runner.compiled.warm_up() if self.runner.compiled else {}
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -240,28 +249,26 @@ class LLMEngine:
         if self.record_history:
             self.history.append([c.seq.request_id for c in chunks])
         self.cache.copy_blocks(self.block_manager.take_copies())
-        logits = self.runner.forward(self.runner.prepare(chunks))  # rows in chunk order
+        step = self.runner.prepare(chunks)  # lays out the logits rows: step.rows, one per chunk
+        logits = self.runner.run(step)
         draws: list[tuple[Sequence, int]] = []  # (sample, its logits row): what to sample this step
         verifies: list[
             tuple[Sequence, int]
         ] = []  # (sequence, its first logits row): drafts to check
-        row = 0
-        for chunk in chunks:
-            seq, first_row, num_scored = chunk.seq, row, len(chunk.prompt_logprob_positions)
-            row += num_scored + chunk.num_sampling_rows
+        for chunk, rows in zip(chunks, step.rows):
+            seq = chunk.seq
             if seq.status is Status.FINISHED:  # its request failed earlier in this step
                 continue
             seq.num_computed_tokens += chunk.num_tokens
             if chunk.num_draft:  # its blocks are named once the rejected tokens are rolled back
-                verifies.append((seq, first_row))
+                verifies.append((seq, rows.sampled.start))
                 continue
             self.block_manager.register_full_blocks(seq)
             try:
-                if num_scored:
-                    scored = logits[first_row : first_row + num_scored]
-                    self._record_prompt_logprobs(seq, chunk, scored)
+                if rows.scored.stop > rows.scored.start:
+                    self._record_prompt_logprobs(seq, chunk, logits[rows.scored])
                 if chunk.samples:
-                    draws += [(s, first_row + num_scored) for s in self._fork(seq)]
+                    draws += [(s, rows.sampled.start) for s in self._fork(seq)]
                 elif chunk.completes:  # a scoring-only request (max_tokens=0): done
                     outputs += self._finish_scoring(seq)
             except Exception as e:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..quant.qlinear import fused_kernel
+from ..quant.qlinear import QuantLinear, fused_kernel
 
 KNOWN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 STATIC_ROPE = {"default", "linear", "llama3"}  # cos/sin depend on the position only: a table works
@@ -64,16 +64,25 @@ class PackedLinears:
     x [rows, in] -> one [rows, out_i] per module. With one row, `one_row_packed` picks the packed copy or
     the modules' own weights (`F.linear`); `choose_one_row_path` sets it from a timing."""
 
-    def __init__(self, modules: list, packed: Callable):
+    def __init__(
+        self, modules: list, packed: Callable, weight: torch.Tensor, bias: torch.Tensor | None
+    ):
         self.modules, self.packed = modules, packed
+        # the fused weight as a frozen parameter, for the compiled decode step: Inductor sees a parameter,
+        # folds it in as a constant and pre-packs it itself (`freezing`; compiled_decode.py)
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
         self.sizes = [m.out_features for m in modules]
         self.in_features = modules[0].in_features
         self.one_row_packed = False
 
     def __call__(self, x: torch.Tensor) -> tuple:
-        if x.shape[0] == 1 and not self.one_row_packed:
+        if torch.compiler.is_compiling():  # traced: a plain linear that Inductor packs (the opaque
+            out = F.linear(x, self.weight, self.bias)  # oneDNN weight cannot be traced)
+        elif x.shape[0] == 1 and not self.one_row_packed:
             return tuple(m(x) for m in self.modules)
-        out = self.packed(x)
+        else:
+            out = self.packed(x)
         return (out,) if len(self.modules) == 1 else out.split_with_sizes(self.sizes, dim=-1)
 
 
@@ -116,6 +125,9 @@ def fused_linear(modules: list) -> Callable:
     if fused is not None:
         return lambda x: fused(x).split_with_sizes(sizes, dim=-1)
     if not all(type(m) is torch.nn.Linear for m in modules):
+        for m in modules:  # a QuantLinear builds its kernel lazily: now, not inside a compiled step
+            if isinstance(m, QuantLinear):
+                m.kernel()
         return lambda x: tuple(m(x) for m in modules)
     weight = torch.cat([m.weight.detach() for m in modules])
     bias = None
@@ -131,7 +143,7 @@ def fused_linear(modules: list) -> Callable:
         if len(modules) == 1:
             return lambda x: (F.linear(x, weight, bias),)
         return lambda x: F.linear(x, weight, bias).split_with_sizes(sizes, dim=-1)
-    return PackedLinears(modules, packed)
+    return PackedLinears(modules, packed, weight, bias)
 
 
 def fast_rms_norm(norm) -> Callable:

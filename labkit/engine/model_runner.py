@@ -22,6 +22,8 @@ from .attention import (
     decode_attention,
     prefill_attention,
 )
+from .compiled_decode import CompiledDecode
+from .config import EngineConfig
 from .fast_layers import (
     FastLayer,
     PackedLinears,
@@ -51,24 +53,48 @@ def check_supported(model) -> None:
 
 
 @dataclass
+class ChunkRows:
+    """Where one chunk's logits rows lie in the step's output: first its prompt-logprob positions (`scored`),
+    then the rows it samples or verifies drafts from (`sampled`: 1 + its drafted tokens, or none)."""
+
+    scored: slice
+    sampled: slice
+
+
+@dataclass
+class DecodeRows:
+    """The step's decode tokens (one per sequence), as plain lists: the eager path builds its ragged
+    DecodeBatch from them, the compiled path pads them to static shapes."""
+
+    token_index: list[int]  # position of each decode token in the step's flat batch
+    context_lens: list[int]  # keys each attends to, its own included
+    tables: list[list[int]]  # each sequence's block table
+
+
+@dataclass
 class StepInput:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T] position of each token in its own sequence
-    cache_index: tuple  # where each token's K/V is written (PagedKVCache.write_index)
-    decode: DecodeBatch | None  # the sequences that feed one token this step
+    slots: list[int]  # [T] the cache slot each token's K/V is written to
+    decode: DecodeRows | None  # the sequences that feed one token this step
     prefill: PrefillBatch | None  # the sequences that feed a prompt (or a chunk of one)
     # [R] flat index of each token whose logits are needed: sampled, or scoring a prompt token
     logits_index: torch.Tensor
+    rows: list[ChunkRows]  # per chunk, in chunk order: its rows of the [R, vocab] logits
+    # every token is one sequence's next token and its logits row, in order (R == T): the compiled path's step
+    plain_decode: bool
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache: PagedKVCache, config: EngineConfig | None = None):
         check_supported(model)
         self.model, self.cache = model, cache
         self.shape: KVShape = cache.shape
         self.block_size = cache.block_size
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
+        attn = model.model.layers[0].self_attn
+        self.scale = getattr(attn, "scaling", self.shape.head_dim**-0.5)
         self.device = next(model.parameters()).device
         inner = model.model
         dtype = next(model.parameters()).dtype
@@ -82,6 +108,18 @@ class ModelRunner:
         packed += [head] if isinstance(head, PackedLinears) else []
         # batch-1 decode: MKL's F.linear or oneDNN's packed weight, whichever streams faster on this CPU
         self.one_row_path = choose_one_row_path(packed)
+        config = config or EngineConfig()
+        # plain decode steps through one compiled graph per padded batch size (compiled_decode.py)
+        self.compiled = None
+        if not config.enforce_eager:
+            self.compiled = CompiledDecode(self, config.max_num_seqs, config.compile_after_steps)
+
+    def run(self, step: StepInput) -> torch.Tensor:
+        """logits [R, vocab] for the step: compiled where it is a plain decode step of a compiled size,
+        else the eager `forward` (prefill, mixed steps, drafts to verify, prompt logprobs)."""
+        if self.compiled and self.compiled.takes(step):
+            return self.compiled.run(step)
+        return self.forward(step)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInput:
         """The step's flat batch from the scheduler's chunks (each: a sequence's tokens from `start`).
@@ -95,10 +133,8 @@ class ModelRunner:
         pos: list[int] = []
         slots: list[int] = []
         logits_index: list[int] = []
-        # decode: one token per sequence
-        dec_index: list[int] = []
-        dec_context: list[int] = []
-        dec_tables: list[list[int]] = []
+        rows: list[ChunkRows] = []
+        decode = DecodeRows([], [], [])  # one token per sequence
         # prefill: a prompt or a chunk of one
         pre_index: list[int] = []
         pre_starts: list[int] = []
@@ -110,33 +146,20 @@ class ModelRunner:
                 ids.append(t)
                 pos.append(start + j)
                 slots.append(table[(start + j) // bs] * bs + (start + j) % bs)
+            row = len(logits_index)
             logits_index += [first + p - start for p in chunk.prompt_logprob_positions]
+            scored_end = len(logits_index)
             logits_index += range(len(ids) - chunk.num_sampling_rows, len(ids))
+            rows.append(ChunkRows(slice(row, scored_end), slice(scored_end, len(logits_index))))
             if chunk.num_tokens == 1:
-                dec_index.append(first)
-                dec_context.append(start + 1)
-                dec_tables.append(table)
+                decode.token_index.append(first)
+                decode.context_lens.append(start + 1)
+                decode.tables.append(table)
             else:
                 pre_index += range(first, first + chunk.num_tokens)
                 pre_starts.append(start)
                 pre_lengths.append(chunk.num_tokens)
                 pre_tables.append(table)
-        s = self.shape
-        decode = (
-            build_decode_batch(
-                dec_index,
-                dec_context,
-                dec_tables,
-                self.num_heads,
-                s.num_kv_heads,
-                self.cache.num_blocks,
-                bs,
-                s.head_dim,
-                self.device,
-            )
-            if dec_index
-            else None
-        )
         prefill = (
             build_prefill_batch(pre_index, pre_starts, pre_lengths, pre_tables, bs, self.device)
             if pre_index
@@ -145,10 +168,12 @@ class ModelRunner:
         return StepInput(
             self._longs(ids),
             self._longs(pos),
-            self.cache.write_index(self._longs(slots)),
-            decode,
+            slots,
+            decode if decode.token_index else None,
             prefill,
             self._longs(logits_index),
+            rows,
+            plain_decode=prefill is None and logits_index == list(range(len(ids))),
         )
 
     def _longs(self, values: list[int]) -> torch.Tensor:
@@ -156,11 +181,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Run all tokens, write their K/V into the cache, return logits [R, vocab] at logits_index."""
+        """Run all tokens, write their K/V into the cache, return logits [R, vocab] at logits_index.
+        The eager reference; pure decode steps can run compiled instead (compiled_decode.py)."""
         hidden = self.model.model.embed_tokens(step.input_ids)  # [T, hidden]
         cos, sin = self.rotary(hidden, step.positions)  # [T, 1, head_dim] each
+        cache_index = self.cache.write_index(self._longs(step.slots))
+        decode = self.decode_batch(step.decode) if step.decode else None
+
+        def attend(i: int, q, k, v):  # q [T, H, D], k and v [T, Hkv, D] -> [T, H, D]
+            self.cache.write(i, cache_index, k, v)
+            return self.attention(i, q, decode, step.prefill)
+
+        hidden = self.layers_forward(hidden, cos, sin, attend)
+        return self.lm_head(self.final_norm(hidden[step.logits_index]))
+
+    def layers_forward(self, hidden, cos, sin, attend) -> torch.Tensor:
+        """hidden [T, hidden] through every decoder layer; attend(layer, q, k, v) stores this step's K/V and
+        attends (eager: the cache write and the attention kernels; compiled: one custom op)."""
         T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads
-        decode, prefill = step.decode, step.prefill
         for i, layer in enumerate(self.layers):
             attn = layer.attn
             q, k, v = layer.qkv(layer.input_norm(hidden))
@@ -168,21 +206,36 @@ class ModelRunner:
             if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
                 q, k = attn.q_norm(q), attn.k_norm(k)
             qk = rotate(torch.cat((q, k), dim=1), cos, sin)  # [T, H + Hkv, D]: both in one pass
-            q, k = qk[:, :H], qk[:, H:]
-            self.cache.write(i, step.cache_index, k, v)
-            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
-            scale = getattr(attn, "scaling", D**-0.5)
-            if prefill is None and decode is not None:
-                # the common step: every token is a decode token, in flat-batch order
-                out = decode_attention(q, k_cache, v_cache, decode, scale)
-            else:
-                out = torch.empty_like(q)
-                if decode is not None:
-                    d = decode.token_index
-                    out[d] = decode_attention(q[d], k_cache, v_cache, decode, scale)
-                if prefill is not None:
-                    p = prefill.token_index
-                    out[p] = prefill_attention(q[p], k_cache, v_cache, prefill, scale)
+            out = attend(i, qk[:, :H], qk[:, H:], v)
             hidden = hidden + layer.o(out.reshape(T, H * D))[0]
             hidden = hidden + layer.mlp(layer.post_norm(hidden))
-        return self.lm_head(self.final_norm(hidden[step.logits_index]))
+        return hidden
+
+    def decode_batch(self, rows: DecodeRows) -> DecodeBatch:
+        s = self.shape
+        return build_decode_batch(
+            rows.token_index,
+            rows.context_lens,
+            rows.tables,
+            self.num_heads,
+            s.num_kv_heads,
+            self.cache.num_blocks,
+            self.block_size,
+            s.head_dim,
+            self.device,
+        )
+
+    def attention(self, i: int, q, decode: DecodeBatch | None, prefill: PrefillBatch | None):
+        """Layer i's attention for the step's queries q [T, H, D], over the cache (this step's K/V written)."""
+        k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+        if prefill is None and decode is not None:
+            # the common step: every token is a decode token, in flat-batch order
+            return decode_attention(q, k_cache, v_cache, decode, self.scale)
+        out = torch.empty_like(q)
+        if decode is not None:
+            d = decode.token_index
+            out[d] = decode_attention(q[d], k_cache, v_cache, decode, self.scale)
+        if prefill is not None:
+            p = prefill.token_index
+            out[p] = prefill_attention(q[p], k_cache, v_cache, prefill, self.scale)
+        return out
