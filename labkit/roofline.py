@@ -213,11 +213,15 @@ def last_logits_decoded(model):
     """ids (1, t) -> the logits at the last position from a one-token decode step after a cached pass over
     the first t - 1 tokens: the one-row kernels plain decoding uses for each new token."""
 
+    from .quality import (
+        _cache_kwarg,
+    )  # forward's cache argument, by the name this transformers uses
+
     def run(ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(_device_of(model))
         with torch.no_grad():
             cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
-            out = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, -1:], use_cache=True, **_cache_kwarg(model, cache))
         return out.logits[0, -1].float()
 
     return run
@@ -229,7 +233,8 @@ def first_difference(reference, fast, prompt, ref_tokens, fast_tokens) -> dict |
     `reference` and `fast` map ids (1, t) to the last position's logits (`last_logits(model)`,
     `last_logits_decoded(model)`). At the first differing token: the reference's logit margin between
     its token and the other, beside the largest logit difference between the two paths on that same
-    prefix. A margin within that difference is a near-tie the paths' rounding can flip."""
+    prefix. A margin within that difference (in size: a reference computed by another implementation of
+    its path can put the margin a hair below zero) is a near-tie the paths' rounding can flip."""
     for step, (a, b) in enumerate(zip(ref_tokens, fast_tokens)):
         if a != b:
             ids = torch.tensor([list(prompt) + list(ref_tokens[:step])])
@@ -243,6 +248,6 @@ def first_difference(reference, fast, prompt, ref_tokens, fast_tokens) -> dict |
                 "reference_logit_margin": margin,
                 "reference_logit_spread": float(logits.max() - logits.min()),
                 "fast_logit_error_max": error,
-                "near_tie_within_rounding": margin <= error,
+                "near_tie_within_rounding": abs(margin) <= error,
             }
     return None
