@@ -27,8 +27,16 @@ $(STAMP): pyproject.toml
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 LAB_ARGS ?=
 
+# The course's JupyterLab defaults (mk/lab-overrides.json: no "get notified about official Jupyter news?"
+# pop-up, no news or update requests), where JupyterLab reads default overrides: the venv's
+# share/jupyter/lab/settings/overrides.json. A user's own settings still win.
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+$(LAB_OVERRIDES): mk/lab-overrides.json $(STAMP)
+	mkdir -p $(dir $@)
+	cp $< $@
+
 # rooted at the repository (the README, labkit/ and solutions/ are one click away), opening notebook 00
-lab: setup
+lab: setup $(LAB_OVERRIDES)
 	$(BIN)/jupyter lab --notebook-dir=. --LabApp.default_url=/lab/tree/notebooks/00_setup.ipynb \
 	  $(ROOT_FLAG) $(LAB_ARGS)
 

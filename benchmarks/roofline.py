@@ -50,8 +50,10 @@ from labkit.results import save_record
 from labkit.roofline import (
     batch1_matmul_roof,
     decode_bound,
+    first_difference,
     flops_per_token,
     kv_bytes_per_token,
+    last_logits,
     measure_flop_rate,
     measure_one_row_rate,
     measure_read_bandwidth,
@@ -114,30 +116,6 @@ def decode(engine, batch_prompts, new_tokens: int) -> tuple[float, dict]:
             tokens[out.request_id] += out.new_token_ids
             produced += 1
     return produced / (time.perf_counter() - start), tokens
-
-
-def first_difference(reference, fast, prompt, ref_tokens, fast_tokens) -> dict | None:
-    """Where greedy decoding first differs, and why: the reference's logit margin between the two tokens
-    beside the largest logit error of the fast kernels on the same prefix (bfloat16 activations round
-    every matmul input). A margin below that error is a near-tie the rounding can flip."""
-    for step, (a, b) in enumerate(zip(ref_tokens, fast_tokens)):
-        if a != b:
-            ids = torch.tensor([prompt + ref_tokens[:step]])
-            with torch.no_grad():
-                logits = reference(input_ids=ids).logits[0, -1]
-                fast_logits = fast(input_ids=ids).logits[0, -1]
-            margin = float(logits[a] - logits[b])
-            error = float((fast_logits - logits).abs().max())
-            return {
-                "step": step,
-                "reference_token": a,
-                "fast_token": b,
-                "reference_logit_margin": margin,
-                "reference_logit_spread": float(logits.max() - logits.min()),
-                "fast_logit_error_max": error,
-                "near_tie_within_rounding": margin <= error,
-            }
-    return None
 
 
 def llama_peer(args, prompt: list[int]) -> dict:
@@ -213,7 +191,13 @@ def main():
         _, ref = decode(make_engine(ref_model, tokenizer, len(check), max_len), check, 31)
         _, fast = decode(make_engine(models[name], tokenizer, len(check), max_len), check, 31)
         diffs = [
-            first_difference(ref_model, models[name], check[int(i)], ref[i][:32], fast[i][:32])
+            first_difference(
+                last_logits(ref_model),
+                last_logits(models[name]),
+                check[int(i)],
+                ref[i][:32],
+                fast[i][:32],
+            )
             for i in ref
         ]
         greedy[name] = {

@@ -186,3 +186,68 @@ def sample_layers(in_features: int = 576, out_features: int = 1536) -> dict:
         "int8": QuantLinear.from_quantized(quantize_weight(w, 8, False, "channel")),
         "int4": QuantLinear.from_quantized(quantize_weight(w, 4, False, "group", 64)),
     }
+
+
+# Greedy equivalence, checked honestly. Two computations of the same logits (fast low-bit kernels vs their
+# dequantized reference; one-row decode steps vs a multi-row prefill pass) sum in different orders, so
+# their logits differ by a little and a near-tie between the top two tokens can flip. "The same tokens" is
+# then checked as: identical, or each first difference a near-tie within the two paths' measured error.
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def last_logits(model):
+    """ids (1, t) -> the logits at the last position from one forward pass over all t tokens (every row
+    through the multi-row kernels prefill and speculative verification use)."""
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=ids.to(_device_of(model))).logits[0, -1].float()
+
+    return run
+
+
+def last_logits_decoded(model):
+    """ids (1, t) -> the logits at the last position from a one-token decode step after a cached pass over
+    the first t - 1 tokens: the one-row kernels plain decoding uses for each new token."""
+
+    from .quality import (
+        _cache_kwarg,
+    )  # forward's cache argument, by the name this transformers uses
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(_device_of(model))
+        with torch.no_grad():
+            cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            out = model(input_ids=ids[:, -1:], use_cache=True, **_cache_kwarg(model, cache))
+        return out.logits[0, -1].float()
+
+    return run
+
+
+def first_difference(reference, fast, prompt, ref_tokens, fast_tokens) -> dict | None:
+    """Where two greedy decodings of `prompt` first differ, and why; None if they never do.
+
+    `reference` and `fast` map ids (1, t) to the last position's logits (`last_logits(model)`,
+    `last_logits_decoded(model)`). At the first differing token: the reference's logit margin between
+    its token and the other, beside the largest logit difference between the two paths on that same
+    prefix. A margin within that difference (in size: a reference computed by another implementation of
+    its path can put the margin a hair below zero) is a near-tie the paths' rounding can flip."""
+    for step, (a, b) in enumerate(zip(ref_tokens, fast_tokens)):
+        if a != b:
+            ids = torch.tensor([list(prompt) + list(ref_tokens[:step])])
+            logits, fast_logits = reference(ids), fast(ids)
+            margin = float(logits[a] - logits[b])
+            error = float((fast_logits - logits).abs().max())
+            return {
+                "step": step,
+                "reference_token": a,
+                "fast_token": b,
+                "reference_logit_margin": margin,
+                "reference_logit_spread": float(logits.max() - logits.min()),
+                "fast_logit_error_max": error,
+                "near_tie_within_rounding": abs(margin) <= error,
+            }
+    return None

@@ -10,8 +10,11 @@ from labkit.quant import pack_model, rtn_quantize_model
 from labkit.roofline import (
     batch1_matmul_roof,
     decode_bound,
+    first_difference,
     flops_per_token,
     kv_bytes_per_token,
+    last_logits,
+    last_logits_decoded,
     measure_one_row_rate,
     measure_read_bandwidth,
     time_in_matmuls,
@@ -114,3 +117,33 @@ def test_time_in_matmuls_splits_a_step_into_matmuls_and_the_rest():
     assert 0 < split["matmul_s"] <= split["step_s"]
     assert split["other_s"] == pytest.approx(split["step_s"] - split["matmul_s"])
     assert time_in_matmuls(lambda: (x * 2).relu(), calls=3)["matmul_s"] == 0  # no matmul at all
+
+
+def test_greedy_differences_are_judged_against_the_two_paths_measured_error():
+    """first_difference: None when the tokens agree; at the first differing token a near-tie when the
+    reference's margin is within the paths' largest logit difference, not when it is wider."""
+    ref_logits = torch.tensor(
+        [0.0, 5.0, 4.999, 1.0]
+    )  # tokens 1 and 2 nearly tied, token 3 far behind
+
+    def reference(ids):
+        return ref_logits
+
+    def fast(ids):
+        return ref_logits + torch.tensor([0.0, 0.0, 0.002, 0.0])
+
+    assert first_difference(reference, fast, [0], [1, 1], [1, 1]) is None
+    tie = first_difference(reference, fast, [0], [1, 1], [1, 2])
+    assert tie["step"] == 1 and tie["near_tie_within_rounding"]
+    assert tie["reference_logit_margin"] == pytest.approx(0.001, abs=1e-6)
+    assert tie["fast_logit_error_max"] == pytest.approx(0.002, abs=1e-6)
+    assert not first_difference(reference, fast, [0], [1], [3])["near_tie_within_rounding"]
+    assert not first_difference(reference, fast, [0], [3], [1])["near_tie_within_rounding"]
+
+
+def test_decode_and_prefill_paths_give_nearly_the_same_last_logits():
+    model = tiny_llama().eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    decoded, full = last_logits_decoded(model)(ids), last_logits(model)(ids)
+    assert decoded.shape == full.shape == (VOCAB,)
+    assert torch.allclose(decoded, full, atol=1e-4)

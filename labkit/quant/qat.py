@@ -1,7 +1,8 @@
 """Quantization-aware training (QAT): fine-tune the model *through* the quantizer it will be deployed with.
 
-Post-training quantization (RTN, GPTQ, AWQ) keeps the trained weights and only chooses how to round them.
-At 3 and 2 bits no rounding choice is good enough: the grid is too coarse for the weights the model learned.
+Post-training quantization (RTN, GPTQ, AWQ) keeps the trained weights and only chooses how to round them,
+and the fewer the bits, the more any rounding costs: on the Austen model (benchmarks/results/qat.json,
+groups of 64) 3-bit RTN and GPTQ add 2.4% and 1.0% to the held-out perplexity, 2-bit 12.5% and 7.4%.
 QAT lets the weights move to where the grid is: every forward pass uses the quantized weight
 
     w_hat = fake_quantize(w)          (the same group-wise quantizer RTN uses: primitives.quantize_weight)
@@ -15,6 +16,9 @@ the scales are refitted to it every step, as RTN would fit them.
 After training, `convert_qat_model` puts ordinary linears back and runs `rtn_quantize_model` on the
 trained weights: the result is the same fake-quantized model (and, with pack_model, the same packed
 QuantLinears) that PTQ produces, evaluated along the same path.
+
+Scale: the course fine-tunes a 5.5M model whose float tied embedding (38% of its parameters) trains too;
+what QAT recovers there does not carry over to LLM scale, where the embedding is a few percent.
 """
 
 import torch
@@ -103,9 +107,11 @@ def train_qat(
 
     The loop of labkit.train (AdamW, warmup then cosine, gradient clipping), at a fine-tuning learning
     rate: the weights only need to move a fraction of a grid step. With a teacher (the float model) the
-    loss is the KL divergence from the teacher's next-token distribution (knowledge distillation, as
-    LLM-QAT does): a target at every position over the whole vocabulary, not one token, so the few
-    steps we can afford carry far more signal, and nothing pulls the model away from the float one."""
+    loss is the KL divergence from the teacher's next-token distribution (knowledge distillation, LLM-QAT's
+    loss too, though LLM-QAT distils on text the float model generates, not on training text): a target at
+    every position over the whole vocabulary, not one token, so the few steps we can afford carry far more
+    signal, and nothing pulls the model away from the float one. Every parameter trains, the float
+    embedding (tied to the output head) and norms included."""
     if not qat_layers(model):
         raise ValueError("no FakeQuantLinear in the model: call prepare_qat(model, bits) first")
     gen = torch.Generator().manual_seed(seed)
