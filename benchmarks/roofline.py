@@ -13,7 +13,7 @@ bytes). The greedy check compares each quantized model's fast kernels with its o
 (QuantLinear's unpack path) on the same prompts.
 
 Targets (ratios measured in this run; paired: the variants alternate within each round, each ratio is the
-median over rounds): batch-1 decode int4 >= 3.0x fp32, int8 >= 2.0x fp32; fp32 batch-1 decode >= 0.70 of
+median over rounds): batch-1 decode int4 >= 3.0x fp32, int8 >= 2.0x fp32; fp32 batch-1 decode >= 0.75 of
 the roofline bound from the bandwidth measured in this run (in each batch-1 round, right before its runs:
 each round's fp32 against its own bound, the median over rounds); the same greedy tokens for the first 32 tokens
 of every prompt, or the exact reason they differ: at the first differing step, the reference's logit
@@ -24,16 +24,26 @@ else (norms, rotary, attention, conversions, sampling, Python), and the matmuls-
 to fp32, the speed-up quantization would give if nothing else took time. The matmuls are compared with
 their roof: the weight bytes at the measured bandwidth, or the weights at the kernel's own one-row pace
 with the weight in cache (a low-bit kernel unpacks every weight), whichever is slower.
-The CPU peer (no target, a ratio reported): llama.cpp (`make llama`) decoding the very GGUF file SmolLM2 is
-converted from (Q4_1 weights) at batch 1, vs labkit's int4.
+labkit's engines run their decode steps compiled (compiled_decode.py; each batch size compiled before the
+timed rounds by warm_up); fp32 and int4 also run eagerly (enforce_eager) in the same batch-1 rounds, so
+compiled vs eager is paired too.
+The CPU peer: llama.cpp (`make llama`) decoding the very GGUF file SmolLM2 is converted from (Q4_1 weights)
+at batch 1 with the same thread count, once in every batch-1 round, first in one round and last in the
+next (paired, alternating order); target: labkit int4 >= 1.2x llama.cpp.
+Compilation (target: <= 60 s for a first compilation, <= 10 s from the on-disk cache): a fresh process
+compiles the batch-1 step with an empty Inductor cache, then a second fresh process does it again from the
+cache that the first one left, for fp32 and int4.
 Writes results/roofline.json and the committed record benchmarks/results/roofline.json.
 """
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +77,7 @@ from labkit.workers.llama_client import decode_speed, llama_available
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
+EAGER_TOO = ("fp32", "int4")  # also run eagerly at batch 1: compiled vs eager, paired
 
 
 def quantized(model, bits: int):
@@ -95,11 +106,59 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     return [ids[i * length : (i + 1) * length] for i in range(n)]
 
 
-def make_engine(model, tokenizer, max_batch: int, max_len: int):
+def make_engine(model, tokenizer, max_batch: int, max_len: int, eager: bool = False):
     blocks = max_batch * -(-max_len // BLOCK) + 8
     return LLMEngine(
-        model, tokenizer, num_blocks=blocks, max_num_seqs=max_batch, enable_prefix_caching=False
+        model,
+        tokenizer,
+        num_blocks=blocks,
+        max_num_seqs=max_batch,
+        enable_prefix_caching=False,
+        enforce_eager=eager,
     )
+
+
+COMPILE_PROBE = """
+import json, sys, time, torch
+from labkit.engine import LLMEngine
+from labkit.model import load_model
+from labkit.quant import pack_model, rtn_quantize_model
+torch.set_num_threads(int(sys.argv[3]))
+model, tok = load_model(sys.argv[1], device="cpu")
+if sys.argv[2] == "int4":
+    model = pack_model(model, rtn_quantize_model(model, 4, 64, "group", symmetric=False, include_head=True))
+engine = LLMEngine(model, tok, max_num_seqs=1, num_blocks=16)
+print(json.dumps(engine.runner.compiled.warm_up([1])))
+"""
+
+
+def compile_times(model: str, precision: str) -> dict:
+    """Seconds to compile the batch-1 decode step in a fresh process: with an empty Inductor cache, then
+    again (another fresh process) from the cache the first one wrote."""
+    seconds = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        for label in ("first_s", "from_cache_s"):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    COMPILE_PROBE,
+                    model,
+                    precision,
+                    str(torch.get_num_threads()),
+                ],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            seconds[label] = json.loads(out.stdout.strip().splitlines()[-1])["1"]
+    print(
+        f"compile {precision} batch 1: first {seconds['first_s']:.1f} s, from the cache {seconds['from_cache_s']:.1f} s"
+    )
+    return seconds
 
 
 def decode(engine, batch_prompts, new_tokens: int) -> tuple[float, dict]:
@@ -118,19 +177,16 @@ def decode(engine, batch_prompts, new_tokens: int) -> tuple[float, dict]:
     return produced / (time.perf_counter() - start), tokens
 
 
-def llama_peer(args, prompt: list[int]) -> dict:
+def llama_peer(args, prompt: list[int], rounds: int) -> dict:
     """llama.cpp's batch-1 decode on the GGUF SmolLM2 comes from, or {'skipped': why}."""
     ok, why = llama_available()
     if args.model != "smollm2" or not ok:
         return {"skipped": why if not ok else "only for --model smollm2 (it reads the GGUF)"}
     try:
-        run = decode_speed(
-            gguf_file(), prompt, args.new_tokens, torch.get_num_threads(), args.rounds
-        )
+        run = decode_speed(gguf_file(), prompt, args.new_tokens, torch.get_num_threads(), rounds)
     except (RuntimeError, OSError) as err:  # WorkerError included: report it, keep the rest
         return {"skipped": f"llama.cpp failed: {str(err)[-2000:]}"}
     median = statistics.median(run["tokens_per_s"])
-    print(f"llama.cpp {run['llama_cpp']} Q4_1, batch 1: {median:.1f} tok/s")
     return {
         "tokens_per_s": run["tokens_per_s"],
         "median_tokens_per_s": median,
@@ -213,11 +269,27 @@ def main():
             "within the kernel's rounding"
         )
 
-    # 2. decode tok/s: variants alternate within each round (same machine load for each pair)
+    # 2. decode tok/s: variants alternate within each round (same machine load for each pair); every
+    # engine compiles its decode step for the batch sizes measured first (warm_up), and fp32 and int4 run
+    # eagerly too (batch 1): compiled vs eager, paired
     engines = {
         name: make_engine(model, tokenizer, max(batches), max_len) for name, model in models.items()
     }
-    measured = {name: {b: [] for b in batches} for name in models}
+    warm_up_s = {}
+    for name, engine in engines.items():
+        sizes = sorted({engine.runner.compiled.size_for(b) for b in batches})
+        warm_up_s[name] = engine.runner.compiled.warm_up(sizes)
+        print(
+            f"{name}: compiled sizes {sizes} in "
+            + ", ".join(f"{t:.0f}" for t in warm_up_s[name].values())
+            + " s"
+        )
+    for name in EAGER_TOO:
+        engines[f"{name} eager"] = make_engine(models[name], tokenizer, 1, max_len, eager=True)
+    variants = list(engines)
+    measured = {name: {b: [] for b in batches} for name in variants}
+    llama_rounds: list[float] = []
+    llama_runs: list[dict] = []
     # this machine's bandwidth drifts by tens of percent over minutes: measure it in every batch-1 round
     # too, right before the variants, and judge fp32 against the bound of its own round (paired)
     round_bandwidths = []
@@ -226,14 +298,36 @@ def main():
         for r in range(rounds):
             if batch == 1:
                 round_bandwidths.append(measure_read_bandwidth(256, runs=3))
-            order = list(models) if r % 2 == 0 else list(reversed(models))
+            order = variants if r % 2 == 0 else list(reversed(variants))
+            if batch != 1:
+                order = [n for n in order if not n.endswith(" eager")]
+            llama_first = r % 2 == 1
+            if batch == 1 and llama_first:
+                llama_runs.append(llama_peer(args, all_prompts[0], rounds=1))
             for name in order:
                 tok_s, _ = decode(engines[name], all_prompts[:batch], args.new_tokens)
                 measured[name][batch].append(tok_s)
+            if batch == 1 and not llama_first:
+                llama_runs.append(llama_peer(args, all_prompts[0], rounds=1))
         print(
             f"batch {batch}: "
-            + ", ".join(f"{n} {statistics.median(measured[n][batch]):.1f}" for n in models)
+            + ", ".join(
+                f"{n} {statistics.median(measured[n][batch]):.1f}"
+                for n in variants
+                if measured[n][batch]
+            )
             + " tok/s"
+        )
+    llama = llama_runs[0] if "skipped" in llama_runs[0] else llama_runs[-1]
+    if "skipped" not in llama:
+        llama_rounds = [run["tokens_per_s"][0] for run in llama_runs]
+        llama = {
+            **llama,
+            "tokens_per_s": llama_rounds,
+            "median_tokens_per_s": statistics.median(llama_rounds),
+        }
+        print(
+            f"llama.cpp batch 1, paired rounds: {', '.join(f'{t:.1f}' for t in llama_rounds)} tok/s"
         )
 
     print(
@@ -248,6 +342,8 @@ def main():
     # prefill's token, one warm-up step, time_in_matmuls' 2 x calls, one spare
     new_tokens = 2 + 2 * calls + 1
     for name, engine in engines.items():  # the engines measured above: built (and pre-packed) once
+        if name.endswith(" eager") and name[: -len(" eager")] not in EAGER_TOO:
+            continue
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
         engine.add_request("split", all_prompts[0], params)
         engine.step()  # prefill
@@ -263,9 +359,8 @@ def main():
             f"everything else {b['other_ms']:.1f} ms"
         )
 
-    # 2b. the CPU peer: llama.cpp on the very GGUF file SmolLM2 was converted from (Q4_1), batch 1
-    llama = llama_peer(args, all_prompts[0])
-    print("llama.cpp:", llama.get("skipped", "measured"))
+    # 2b. compilation: cold (empty cache) and from the cache, each in a fresh process
+    compile_s = {name: compile_times(args.model, name) for name in EAGER_TOO}
 
     # 3. the roofline prediction for the same runs (mean context over the decode steps)
     context = args.prompt_tokens + args.new_tokens / 2
@@ -326,16 +421,21 @@ def main():
 
     ratios = {"int4_vs_fp32": paired_ratio("int4"), "int8_vs_fp32": paired_ratio("int8")}
     ratios["bf16_vs_fp32"] = paired_ratio("bf16")
+    for name in EAGER_TOO:  # compiled vs eager, per round
+        ratios[f"{name}_compiled_vs_eager"] = statistics.median(
+            a / b for a, b in zip(measured[name][1], measured[f"{name} eager"][1])
+        )
+    ratios["int4_eager_vs_fp32_eager"] = statistics.median(
+        a / b for a, b in zip(measured["int4 eager"][1], measured["fp32 eager"][1])
+    )
     # the kernels alone, as if nothing else took time (one measurement each, not paired)
     for name in ("bf16", "int8", "int4"):
         ratios[f"{name}_vs_fp32_matmuls_only"] = (
             breakdown["fp32"]["matmul_ms"] / breakdown[name]["matmul_ms"]
         )
-    if (
-        "median_tokens_per_s" in llama
-    ):  # not paired (another process): read it with the load beside it
-        ratios["labkit_int4_vs_llama_cpp_q4_1"] = (
-            statistics.median(measured["int4"][1]) / llama["median_tokens_per_s"]
+    if "median_tokens_per_s" in llama:  # paired: one llama.cpp run in every batch-1 round
+        ratios["labkit_int4_vs_llama_cpp_q4_1"] = statistics.median(
+            a / b for a, b in zip(measured["int4"][1], llama["tokens_per_s"])
         )
     fp32 = figures["fp32"]
     fp32_fraction = statistics.median(  # each round's fp32 run against that round's bandwidth
@@ -351,9 +451,19 @@ def main():
         for tok_s, round_bw in zip(measured["fp32"][1], round_bandwidths)
     )
     targets = {
-        "int4 batch-1 decode >= 3.0x fp32": ratios["int4_vs_fp32"] >= 3.0,
-        "int8 batch-1 decode >= 2.0x fp32": ratios["int8_vs_fp32"] >= 2.0,
-        "fp32 batch-1 decode >= 0.70 of the roofline bound": fp32_fraction >= 0.70,
+        "int4 batch-1 decode >= 3.0x fp32 (compiled)": ratios["int4_vs_fp32"] >= 3.0,
+        "int8 batch-1 decode >= 2.0x fp32 (compiled)": ratios["int8_vs_fp32"] >= 2.0,
+        "fp32 batch-1 decode >= 0.75 of the roofline bound (compiled)": fp32_fraction >= 0.75,
+        "labkit int4 >= 1.2x llama.cpp on the same GGUF, batch 1, paired": ratios.get(
+            "labkit_int4_vs_llama_cpp_q4_1", 0
+        )
+        >= 1.2,
+        "first compilation <= 60 s (batch-1 step, fresh process, empty cache)": all(
+            c["first_s"] <= 60 for c in compile_s.values()
+        ),
+        "compilation from the cache <= 10 s (fresh process)": all(
+            c["from_cache_s"] <= 10 for c in compile_s.values()
+        ),
         # the issue's wording: the same tokens "or the exact reason they differ"; the reason we accept is
         # measured, not assumed: a flip at a near-tie closer than the fast path's own logit error there
         "same greedy tokens as the dequantized reference (32 tokens, every prompt), "
@@ -372,7 +482,8 @@ def main():
     context = {
         "load_average_before_after": [load_before, load_after],
         "model": args.model,
-        "decode_loop": "labkit.engine.LLMEngine (paged KV cache, fast layers; QuantLinear kernels)",
+        "decode_loop": "labkit.engine.LLMEngine (paged KV cache, fast layers; QuantLinear kernels), decode "
+        "steps compiled (compiled_decode.py); '<name> eager' variants with enforce_eager",
         "settings": vars(args),
     }
     figures = {
@@ -386,6 +497,8 @@ def main():
         "greedy": greedy,
         "step_breakdown_batch1": breakdown,
         "llama_cpp": llama,
+        "warm_up_s": warm_up_s,
+        "compile_s": compile_s,
     }
     print("wrote", save_record("roofline", figures, targets, **context))
 
