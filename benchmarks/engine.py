@@ -10,7 +10,8 @@ they mean the same on a laptop and on a GPU box:
     *given the same KV-cache memory*, on ShareGPT-shaped lengths (labkit/engine/kv_budget.py says how they
     are drawn and scaled); admitted batch sizes, memory utilisation and the padded-work ceiling beside it;
   - labkit's engine throughput >= vLLM's on this CPU on the mixed workload, judged against vLLM as it
-    runs by default (torch.compile); eager vLLM is reported beside it.
+    runs by default (torch.compile) with labkit's decode step compiled too (compiled_decode.py, every
+    batch size compiled before the timed runs); eager vLLM is paired with eager labkit beside it.
 Paired: the two sides of each ratio alternate run by run, and each ratio is the median of per-pair ratios.
 """
 
@@ -219,8 +220,18 @@ def main(argv=None):
         "output_tokens": tokens,
         "output_lengths": mixed_lengths,
     }
-    engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=args.max_num_seqs))
-    run_engine(engine, workload[:4], tag="warmup")
+    # labkit compiled (its default; every batch size compiled before the timed runs, as vLLM does at
+    # start-up) and eager; each is paired with vLLM in the same mode
+    engines = {
+        mode: LLMEngine(
+            model, tok, EngineConfig(max_num_seqs=args.max_num_seqs, enforce_eager=mode == "eager")
+        )
+        for mode in ("compiled", "eager")
+    }
+    out["labkit_compile_s"] = engines["compiled"].warm_up()
+    engine = engines["compiled"]
+    for e in engines.values():
+        run_engine(e, workload[:4], tag="warmup")
     systems = {}
     if not args.skip_hf:
         t = time.perf_counter()
@@ -230,7 +241,7 @@ def main(argv=None):
     systems["labkit_continuous"] = median_run(
         [run_engine(engine, workload, tag=f"cont{r}") for r in range(args.repeats)]
     )
-    check = LLMEngine(model, tok, EngineConfig(max_num_seqs=args.max_num_seqs))
+    check = LLMEngine(model, tok, EngineConfig(max_num_seqs=args.max_num_seqs, enforce_eager=True))
     for i, (p, k) in enumerate(workload):
         check.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=k, ignore_eos=True))
     labkit_ids = check.run_to_completion()
@@ -259,7 +270,9 @@ def main(argv=None):
                             (
                                 with_cores_used(
                                     time.process_time,
-                                    partial(run_engine, engine, workload, tag=f"pair-{mode}{r}"),
+                                    partial(
+                                        run_engine, engines[mode], workload, tag=f"pair-{mode}{r}"
+                                    ),
                                     cores["labkit"],
                                 ),
                                 with_cores_used(

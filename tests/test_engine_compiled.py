@@ -48,6 +48,18 @@ def test_enforce_eager_and_compile_after_steps_are_validated():
         EngineConfig(compile_after_steps=-1)
 
 
+def test_nothing_compiles_until_warm_up_and_enforce_eager_never_compiles(model_tok):
+    """An engine that lives for a test or a notebook cell starts in milliseconds and stays eager; warm_up
+    is what compiles (and with enforce_eager there is nothing to compile)."""
+    engine = LLMEngine(*model_tok, max_num_seqs=2)
+    engine.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=70))
+    engine.run_to_completion()
+    assert engine.runner.compiled.compile_seconds == {}
+    assert engine.runner.compiled.eager_steps[1] == 69  # every decode step ran eagerly
+    eager = LLMEngine(*model_tok, max_num_seqs=2, enforce_eager=True)
+    assert eager.runner.compiled is None and eager.warm_up() == {}
+
+
 def test_padded_decode_attention_equals_the_ragged_kernel():
     """The static-shape attention of the compiled step against decode_attention, with rows of different
     lengths, a table wider than some rows need and a padding row pointing at a spare block."""

@@ -32,13 +32,14 @@ run the eager `ModelRunner.forward`: their shapes change with every prompt, and 
 enough that per-op overhead matters little there. `EngineConfig(enforce_eager=True)` (vLLM's name) turns
 compilation off.
 
-When to compile is a JIT's choice (tiered, as the JVM or LuaJIT do): a size runs eagerly until it has run
-`EngineConfig.compile_after_steps` decode steps (default 64), then compiles. Compiling one size takes 10-60
-s on a 2-core CPU, so a short-lived engine (a test, most notebook cells) should not pay it, and a long run
-amortises it within seconds. `LLMEngine.warm_up()` compiles every size up front, as vLLM and SGLang do at
-start-up (benchmarks and servers call it before they are timed); `compile_after_steps=0` compiles a size at
-its first step. The generated code is cached on disk under `.cache/torchinductor/` in the repository
-(git-ignored), so the next process that compiles the same model and size skips most of the work.
+When to compile: compiling one size takes 10-60 s on a 2-core CPU (seconds from the on-disk cache), so an
+engine that lives for a test or a notebook cell should not pay it, and a server or a benchmark should pay
+it before its first request, not in the middle of a run. So nothing compiles by itself: `LLMEngine.warm_up()`
+compiles every size up front, as vLLM and SGLang do at start-up, and until then every step runs eagerly.
+`EngineConfig(compile_after_steps=n)` adds a JIT's tiering instead (the JVM's, LuaJIT's): a size compiles
+once it has run n steps eagerly (0: at its first step). The generated code is cached on disk under
+`.cache/torchinductor/` in the repository (git-ignored), so the next process that compiles the same model
+and size skips most of the work.
 """
 
 import os
@@ -71,7 +72,7 @@ class CompiledDecode:
     `plain_decode` is True and at most `sizes[-1]` rows; `compile_seconds` records each compiled size's
     first call (compilation included)."""
 
-    def __init__(self, runner, max_num_seqs: int, compile_after_steps: int):
+    def __init__(self, runner, max_num_seqs: int, compile_after_steps: int | None):
         self.runner = runner
         self.sizes = capture_sizes(max_num_seqs)
         self.compile_after_steps = compile_after_steps
@@ -108,7 +109,10 @@ class CompiledDecode:
         size = self.size_for(step.input_ids.shape[0]) if step.plain_decode else None
         if size is None:
             return False
-        if size in self.compile_seconds or self.eager_steps[size] >= self.compile_after_steps:
+        if size in self.compile_seconds:
+            return True
+        after = self.compile_after_steps
+        if after is not None and self.eager_steps[size] >= after:
             return True
         self.eager_steps[size] += 1
         return False

@@ -29,9 +29,9 @@ class EngineConfig:
 
     # run every step eagerly (vLLM's name); by default plain decode steps run compiled (compiled_decode.py)
     enforce_eager: bool = False
-    # a padded decode size compiles once it has run this many steps eagerly (0: at its first step);
-    # LLMEngine.warm_up() compiles them all up front
-    compile_after_steps: int = 64
+    # when decode steps compile (compiled_decode.py): None = when LLMEngine.warm_up() is called (all sizes
+    # up front, as vLLM does at start-up); n = a size also compiles once it has run n steps eagerly
+    compile_after_steps: int | None = None
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -46,7 +46,10 @@ class EngineConfig:
         require_int("seed", self.seed, low=-(2**63))
         require_int("speculative_ngram", self.speculative_ngram, low=0, hint="an int (0 = off)")
         require_int("num_speculative_tokens", self.num_speculative_tokens, low=1)
-        require_int("compile_after_steps", self.compile_after_steps, low=0)
+        if self.compile_after_steps is not None:
+            require_int(
+                "compile_after_steps", self.compile_after_steps, low=0, hint="None or an int"
+            )
         for name in ("enable_prefix_caching", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -54,13 +54,12 @@ class LLM:
         dtype="float32",
         device: str | None = None,
         max_model_len: int | None = None,
-        enforce_eager: bool = True,
         **engine_kwargs,
     ):
         """model: None (the course model), a hub id / local path, or an already loaded model (then pass its
         tokenizer too). config: an EngineConfig; remaining keyword arguments are its fields (block_size,
-        num_blocks, max_num_seqs, seed, ...). `max_model_len` caps the context like vLLM's; `enforce_eager` is accepted so vLLM-style
-        code runs unchanged (labkit always runs eagerly: there is no graph capture to skip)."""
+        num_blocks, max_num_seqs, seed, ...). `max_model_len` caps the context like vLLM's; `enforce_eager=True` runs every step eagerly,
+        as in vLLM (by default plain decode steps compile once hot: compiled_decode.py)."""
         if model is None or isinstance(model, str):
             if isinstance(dtype, str):
                 if dtype not in _DTYPES:

@@ -52,6 +52,8 @@ def start(spec: dict):
         if spec.get(key):
             kwargs[key] = spec[key]
     llm = LLM(**kwargs)
+    if which == "labkit" and not kwargs["enforce_eager"]:
+        llm.engine.warm_up()  # compile every batch size now, as vLLM does at start-up
     startup = time.perf_counter() - t0
     engine = llm.llm_engine
 
