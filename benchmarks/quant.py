@@ -154,11 +154,15 @@ def main(argv=None):
             q = fn()
             add(name, 8, -1, False, q, time.perf_counter() - t0, saved_bytes(q))
 
+    def gptq(m, b, g, h):
+        scheme, options = gptq_recipe(b, g, GPTQ)
+        return gptq_quantize_model(
+            m, calib, scheme, options=options, include_head=h, progress=False
+        )
+
     methods = {
         "rtn": lambda m, b, g, h: rtn_quantize_model(m, QuantScheme(b, g), include_head=h),
-        "gptq": lambda m, b, g, h: gptq_quantize_model(
-            m, calib, *gptq_recipe(b, g, GPTQ), include_head=h, progress=False
-        ),
+        "gptq": gptq,
         "awq": lambda m, b, g, h: awq_quantize_model(
             m, calib, QuantScheme(b, g), include_head=h, progress=False
         ),
@@ -275,7 +279,7 @@ def compare_with_libraries(a, model, tok, ids, ref, calib, gs, work) -> list[dic
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         scheme, options = gptq_recipe(4, gs, ours)  # (damp 0.01, blocks of 128: the defaults)
-        res = gptq_quantize_model(m, calib, scheme, options, progress=False)
+        res = gptq_quantize_model(m, calib, scheme, options=options, progress=False)
         sec = time.perf_counter() - t0
         export = export_gptq(m, res, work / f"labkit-{task}", tok, options)
         loaded, _ = load_gptq(export, device="cpu")

@@ -8,13 +8,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from labkit.quant import (
+    AWQOptions,
     GPTQOptions,
     QuantScheme,
+    awq_quantize_model,
+    gptq_quantize_model,
     gptq_quantize_weight,
     quantize_weight,
     rtn_quantize_model,
 )
 from labkit.quant.awq import search_scale
+from labkit.quant.qat import QATSchedule, convert_qat_model, prepare_qat, train_qat
 
 
 def small_llama(hidden=96):
@@ -86,3 +90,37 @@ def test_awq_search_takes_a_scheme_and_the_old_dict_with_a_deprecation_warning()
         qargs = dict(bits=3, symmetric=True, granularity="group", group_size=32)
         s_old, alpha_old = search_scale(*stats, [w], qargs)
     assert alpha_new == alpha_old and torch.equal(s_new, s_old)
+
+
+def test_the_model_quantizers_take_a_scheme_and_options_as_the_notebooks_call_them():
+    calib = torch.randint(0, 64, (2, 16))
+    loose, typed = small_llama(), small_llama()
+    ra = gptq_quantize_model(
+        loose, calib, 4, 32, act_order=True, static_groups=True, progress=False
+    )
+    rb = gptq_quantize_model(
+        typed,
+        calib,
+        QuantScheme(4, 32, act_order=True),
+        options=GPTQOptions(static_groups=True),
+        progress=False,
+    )
+    assert all(same_codes(ra[k], rb[k]) for k in ra)
+    ra = awq_quantize_model(small_llama(), calib, 4, 32, n_grid=5, progress=False)
+    rb = awq_quantize_model(
+        small_llama(), calib, QuantScheme(4, 32), options=AWQOptions(n_grid=5), progress=False
+    )
+    assert all(same_codes(ra[k], rb[k]) for k in ra)
+    with pytest.raises(TypeError):  # options after the group-size slot are keyword-only
+        gptq_quantize_model(small_llama(), calib, QuantScheme(4, 32), 32, GPTQOptions())
+
+
+def test_qat_takes_a_scheme_and_a_schedule_or_the_loose_form():
+    ids = torch.randint(0, 64, (400,))
+    loose = prepare_qat(small_llama(), 3, 32, symmetric=False)
+    typed = prepare_qat(small_llama(), QuantScheme(3, 32, symmetric=False))
+    a = train_qat(loose, ids, 3, 2, 16, 1e-3, warmup=1)
+    b = train_qat(typed, ids, QATSchedule(3, 2, 16, 1e-3, warmup=1))
+    assert a == b
+    ra, rb = convert_qat_model(loose), convert_qat_model(typed)
+    assert all(same_codes(ra[k], rb[k]) for k in ra)

@@ -167,14 +167,15 @@ def awq_quantize_model(
     calib: torch.Tensor,
     bits: QuantScheme | int = 4,
     group_size: int | None = 128,
+    *,
     options: AWQOptions | None = None,
     include_head: bool = False,
     progress: bool = True,
     **loose,
 ) -> dict[str, QuantizedWeight]:
     """AWQ in place: per block, search and fold scales, search clipping, then RTN-quantize everything:
-    awq_quantize_model(model, calib, QuantScheme(4, 64), AWQOptions(duo_scaling=True)), or the loose
-    form awq_quantize_model(model, calib, 4, 64, duo_scaling=True).
+    awq_quantize_model(model, calib, QuantScheme(4, 64), options=AWQOptions(duo_scaling=True)), or the
+    loose form awq_quantize_model(model, calib, 4, 64, duo_scaling=True).
 
     With include_head the output head is untied from the embedding (walk.untie_output_head) and gets the
     clipping search and RTN only: the reference code leaves lm_head alone, and its input (the final norm)

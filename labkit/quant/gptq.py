@@ -279,14 +279,15 @@ def gptq_quantize_model(
     calib: torch.Tensor,
     bits: QuantScheme | int = 4,
     group_size: int | None = 128,
+    *,
     options: GPTQOptions | None = None,
     include_head: bool = False,
     progress: bool = True,
     **loose,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ every linear of the decoder blocks in place (fake-quantized floats), block by block:
-    gptq_quantize_model(model, calib, QuantScheme(4, 64), GPTQOptions(static_groups=True)), or the
-    loose form gptq_quantize_model(model, calib, 4, 64, static_groups=True).
+    gptq_quantize_model(model, calib, QuantScheme(4, 64), options=GPTQOptions(static_groups=True)),
+    or the loose form gptq_quantize_model(model, calib, 4, 64, static_groups=True).
 
     The calibration text's hidden states are captured once at the first block; each block is then run
     on the outputs of the blocks already *quantized*, so later blocks also correct errors made earlier.
