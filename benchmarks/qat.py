@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from labkit import load_model
 from labkit.data import calibration_batches, heldout_ids, token_stream
 from labkit.evaluate import evaluate_lm
-from labkit.quant import gptq_quantize_model, rtn_quantize_model
-from labkit.quant.qat import convert_qat_model, prepare_qat, train_qat
+from labkit.quant import QuantScheme, gptq_quantize_model, rtn_quantize_model
+from labkit.quant.qat import QATSchedule, convert_qat_model, prepare_qat, train_qat
 from labkit.results import save_record
 
 
@@ -32,23 +32,22 @@ def ppl(model, ids) -> float:
 
 def one_width(model, tokenizer, ids, bits: int, args) -> dict:
     rtn = copy.deepcopy(model)
-    rtn_quantize_model(rtn, bits, args.group_size, symmetric=False)
+    scheme = QuantScheme(bits, args.group_size, symmetric=False)
+    rtn_quantize_model(rtn, scheme)
     gptq = copy.deepcopy(model)
     calib = calibration_batches(tokenizer, args.calib_samples, 256, seed=args.seed)
-    gptq_quantize_model(gptq, calib, bits, args.group_size, symmetric=False, progress=False)
-    qat = prepare_qat(copy.deepcopy(model), bits, args.group_size, symmetric=False)
+    gptq_quantize_model(gptq, calib, scheme, progress=False)
+    qat = prepare_qat(copy.deepcopy(model), scheme)
     start = time.perf_counter()
-    losses = train_qat(
-        qat,
-        token_stream(tokenizer, "train"),
+    schedule = QATSchedule(
         args.steps,
         args.batch,
         args.seq_len,
         args.lr,
         seed=args.seed,
         log_every=max(1, args.steps // 10),
-        teacher=model,
     )
+    losses = train_qat(qat, token_stream(tokenizer, "train"), schedule, teacher=model)
     seconds = time.perf_counter() - start
     convert_qat_model(qat)
     row = {

@@ -36,6 +36,8 @@ from labkit.data import calibration_batches, heldout_ids  # noqa: E402
 from labkit.evaluate import disk_bytes, evaluate_lm, saved_bytes  # noqa: E402
 from labkit.quality import chat_answers, quality  # noqa: E402
 from labkit.quant import (  # noqa: E402
+    GPTQOptions,
+    QuantScheme,
     awq_quantize_model,
     export_gptq,
     gptq_quantize_model,
@@ -141,7 +143,7 @@ def main(argv=None):
 
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    res = rtn_quantize_model(m, 8, -1, granularity="channel")
+    res = rtn_quantize_model(m, QuantScheme(8, granularity="channel"))
     add("rtn-int8", 8, -1, False, m, time.perf_counter() - t0, packed_size(m, res))
     if a.full:
         for name, fn in (
@@ -152,13 +154,17 @@ def main(argv=None):
             q = fn()
             add(name, 8, -1, False, q, time.perf_counter() - t0, saved_bytes(q))
 
+    def gptq(m, b, g, h):
+        scheme, options = gptq_recipe(b, g, GPTQ)
+        return gptq_quantize_model(
+            m, calib, scheme, options=options, include_head=h, progress=False
+        )
+
     methods = {
-        "rtn": lambda m, b, g, h: rtn_quantize_model(m, b, g, include_head=h),
-        "gptq": lambda m, b, g, h: gptq_quantize_model(
-            m, calib, b, g, include_head=h, progress=False, **GPTQ
-        ),
+        "rtn": lambda m, b, g, h: rtn_quantize_model(m, QuantScheme(b, g), include_head=h),
+        "gptq": gptq,
         "awq": lambda m, b, g, h: awq_quantize_model(
-            m, calib, b, g, include_head=h, progress=False
+            m, calib, QuantScheme(b, g), include_head=h, progress=False
         ),
     }
     for method, bits, group_size, head in grid(gs, a.full):
@@ -195,10 +201,18 @@ def fmt(r) -> str:
     )
 
 
+def gptq_recipe(bits: int, group_size: int, settings: dict) -> tuple[QuantScheme, GPTQOptions]:
+    """A GPTQ settings dict, as the record stores it, as labkit's objects: act_order is part of the
+    scheme, the rest (static_groups, true_sequential) are GPTQ's options."""
+    rest = dict(settings)
+    scheme = QuantScheme(bits, group_size, act_order=rest.pop("act_order", False))
+    return scheme, GPTQOptions(**rest)
+
+
 def linear_size_ratio(model, gs, work) -> float:
     """The decoder blocks' linear weights on disk: float32 vs packed 4-bit (codes, scales, zeros)."""
     m = copy.deepcopy(model)
-    res = rtn_quantize_model(m, 4, gs)
+    res = rtn_quantize_model(m, QuantScheme(4, gs))
     fp32 = {f"{n}.weight": get_weight(model.get_submodule(n)).detach().contiguous() for n in res}
     save_file(fp32, work / "linears_fp32.safetensors")
     packed = {
@@ -264,11 +278,11 @@ def compare_with_libraries(a, model, tok, ids, ref, calib, gs, work) -> list[dic
             continue
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        res = gptq_quantize_model(
-            m, calib, 4, gs, damp=0.01, block_size=128, progress=False, **ours
-        )
+        scheme, options = gptq_recipe(4, gs, ours)  # (damp 0.01, blocks of 128: the defaults)
+        res = gptq_quantize_model(m, calib, scheme, options=options, progress=False)
         sec = time.perf_counter() - t0
-        loaded, _ = load_gptq(export_gptq(m, res, work / f"labkit-{task}", tok), device="cpu")
+        export = export_gptq(m, res, work / f"labkit-{task}", tok, options)
+        loaded, _ = load_gptq(export, device="cpu")
         libs.append(
             dict(
                 who="labkit",

@@ -55,7 +55,7 @@ import torch
 from labkit.data import heldout_ids
 from labkit.engine import LLMEngine, SamplingParams
 from labkit.model import load_model
-from labkit.quant import QuantLinear, pack_model, rtn_quantize_model
+from labkit.quant import QuantLinear, QuantScheme, pack_model, rtn_quantize_model
 from labkit.results import save_record
 from labkit.roofline import (
     batch1_matmul_roof,
@@ -84,9 +84,10 @@ def quantized(model, bits: int):
     """A packed copy: RTN asymmetric, int8 per output channel, int4 in groups of 64; the head too."""
     q = copy.deepcopy(model)
     if bits == 8:
-        results = rtn_quantize_model(q, 8, None, "channel", symmetric=False, include_head=True)
+        scheme = QuantScheme(8, granularity="channel", symmetric=False)
     else:
-        results = rtn_quantize_model(q, 4, 64, "group", symmetric=False, include_head=True)
+        scheme = QuantScheme(4, 64, symmetric=False)
+    results = rtn_quantize_model(q, scheme, include_head=True)
     return pack_model(q, results)
 
 

@@ -175,6 +175,10 @@ def sample_layers(in_features: int = 576, out_features: int = 1536) -> dict:
     `measure_one_row_rate`: float weights pre-packed for oneDNN where the CPU supports it (the engine's
     path from two rows up), else `F.linear`; int8 and int4 through QuantLinear's kernels."""
     from .quant.primitives import quantize_weight
+    from .quant.scheme import QuantScheme
+
+    int8 = QuantScheme(8, granularity="channel", symmetric=False)
+    int4 = QuantScheme(4, 64, symmetric=False)
 
     w = torch.randn(out_features, in_features) * 0.02
     w16 = w.to(torch.bfloat16)
@@ -183,8 +187,8 @@ def sample_layers(in_features: int = 576, out_features: int = 1536) -> dict:
     return {
         "fp32": fp32,
         "bf16": lambda x: bf16(x.to(torch.bfloat16)),
-        "int8": QuantLinear.from_quantized(quantize_weight(w, 8, False, "channel")),
-        "int4": QuantLinear.from_quantized(quantize_weight(w, 4, False, "group", 64)),
+        "int8": QuantLinear.from_quantized(quantize_weight(w, int8)),
+        "int4": QuantLinear.from_quantized(quantize_weight(w, int4)),
     }
 
 

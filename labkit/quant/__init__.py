@@ -1,5 +1,6 @@
 """labkit.quant: quantization built from scratch, one idea per file.
 
+scheme.py      QuantScheme: bits, group size, granularity, symmetric, act-order, checked against a model
 primitives.py  quantize/dequantize, symmetric/asymmetric, per-tensor/channel/group, any 2-8 bits
 packing.py     b-bit codes packed into int32 words (the GPTQ layout)
 qlinear.py     QuantLinear: a linear layer that runs from packed weights
@@ -20,9 +21,9 @@ reference.py   a float model's logits computed once, to compare many quantized v
 libs.py        the production libraries (GPTQModel, llm-compressor, torchao), run by labkit.workers
 """
 
-from .awq import awq_quantize_model
+from .awq import AWQOptions, awq_quantize_model
 from .export import export_gptq, load_gptq, pack_model
-from .gptq import gptq_quantize_model, gptq_quantize_weight
+from .gptq import GPTQOptions, gptq_quantize_model, gptq_quantize_weight
 from .packing import pack_rows, unpack_rows
 from .primitives import (
     QuantizedWeight,
@@ -36,8 +37,12 @@ from .primitives import (
 )
 from .qlinear import QuantLinear
 from .rtn import rtn_quantize_model
+from .scheme import QuantScheme
 
 __all__ = [
+    "AWQOptions",
+    "GPTQOptions",
+    "QuantScheme",
     "awq_quantize_model",
     "export_gptq",
     "load_gptq",

@@ -13,12 +13,14 @@ group_size -1 means one group per output channel; desc_act true means act-order 
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from .gptq import GPTQOptions
 from .layers import get_weight, output_head
 from .primitives import QuantizedWeight
 from .qlinear import QuantLinear
@@ -88,14 +90,14 @@ def export_gptq(
     results: dict[str, QuantizedWeight],
     out_dir,
     tokenizer=None,
-    damp: float = 0.01,
-    true_sequential: bool = True,
-    static_groups: bool = False,
+    options: GPTQOptions | None = None,
+    **loose,
 ) -> Path:
     """Write a GPTQ checkpoint directory (config.json, model.safetensors, quantize_config.json, tokenizer).
 
-    damp, true_sequential and static_groups only describe how the weights were made (the defaults are
-    gptq_quantize_model's); loaders do not need them, but a checkpoint should not misstate its recipe.
+    The bits, group size, symmetry and act-order (desc_act) are read off the codes themselves. options
+    (the GPTQOptions the weights were made with; loose: damp=, true_sequential=, static_groups=) only
+    describe the recipe: loaders do not need them, but a checkpoint should not misstate it.
 
     Only the decoder blocks' linears may be quantized: the output head is tied to the embedding here and
     stays float16, as `lm_head: false` tells the loaders.
@@ -109,13 +111,14 @@ def export_gptq(
     if not results:
         raise ValueError("nothing to export: results is empty")
     fmt = _format(results)
+    recipe = replace(options or GPTQOptions(), **loose)
     qconfig = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         **fmt,
-        "damp_percent": damp,
-        "true_sequential": true_sequential,
-        "static_groups": static_groups,
+        "damp_percent": recipe.damp,
+        "true_sequential": recipe.true_sequential,
+        "static_groups": recipe.static_groups,
         "lm_head": False,
         "pack_dtype": "int32",
     }

@@ -28,12 +28,14 @@ Per-channel quantization fits one (scale, zero) per row to the whole row before 
 the reference does; dead inputs (H_jj = 0, never active in calibration) get H_jj = 1 and weight 0.
 """
 
+from dataclasses import dataclass, replace
+
 import torch
 from tqdm.auto import tqdm
 
 from .calibration import block_inputs, hooked, run_block, run_calibration, sequential_groups
 from .layers import (
-    check_group_size,
+    check_scheme,
     find_blocks,
     find_linears,
     get_weight,
@@ -42,13 +44,12 @@ from .layers import (
 )
 from .primitives import (
     QuantizedWeight,
-    check_bits,
     check_weight,
     dequantize_values,
     quantize_values,
-    resolve_group_size,
     scale_zero_from_range,
 )
+from .scheme import QuantScheme, as_scheme, pop_scheme_fields
 
 
 class Hessian:
@@ -67,6 +68,36 @@ class Hessian:
         self.H += x.t() @ x
 
 
+@dataclass(frozen=True)
+class GPTQOptions:
+    """How GPTQ gets there (the QuantScheme says what the weights become)."""
+
+    damp: float = 0.01  # added to H's diagonal, as a fraction of its mean
+    block_size: int = 128  # columns per lazy update
+    static_groups: bool = False  # groups' ranges fitted to the original weights up front
+    true_sequential: bool = True  # inside a block, later linears see the quantized earlier ones
+    batch_size: int = 8  # calibration sequences per forward pass
+
+    def __post_init__(self):
+        if not 0 <= self.damp < 1:
+            raise ValueError(
+                f"damp is a fraction of the mean diagonal, 0 <= damp < 1; got {self.damp}"
+            )
+        for name in ("block_size", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def gptq_settings(
+    bits: QuantScheme | int, options: GPTQOptions | None, loose: dict
+) -> tuple[QuantScheme, GPTQOptions]:
+    """(scheme, options) from a GPTQ call: new-style objects, or the loose keyword form from before them
+    (group_size=64, act_order=True, damp=0.01...), which keeps working. An unknown keyword is a TypeError."""
+    scheme = as_scheme(bits, **pop_scheme_fields(loose))
+    return scheme, replace(options or GPTQOptions(), **loose)
+
+
 def _params(w: torch.Tensor, bits: int, symmetric: bool, per_tensor: bool):
     lo, hi = (
         (w.min().reshape(1, 1), w.max().reshape(1, 1))
@@ -77,119 +108,186 @@ def _params(w: torch.Tensor, bits: int, symmetric: bool, per_tensor: bool):
     return scale.expand(w.shape[0], 1), zero.expand(w.shape[0], 1)
 
 
+# ---- the three ways columns share a (scale, zero) -------------------------------------------------
+# Each answers at(col, ...) -> the (scale, zero) [out, 1] to quantize column `col` (in quantization
+# order) with, and ranges() -> (scales, zeros, group of each column in quantization order) at the end.
+
+
+class WholeRows:
+    """Per-channel (or per-tensor): one range per row (or one in all), fitted to the whole weight before
+    the first column moves, as the reference does."""
+
+    def __init__(self, W: torch.Tensor, scheme: QuantScheme, per_tensor: bool):
+        self.scale, self.zero = _params(W, scheme.bits, scheme.symmetric, per_tensor)
+
+    def at(self, col: int, block_rest: torch.Tensor, after_block: torch.Tensor):
+        return self.scale, self.zero
+
+    def ranges(self, perm: torch.Tensor):
+        zeros = torch.zeros_like(perm, dtype=torch.int32)
+        return torch.cat([self.scale], 1), torch.cat([self.zero], 1), zeros
+
+
+class DynamicGroups:
+    """A fresh range every group_size columns, fitted to the weights as GPTQ has updated them when the
+    group starts (the columns left in this block, then those after it). With act-order the groups follow
+    the quantization order, so g_idx is non-monotonic."""
+
+    def __init__(self, scheme: QuantScheme, group_size: int):
+        self.scheme, self.group_size = scheme, group_size
+        self.scales: list[torch.Tensor] = []
+        self.zeros: list[torch.Tensor] = []
+
+    def at(self, col: int, block_rest: torch.Tensor, after_block: torch.Tensor):
+        if col % self.group_size == 0:
+            upcoming = torch.cat([block_rest, after_block], dim=1)[:, : self.group_size]
+            scale, zero = _params(upcoming, self.scheme.bits, self.scheme.symmetric, False)
+            self.scales.append(scale)
+            self.zeros.append(zero)
+        return self.scales[-1], self.zeros[-1]
+
+    def ranges(self, perm: torch.Tensor):
+        position = torch.arange(len(perm), device=perm.device)
+        return torch.cat(self.scales, 1), torch.cat(self.zeros, 1), position // self.group_size
+
+
+class StaticGroups:
+    """Every group's range fitted to the original weights up front, before any column moves, so groups
+    stay contiguous in the original order (g_idx = col // group_size, the fast kernels' layout) even with
+    act-order: GPTQModel's static_groups, llm-compressor's actorder="weight"/"static"."""
+
+    def __init__(self, W: torch.Tensor, scheme: QuantScheme, group_size: int, perm: torch.Tensor):
+        g = W.reshape(W.shape[0], W.shape[1] // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)
+        self.scale, self.zero = scale_zero_from_range(lo, hi, scheme.bits, scheme.symmetric)
+        self.group_size = group_size
+        self.group_at = (
+            perm // group_size
+        ).tolist()  # the group of the column quantized at each step
+
+    def at(self, col: int, block_rest: torch.Tensor, after_block: torch.Tensor):
+        g = self.group_at[col]
+        return self.scale[:, g : g + 1], self.zero[:, g : g + 1]
+
+    def ranges(self, perm: torch.Tensor):
+        return torch.cat([self.scale], 1), torch.cat([self.zero], 1), perm // self.group_size
+
+
+Grouping = WholeRows | DynamicGroups | StaticGroups
+
+
+# ---- one weight -------------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def gptq_quantize_weight(
     w: torch.Tensor,
     H: torch.Tensor,
-    bits: int = 4,
-    symmetric: bool = True,
-    granularity: str = "group",
-    group_size: int | None = 128,
-    act_order: bool = False,
-    damp: float = 0.01,
-    block_size: int = 128,
-    static_groups: bool = False,
+    bits: QuantScheme | int = 4,
+    options: GPTQOptions | None = None,
+    **loose,
 ) -> tuple[QuantizedWeight, float]:
-    """GPTQ one weight [out, in] given its input Hessian [in, in]. Returns (codes, squared-error proxy)."""
-    check_bits(bits)
-    W = check_weight(w).detach().float().clone()
-    out_f, n = W.shape
-    if H.shape != (n, n):
-        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match in_features {n}")
-    if not 0 <= damp < 1:
-        raise ValueError(f"damp is a fraction of the mean diagonal, 0 <= damp < 1; got {damp}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(
-            f"block_size must be a positive integer (columns per lazy update), got {block_size!r}"
-        )
-    gs = resolve_group_size(n, granularity, group_size)
-    H = H.detach().float().clone()
-    dead = torch.diag(H) == 0  # inputs that were always zero: weight irrelevant, make H invertible
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    """GPTQ one weight [out, in] given its input Hessian [in, in]. Returns (codes, squared-error proxy).
 
+    gptq_quantize_weight(w, H, QuantScheme(4, 64, act_order=True), GPTQOptions(damp=0.01)), or the loose
+    form gptq_quantize_weight(w, H, 4, group_size=64, act_order=True, damp=0.01)."""
+    scheme, options = gptq_settings(bits, options, loose)
+    W, H = _without_dead_inputs(check_weight(w), H)
+    n = W.shape[1]
+    gs = scheme.columns_per_group(n)
     perm = (
         torch.argsort(torch.diag(H), descending=True)
-        if act_order
+        if scheme.act_order
         else torch.arange(n, device=W.device)
     )
-    static = static_groups and 0 < gs < n
-    if static:  # every group's (scale, zero) from the original weights, before any column moves
-        g = W.reshape(out_f, n // gs, gs)
-        static_scale, static_zero = scale_zero_from_range(g.amin(-1), g.amax(-1), bits, symmetric)
-        group_at = (perm // gs).tolist()  # the original group of the column quantized at each step
-        scales, zeros = [static_scale], [static_zero]
+    grouping: Grouping
+    if gs in (0, n):
+        grouping = WholeRows(W, scheme, per_tensor=gs == 0)
+    elif options.static_groups:
+        grouping = StaticGroups(W, scheme, gs, perm)
+    else:
+        grouping = DynamicGroups(scheme, gs)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, device=W.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes, loss = _quantize_columns(
+        W, _inverse_factor(H, options.damp), grouping, scheme.bits, options.block_size
+    )
+    scale, zero, group_of_position = grouping.ranges(perm)
+    invperm = torch.argsort(perm)
+    qw = QuantizedWeight(
+        q=codes[:, invperm],
+        scale=scale,
+        zero=zero,
+        g_idx=group_of_position.to(torch.int32)[invperm],
+        bits=scheme.bits,
+        group_size=gs,
+        symmetric=scheme.symmetric,
+    )
+    return qw, loss
 
+
+def _without_dead_inputs(w: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float copies of w and H; inputs that were always zero (H_jj = 0) get H_jj = 1 and weight 0: their
+    weight is irrelevant, and H must be invertible."""
+    W = w.detach().float().clone()
+    n = W.shape[1]
+    if H.shape != (n, n):
+        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match in_features {n}")
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1: its row j holds what column j's
+    error is spread by onto the columns after it."""
+    n = H.shape[0]
+    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(n, device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def _quantize_columns(
+    W: torch.Tensor, Hinv: torch.Tensor, grouping: Grouping, bits: int, block_size: int
+) -> tuple[torch.Tensor, float]:
+    """The GPTQ loop over W's columns (already in quantization order), updating W in place: quantize
+    a column, spread its error over the columns after it in the block at once, and over the rest of the
+    matrix once per block (lazy batches). Returns (codes, squared-error proxy)."""
+    out_f, n = W.shape
     codes = torch.zeros(out_f, n, dtype=torch.int32, device=W.device)
-    if gs in (0, n):  # one (scale, zero) per row or per tensor, fitted once up front
-        scale, zero = _params(W, bits, symmetric, per_tensor=gs == 0)
-        scales, zeros = [scale], [zero]
-    elif not static:
-        scales, zeros = [], []
     loss = 0.0
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            col = i1 + i
-            if static:
-                group = group_at[col]
-                scale, zero = static_scale[:, group : group + 1], static_zero[:, group : group + 1]
-            elif 0 < gs < n and col % gs == 0:  # new group: fit it to the weights as updated so far
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                scale, zero = _params(upcoming, bits, symmetric, per_tensor=False)
-                scales.append(scale)
-                zeros.append(zero)
+            scale, zero = grouping.at(i1 + i, W1[:, i:], W[:, i2:])
             w_col, d = W1[:, i : i + 1], Hinv1[i, i]
             q = quantize_values(w_col, scale, zero, bits)
-            codes[:, col] = q[:, 0]
+            codes[:, i1 + i] = q[:, 0]
             err = (w_col - dequantize_values(q, scale, zero)) / d
             loss += (err**2).sum().item() / 2
             W1[:, i:] -= err @ Hinv1[i : i + 1, i:]  # compensate inside the block right away
             Err1[:, i : i + 1] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of everything after the block
-
-    invperm = torch.argsort(perm)
-    if gs in (0, n):
-        group_of_position = torch.zeros(n, dtype=torch.int32, device=W.device)
-    else:  # static: each column keeps its original group; dynamic: groups follow the quantization order
-        group_of_position = ((perm if static else torch.arange(n, device=W.device)) // gs).to(
-            torch.int32
-        )
-    qw = QuantizedWeight(
-        q=codes[:, invperm],
-        scale=torch.cat(scales, 1),
-        zero=torch.cat(zeros, 1),
-        g_idx=group_of_position[invperm],
-        bits=bits,
-        group_size=gs,
-        symmetric=symmetric,
-    )
-    return qw, loss
+    return codes, loss
 
 
 @torch.no_grad()
 def gptq_quantize_model(
     model,
     calib: torch.Tensor,
-    bits: int = 4,
+    bits: QuantScheme | int = 4,
     group_size: int | None = 128,
-    granularity: str = "group",
-    symmetric: bool = True,
-    act_order: bool = False,
-    static_groups: bool = False,
-    true_sequential: bool = True,
-    damp: float = 0.01,
-    block_size: int = 128,
+    *,
+    options: GPTQOptions | None = None,
     include_head: bool = False,
-    batch_size: int = 8,
     progress: bool = True,
+    **loose,
 ) -> dict[str, QuantizedWeight]:
-    """GPTQ every linear of the decoder blocks in place (fake-quantized floats), block by block.
+    """GPTQ every linear of the decoder blocks in place (fake-quantized floats), block by block:
+    gptq_quantize_model(model, calib, QuantScheme(4, 64), options=GPTQOptions(static_groups=True)),
+    or the loose form gptq_quantize_model(model, calib, 4, 64, static_groups=True).
 
     The calibration text's hidden states are captured once at the first block; each block is then run
     on the outputs of the blocks already *quantized*, so later blocks also correct errors made earlier.
@@ -197,34 +295,26 @@ def gptq_quantize_model(
     output head is untied from the embedding (untie_output_head) and quantized last, from the inputs
     the quantized model gives it. calib: token ids [n_samples, seq_len].
     """
-    check_group_size(model, group_size, granularity, include_head)
+    scheme, options = gptq_settings(bits, options, {"group_size": group_size, **loose})
+    check_scheme(model, scheme, include_head)
     blocks_name, blocks = find_blocks(model)
     results = {}
-    qargs = dict(
-        bits=bits,
-        symmetric=symmetric,
-        granularity=granularity,
-        group_size=group_size,
-        act_order=act_order,
-        damp=damp,
-        block_size=block_size,
-        static_groups=static_groups,
-    )
 
     def quantize(linears: dict, hessians: dict, label) -> None:
         for name, layer in linears.items():
-            qw, _ = gptq_quantize_weight(get_weight(layer), hessians[name].H, **qargs)
+            qw, _ = gptq_quantize_weight(get_weight(layer), hessians[name].H, scheme, options)
             set_weight(layer, qw.dequantize())
             results[name] = qw
             bar.set_postfix_str(label(name))
             bar.update()
 
     n_linears = sum(len(find_linears(b)) for b in blocks) + int(include_head)
-    bar = tqdm(total=n_linears, desc=f"GPTQ {bits}-bit", disable=not progress)
-    inputs = block_inputs(model, calib, batch_size)
+    bar = tqdm(total=n_linears, desc=f"GPTQ {scheme.bits}-bit", disable=not progress)
+    inputs = block_inputs(model, calib, options.batch_size)
     for i, block in enumerate(blocks):
         linears = find_linears(block, f"{blocks_name}.{i}.")
-        groups = sequential_groups(block, linears, inputs) if true_sequential else [list(linears)]
+        sequential = options.true_sequential
+        groups = sequential_groups(block, linears, inputs) if sequential else [list(linears)]
         for group in groups:
             subset = {name: linears[name] for name in group}
             hessians = {
@@ -242,7 +332,7 @@ def gptq_quantize_model(
         name, head = untie_output_head(model)
         hessians = {name: Hessian(get_weight(head).shape[1], get_weight(head).device)}
         with hooked({name: head}, lambda n, x: hessians[n].add(x), stop_after=head):
-            run_calibration(model, calib, batch_size)
+            run_calibration(model, calib, options.batch_size)
         quantize({name: head}, hessians, lambda n: n)
     bar.close()
     return results

@@ -6,15 +6,13 @@ Conv1D, which stores its weight transposed), read and write their weights as [ou
 type, and give a tied output head its own weight when it is to be quantized too.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D  # GPT-2's linear: y = x @ W + b with W [in, out]
 
+from .scheme import QuantScheme, fitting_group_sizes
+
 LINEAR_TYPES = (nn.Linear, Conv1D)
-# the group sizes checkpoints use (vLLM's GPTQ/AWQ kernels need one that divides in_features)
-COMMON_GROUP_SIZES = (32, 64, 128, 256)
 
 
 def find_blocks(model) -> tuple[str, nn.ModuleList]:
@@ -113,28 +111,14 @@ def layer_in_features(model, include_head: bool = False) -> dict[str, int]:
 
 def valid_group_sizes(model, include_head: bool = False) -> list[int]:
     """The common group sizes that divide every quantized layer's in_features (SmolLM2: 32 and 64)."""
-    common = math.gcd(*layer_in_features(model, include_head).values())
-    return [g for g in COMMON_GROUP_SIZES if common % g == 0]
+    return fitting_group_sizes(layer_in_features(model, include_head).values())
+
+
+def check_scheme(model, scheme: QuantScheme, include_head: bool = False) -> None:
+    """The scheme against every layer a quantizer would touch, before any work (QuantScheme.check_layers)."""
+    scheme.check_layers(layer_in_features(model, include_head))
 
 
 def check_group_size(model, group_size, granularity: str = "group", include_head: bool = False):
-    """Fail before any work when group_size does not divide some layer's in_features: say which
-    layer, and which group sizes would work for this model.
-
-    SmolLM2's hidden size is 576 = 4.5 x 128, so the usual 128 cannot split its rows into whole groups.
-    """
-    if granularity != "group" or not isinstance(group_size, int) or group_size <= 0:
-        return  # per-channel / per-tensor need no check; a bad value is resolve_group_size's error
-    in_features = layer_in_features(model, include_head)
-    bad = next((name for name, n in in_features.items() if n % group_size), None)
-    if bad is None:
-        return
-    valid = valid_group_sizes(model, include_head)
-    choices = (
-        ", ".join(map(str, valid)) if valid else f"a divisor of {math.gcd(*in_features.values())}"
-    )
-    raise ValueError(
-        f"group_size {group_size} does not divide the in_features ({in_features[bad]}) of {bad}; "
-        f"for this model (in_features {sorted(set(in_features.values()))}) use {choices}, "
-        "or -1 for one group per output channel"
-    )
+    """check_scheme for a bare group size and granularity (the form from before QuantScheme)."""
+    check_scheme(model, QuantScheme(group_size=group_size, granularity=granularity), include_head)

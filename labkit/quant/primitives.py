@@ -25,13 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-GRANULARITIES = ("tensor", "channel", "group")
-
-
-def check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
-    return bits
+from .scheme import QuantScheme, as_scheme, check_bits
 
 
 def check_weight(w: torch.Tensor) -> torch.Tensor:
@@ -41,28 +35,6 @@ def check_weight(w: torch.Tensor) -> torch.Tensor:
     if not w.is_floating_point():
         raise ValueError(f"expected a floating-point weight, got {w.dtype}")
     return w
-
-
-def resolve_group_size(
-    in_features: int, granularity: str = "group", group_size: int | None = 128
-) -> int:
-    """Columns per (scale, zero): in_features for 'channel', the group size for 'group', 0 for 'tensor'."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if granularity == "tensor":
-        return 0
-    if granularity == "channel" or group_size in (None, -1):
-        return in_features
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(
-            f"group_size must be a positive integer (or -1 for per-channel), got {group_size!r}"
-        )
-    if in_features % group_size:
-        raise ValueError(
-            f"group_size {group_size} does not divide in_features {in_features}; "
-            f"pick a divisor of {in_features} (e.g. 32, 64, 128) or per-channel (-1)"
-        )
-    return group_size
 
 
 def scale_zero_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
@@ -122,38 +94,41 @@ class QuantizedWeight:
 
 def quantize_weight(
     w: torch.Tensor,
-    bits: int = 4,
+    bits: QuantScheme | int = 4,
     symmetric: bool = True,
     granularity: str = "group",
     group_size: int | None = 128,
     clip_ratio: torch.Tensor | float | None = None,
 ) -> QuantizedWeight:
-    """Round-to-nearest (RTN) quantization of a 2-D weight [out, in].
+    """Round-to-nearest (RTN) quantization of a 2-D weight [out, in]: quantize_weight(w, scheme), or
+    the loose form quantize_weight(w, 4, True, "group", 64).
 
     clip_ratio (scalar or [out, n_groups]) shrinks each group's range before quantizing: AWQ searches it.
     """
-    check_bits(bits)
+    scheme = as_scheme(bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
     w = check_weight(w).float()
     out_f, in_f = w.shape
-    gs = resolve_group_size(in_f, granularity, group_size)
+    gs = scheme.columns_per_group(in_f)
     groups = w.reshape(1, 1, -1) if gs == 0 else w.reshape(out_f, in_f // gs, gs)
     lo, hi = groups.amin(-1), groups.amax(-1)
     if clip_ratio is not None:
         lo, hi = lo * clip_ratio, hi * clip_ratio
-    scale, zero = scale_zero_from_range(lo, hi, bits, symmetric)
+    scale, zero = scale_zero_from_range(lo, hi, scheme.bits, scheme.symmetric)
     if gs == 0:
         scale, zero = scale.reshape(1, 1).expand(out_f, 1), zero.reshape(1, 1).expand(out_f, 1)
         g_idx = torch.zeros(in_f, dtype=torch.int32)
     else:
         g_idx = (torch.arange(in_f) // gs).to(torch.int32)
     idx = g_idx.long()
-    q = quantize_values(w, scale[:, idx], zero[:, idx], bits)
-    return QuantizedWeight(q, scale.contiguous(), zero.contiguous(), g_idx, bits, gs, symmetric)
+    q = quantize_values(w, scale[:, idx], zero[:, idx], scheme.bits)
+    return QuantizedWeight(
+        q, scale.contiguous(), zero.contiguous(), g_idx, scheme.bits, gs, scheme.symmetric
+    )
 
 
 def fake_quantize(
     w: torch.Tensor,
-    bits: int = 4,
+    bits: QuantScheme | int = 4,
     symmetric: bool = True,
     granularity: str = "group",
     group_size: int | None = 128,

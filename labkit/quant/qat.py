@@ -21,25 +21,32 @@ Scale: the course fine-tunes a 5.5M model whose float tied embedding (38% of its
 what QAT recovers there does not carry over to LLM scale, where the embedding is a few percent.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..train import adamw, lr_at, random_batch
-from .layers import check_group_size, quantizable_layers
-from .primitives import QuantizedWeight, check_bits, quantize_weight
+from .layers import check_scheme, quantizable_layers
+from .primitives import QuantizedWeight, quantize_weight
 from .rtn import rtn_quantize_model
+from .scheme import QuantScheme, as_scheme
 
 
 def ste_fake_quantize(
-    w: torch.Tensor, bits: int, group_size: int | None = 128, symmetric: bool = True
+    w: torch.Tensor,
+    bits: QuantScheme | int,
+    group_size: int | None = 128,
+    symmetric: bool = True,
 ) -> torch.Tensor:
     """RTN's quantize-dequantize of a weight [out, in] in the forward pass; identity gradient (STE)
     for the weights inside the grid's range, zero for those the quantizer clamps."""
-    qw = quantize_weight(w.detach(), bits, symmetric, "group", group_size)
+    scheme = as_scheme(bits, group_size=group_size, symmetric=symmetric)
+    qw = quantize_weight(w.detach(), scheme)
     idx = qw.g_idx.long()
     unclamped = torch.round(w.detach() / qw.scale[:, idx]) + qw.zero[:, idx]
-    inside = (unclamped >= 0) & (unclamped <= 2**bits - 1)
+    inside = (unclamped >= 0) & (unclamped <= 2**scheme.bits - 1)
     # forward: exactly w_hat (the added term is 0); backward: upstream gradient where inside, else 0
     return qw.dequantize().to(w.dtype) + (w - w.detach()) * inside
 
@@ -47,16 +54,15 @@ def ste_fake_quantize(
 class FakeQuantLinear(nn.Module):
     """A linear layer that trains a float weight but computes with its quantized version."""
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int | None, symmetric: bool):
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme):
         super().__init__()
         if type(linear) is not nn.Linear:
             raise TypeError(f"QAT swaps nn.Linear layers, got {type(linear).__name__}")
-        self.bits, self.group_size, self.symmetric = check_bits(bits), group_size, symmetric
+        self.scheme = scheme
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: trained in place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_hat = ste_fake_quantize(self.weight, self.bits, self.group_size, self.symmetric)
-        return F.linear(x, w_hat, self.bias)
+        return F.linear(x, ste_fake_quantize(self.weight, self.scheme), self.bias)
 
     def to_linear(self) -> nn.Linear:
         out_f, in_f = self.weight.shape
@@ -66,7 +72,8 @@ class FakeQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         out_f, in_f = self.weight.shape
-        return f"in_features={in_f}, out_features={out_f}, bits={self.bits}, group_size={self.group_size}"
+        bits, group_size = self.scheme.bits, self.scheme.group_size
+        return f"in_features={in_f}, out_features={out_f}, bits={bits}, group_size={group_size}"
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -75,15 +82,19 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def prepare_qat(
-    model: nn.Module, bits: int, group_size: int | None = 128, symmetric: bool = True
+    model: nn.Module,
+    bits: QuantScheme | int,
+    group_size: int | None = 128,
+    symmetric: bool = True,
 ) -> nn.Module:
     """Swap every linear of the decoder blocks (the layers rtn_quantize_model quantizes) for a
-    FakeQuantLinear, in place. The embedding, norms and tied output head stay float, as in PTQ."""
-    check_bits(bits)
-    check_group_size(model, group_size)
+    FakeQuantLinear, in place: prepare_qat(model, QuantScheme(3, 32)), or the loose form
+    prepare_qat(model, 3, 32). The embedding, norms and tied output head stay float, as in PTQ."""
+    scheme = as_scheme(bits, group_size=group_size, symmetric=symmetric)
+    check_scheme(model, scheme)
     for _, linears in quantizable_layers(model):
         for name, layer in linears.items():
-            _replace(model, name, FakeQuantLinear(layer, bits, group_size, symmetric))
+            _replace(model, name, FakeQuantLinear(layer, scheme))
     return model
 
 
@@ -91,19 +102,33 @@ def qat_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
 
 
+@dataclass(frozen=True)
+class QATSchedule:
+    """The fine-tuning run: steps, batches of `batch` random windows of `seq_len` tokens, AdamW at `lr`
+    after `warmup` steps of warm-up, then cosine; `seed` draws the windows; a loss line every `log_every`."""
+
+    steps: int
+    batch: int = 8
+    seq_len: int = 256
+    lr: float = 2e-4
+    warmup: int = 10
+    seed: int = 0
+    log_every: int = 0  # 0: silent
+
+
 def train_qat(
     model: nn.Module,
     train_ids: torch.Tensor,
-    steps: int,
+    steps: QATSchedule | int,
     batch: int = 8,
     seq_len: int = 256,
     lr: float = 2e-4,
-    warmup: int = 10,
-    seed: int = 0,
-    log_every: int = 0,
     teacher: nn.Module | None = None,
+    **schedule,
 ) -> list[float]:
     """Fine-tune a prepared model on random windows of train_ids [n]; returns the loss of every step.
+    train_qat(model, ids, QATSchedule(200, lr=1e-3), teacher=float_model), or the loose form
+    train_qat(model, ids, 200, 8, 256, 1e-3, warmup=4, teacher=float_model).
 
     The loop of labkit.train (AdamW, warmup then cosine, gradient clipping), at a fine-tuning learning
     rate: the weights only need to move a fraction of a grid step. With a teacher (the float model) the
@@ -112,16 +137,21 @@ def train_qat(
     every position over the whole vocabulary, not one token, so the few steps we can afford carry far more
     signal, and nothing pulls the model away from the float one. Every parameter trains, the float
     embedding (tied to the output head) and norms included."""
+    run = (
+        steps
+        if isinstance(steps, QATSchedule)
+        else QATSchedule(steps, batch, seq_len, lr, **schedule)
+    )
     if not qat_layers(model):
         raise ValueError("no FakeQuantLinear in the model: call prepare_qat(model, bits) first")
-    gen = torch.Generator().manual_seed(seed)
-    opt = adamw(model, lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(run.seed)
+    opt = adamw(model, run.lr, weight_decay=0.0)
     model.train()
     losses = []
-    for step in range(steps):
-        x = random_batch(train_ids, batch, seq_len, gen).to(next(model.parameters()).device)
+    for step in range(run.steps):
+        x = random_batch(train_ids, run.batch, run.seq_len, gen).to(next(model.parameters()).device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, min(warmup, steps))
+            group["lr"] = lr_at(step, run.steps, run.lr, min(run.warmup, run.steps))
         loss = (
             distillation_loss(model, teacher, x) if teacher else model(input_ids=x, labels=x).loss
         )
@@ -130,8 +160,8 @@ def train_qat(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"QAT step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+        if run.log_every and (step + 1) % run.log_every == 0:
+            print(f"QAT step {step + 1}/{run.steps}: loss {loss.item():.3f}", flush=True)
     model.eval()
     return losses
 
@@ -154,10 +184,9 @@ def convert_qat_model(model: nn.Module) -> dict[str, QuantizedWeight]:
     layers = qat_layers(model)
     if not layers:
         raise ValueError("no FakeQuantLinear in the model: nothing to convert")
-    settings = {(m.bits, m.group_size, m.symmetric) for m in layers.values()}
-    if len(settings) != 1:
-        raise ValueError(f"one bit width and group size per model, got {settings}")
-    bits, group_size, symmetric = settings.pop()
+    schemes = {m.scheme for m in layers.values()}
+    if len(schemes) != 1:
+        raise ValueError(f"one quantization scheme per model, got {schemes}")
     for name, layer in layers.items():
         _replace(model, name, layer.to_linear())
-    return rtn_quantize_model(model, bits, group_size, symmetric=symmetric)
+    return rtn_quantize_model(model, schemes.pop())

@@ -8,7 +8,9 @@ tracker.py         the requests in flight: where their outputs go, the latency m
 messages.py        the typed commands and events between the HTTP side and the engine
 engine_thread.py   driver 1: one background thread owns the engine (--engine-mode thread)
 engine_process.py  driver 2: the engine in its own, supervised process (the default: no shared GIL)
+options.py         an option declared once: a dataclass field that is also a flag, with its checks
 engine_args.py     what the engine is built from (model, dtype, KV blocks...), for both drivers
+config.py          ServeConfig: engine args, gateway options and the server's own, one frozen object
 metrics.py         Prometheus metrics under vLLM's names
 app.py             the FastAPI routes: /v1/completions, /v1/chat/completions, /v1/models, /generate, ...
 draining.py        uvicorn with a drain phase on SIGTERM

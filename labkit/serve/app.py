@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server around labkit's continuous-batching engine.
 
-    app = create_app(EngineThread(LLMEngine(model, tokenizer)), tokenizer, model_name="course")
+    app = create_app(ServeConfig(), EngineThread(LLMEngine(model, tokenizer)), tokenizer)
     uvicorn.run(app)            # or: labkit serve  (the engine in its own process: EngineProcess)
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with `"stream": true`, both
@@ -18,8 +18,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -29,6 +31,7 @@ from labkit.engine import SamplingParams
 from . import errors
 from .accesslog import AccessLog, AccessLogMiddleware, Exchange
 from .choices import Choice, chat_logprobs, completion_logprobs
+from .config import ServeConfig
 from .engine_client import EngineClient, EngineDead
 from .errors import APIError
 from .metrics import HTTPMetricsMiddleware, ServerMetrics
@@ -73,31 +76,22 @@ def _sse_template(make_chunk):
 class Server:
     """The state behind the routes: engine, tokenizer, limits. One per app."""
 
-    def __init__(
-        self,
-        engine: EngineClient,
-        tokenizer,
-        model_name: str,
-        api_key: str | None = None,
-        max_waiting: int = 256,
-        context_length: int | None = None,
-        api_keys: dict[str, APIKey] | None = None,
-        requests_per_minute: int | None = None,
-        tokens_per_minute: int | None = None,
-        response_cache: int = 0,
-        response_cache_bytes: int = 64 << 20,
-    ):
-        self.tokenizer, self.model_name, self.max_waiting = tokenizer, model_name, max_waiting
-        self.metrics = ServerMetrics(model_name)
-        keys = {**({api_key: APIKey("default")} if api_key else {}), **(api_keys or {})}
+    def __init__(self, config: ServeConfig, engine: EngineClient, tokenizer):
+        gateway = config.gateway
+        self.tokenizer, self.model_name = tokenizer, config.model_name
+        self.max_waiting = config.max_waiting
+        self.metrics = ServerMetrics(self.model_name)
+        keys = {gateway.api_key: APIKey("default")} if gateway.api_key else {}
+        keys.update(gateway.api_keys or {})
         registry = self.metrics.registry
-        self.limiter = RateLimiter(keys, requests_per_minute, tokens_per_minute, registry)
-        self.cache = ResponseCache(response_cache, response_cache_bytes, registry)
+        self.limiter = RateLimiter(
+            keys, gateway.requests_per_minute, gateway.tokens_per_minute, registry
+        )
+        self.cache = ResponseCache(gateway.response_cache, gateway.response_cache_bytes, registry)
         self.engine = engine
         engine.metrics = self.metrics
-        self.context_length = min(
-            context_length or engine.limits.max_context, engine.limits.max_context
-        )
+        limit = engine.limits.max_context
+        self.context_length = min(config.max_model_len or limit, limit)
         self.vocab_size = engine.limits.vocab_size
         self.max_running = engine.limits.max_num_seqs
         self.draining = False
@@ -335,6 +329,21 @@ class Server:
         finally:
             self.engine.abort(rid)  # a no-op if it finished; frees the blocks if we were cancelled
 
+    async def answer(self, request: Request, req, ids: list[int], params, kind: "Endpoint") -> dict:
+        """The non-streaming flow both OpenAI endpoints share: the response cache's answer if it has
+        one, else run the request to the end, shape each choice (kind.choice) and the body (kind.body),
+        and keep the answer in the cache when it may be reused."""
+        rid = new_id(kind.id_prefix)
+        slot, hit = self.cached(request.state.exchange, kind.path, req, params)
+        if hit is not None:
+            return kind.body(rid, self.model_name, hit["choices"], hit["usage"])
+        choices = await self.collect(request, ids, params, req.stop)
+        body = [kind.choice(self, req, ids, c) for c in choices]
+        use = usage(len(ids), sum(c.num_tokens for c in choices))
+        if slot is not None:
+            self.cache.put(slot, {"choices": body, "usage": use})
+        return kind.body(rid, self.model_name, body, use)
+
     async def stream(self, exchange: Exchange, prompt_ids, params, stop, events_of):
         """Start the request and wait for its first output *before* sending headers, so an engine-side
         rejection still becomes a proper HTTP error; then stream SSE events.
@@ -394,37 +403,34 @@ def completion_text_and_logprobs(srv: Server, req: CompletionRequest, ids, choic
     return prompt + choice.text, completion_logprobs(srv.tokenizer, ids + out_ids, entries)
 
 
-def create_app(
-    engine: EngineClient,
-    tokenizer,
-    model_name: str = "course",
-    api_key: str | None = None,
-    max_waiting: int = 256,
-    context_length: int | None = None,
-    api_keys: dict[str, APIKey] | None = None,
-    requests_per_minute: int | None = None,
-    tokens_per_minute: int | None = None,
-    access_log: str | None = None,
-    access_log_text: bool = False,
-    response_cache: int = 0,
-    response_cache_bytes: int = 64 << 20,
-) -> FastAPI:
-    """api_key / api_keys ({key: APIKey}, ratelimit.load_api_keys) and the default per-minute limits:
-    ratelimit.py; access_log (a path, "-" = stdout) and access_log_text: accesslog.py; response_cache
-    (entries, 0 = off) and response_cache_bytes: response_cache.py."""
-    srv = Server(
-        engine,
-        tokenizer,
-        model_name,
-        api_key,
-        max_waiting,
-        context_length,
-        api_keys,
-        requests_per_minute,
-        tokens_per_minute,
-        response_cache,
-        response_cache_bytes,
-    )
+def completion_choice_of(srv: Server, req: CompletionRequest, ids: list[int], c: Choice) -> dict:
+    text, logprobs = completion_text_and_logprobs(srv, req, ids, c)
+    return completion_choice(c.index, text, c.reason, logprobs)
+
+
+def chat_choice_of(srv: Server, req: ChatCompletionRequest, ids: list[int], c: Choice) -> dict:
+    logprobs = chat_logprobs(srv.tokenizer, c.logprobs) if req.logprobs else None
+    return chat_choice(c.index, c.text, c.reason, logprobs)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between /v1/completions and /v1/chat/completions once a request has run."""
+
+    path: str  # (the response cache keys on it)
+    id_prefix: str  # cmpl-..., chatcmpl-...
+    choice: Callable[[Server, Any, list[int], Choice], dict]  # a finished choice -> its JSON
+    body: Callable[[str, str, list[dict], dict], dict]  # (id, model, choices, usage) -> the body
+
+
+COMPLETIONS = Endpoint("/v1/completions", "cmpl", completion_choice_of, completion_body)
+CHAT = Endpoint("/v1/chat/completions", "chatcmpl", chat_choice_of, chat_body)
+
+
+def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
+    """The FastAPI app serving `engine` (an EngineThread or an EngineProcess) as `config` says: the
+    gateway's keys, limits, access log and cache (config.gateway), the queue and context limits."""
+    srv = Server(config, engine, tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -440,7 +446,8 @@ def create_app(
     generation = {"/v1/completions", "/v1/chat/completions", "/generate"}
     app.add_middleware(RequestLimitGate, limiter=srv.limiter, paths=generation)  # (innermost)
     app.add_middleware(HTTPMetricsMiddleware, metrics=srv.metrics)
-    access = AccessLog(access_log, access_log_text, srv.metrics.registry)
+    gateway = config.gateway
+    access = AccessLog(gateway.access_log, gateway.access_log_text, srv.metrics.registry)
     app.add_middleware(AccessLogMiddleware, log=access)
     errors.install(app)
 
@@ -506,23 +513,10 @@ def create_app(
             req, len(ids), req.max_tokens, 16, req.logprobs, prompt_logprobs
         )  # OpenAI's default max_tokens: 16
         exchange = srv.charge(request, key, req.prompt, len(ids), params)
-        rid = new_id("cmpl")
-        if req.stream:
-            events = completion_events(req, rid, ids)
-            return await srv.stream(exchange, ids, params, req.stop, events)
-        slot, hit = srv.cached(exchange, "/v1/completions", req, params)
-        if hit is not None:
-            return completion_body(rid, srv.model_name, hit["choices"], hit["usage"])
-        choices = await srv.collect(request, ids, params, req.stop)
-        body = []
-        for c in choices:
-            text, logprobs = completion_text_and_logprobs(srv, req, ids, c)
-            body.append(completion_choice(c.index, text, c.reason, logprobs))
-        n_out = sum(c.num_tokens for c in choices)
-        use = usage(len(ids), n_out)
-        if slot is not None:
-            srv.cache.put(slot, {"choices": body, "usage": use})
-        return completion_body(rid, srv.model_name, body, use)
+        if not req.stream:
+            return await srv.answer(request, req, ids, params, COMPLETIONS)
+        events = completion_events(req, new_id("cmpl"), ids)
+        return await srv.stream(exchange, ids, params, req.stop, events)
 
     def completion_events(req: CompletionRequest, rid: str, ids: list[int]):
         def chunk(choices: list[dict]) -> dict:
@@ -567,28 +561,10 @@ def create_app(
         )
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         exchange = srv.charge(request, key, messages, len(ids), params)
-        rid = new_id("chatcmpl")
-        if req.stream:
-            events = chat_events(req, rid, len(ids))
-            return await srv.stream(exchange, ids, params, req.stop, events)
-        slot, hit = srv.cached(exchange, "/v1/chat/completions", req, params)
-        if hit is not None:
-            return chat_body(rid, srv.model_name, hit["choices"], hit["usage"])
-        choices = await srv.collect(request, ids, params, req.stop)
-        body = [
-            chat_choice(
-                c.index,
-                c.text,
-                c.reason,
-                chat_logprobs(srv.tokenizer, c.logprobs) if req.logprobs else None,
-            )
-            for c in choices
-        ]
-        n_out = sum(c.num_tokens for c in choices)
-        use = usage(len(ids), n_out)
-        if slot is not None:
-            srv.cache.put(slot, {"choices": body, "usage": use})
-        return chat_body(rid, srv.model_name, body, use)
+        if not req.stream:
+            return await srv.answer(request, req, ids, params, CHAT)
+        events = chat_events(req, new_id("chatcmpl"), len(ids))
+        return await srv.stream(exchange, ids, params, req.stop, events)
 
     def chat_events(req: ChatCompletionRequest, rid: str, n_prompt: int):
         def chunk(index: int, delta: dict, reason: str | None, logprobs=None) -> dict:

@@ -1,8 +1,9 @@
-"""What the server's engine is built from, as one typed, picklable object.
+"""What the server's engine is built from, as one typed, frozen, picklable object.
 
-The CLI fills it from its flags; the engine process receives it (pickled through multiprocessing's
-spawn) and builds its own model and engine from it; the HTTP process uses it to load the tokenizer
-without loading any weights. One object, so neither side depends on the other's attribute names.
+The CLI fills it from its flags (config.py generates them from these fields and from EngineConfig's);
+the engine process receives it (pickled through multiprocessing's spawn) and builds its own model and
+engine from it; the HTTP process uses it to load the tokenizer without loading any weights. One object,
+so neither side depends on the other's attribute names.
 """
 
 from dataclasses import dataclass, field
@@ -13,21 +14,33 @@ import torch
 from labkit.engine import EngineConfig, LLMEngine
 from labkit.model import load_model, load_tokenizer
 
+from .options import check, option
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineArgs:
-    model: str | None = None  # None / "course": the course model; else a directory or hub id
-    quantized: str | None = None  # a GPTQ checkpoint directory to serve instead of `model`
-    dtype: str = "float32"
-    device: str | None = None  # None: cuda when present
-    threads: int | None = None  # torch CPU threads (None: torch's choice)
-    config: EngineConfig = field(default_factory=EngineConfig)  # KV blocks, batch limits...
+    """The model to serve and how to load it, and the engine's own EngineConfig."""
+
+    model: str | None = option(None, "None/'course' = the course model; a directory or hub id")
+    quantized: str | None = option(
+        None,
+        "a GPTQ checkpoint directory (labkit.quant.export_gptq) to serve instead of --model",
+        metavar="DIR",
+    )
+    dtype: str = option("float32", "the weights' dtype", choices=DTYPES)
+    device: str | None = option(None, "cpu / cuda (default: cuda when present)")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", low=1)
+    config: EngineConfig = field(  # its flags come from EngineConfig's own fields (options.py)
+        default_factory=EngineConfig,
+        metadata={
+            "help": "the engine's knobs, labkit/engine/config.py (KV blocks, batch limits...)"
+        },
+    )
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        check(self)
 
     def load_tokenizer(self):
         """A quantized checkpoint's own tokenizer where it ships one, else the model's. Loads no
@@ -38,9 +51,7 @@ class EngineArgs:
 
     def load_model(self):
         dtype = getattr(torch, self.dtype)
-        if (
-            self.quantized
-        ):  # a GPTQ checkpoint (labkit.quant.export_gptq or GPTQModel), run by QuantLinear
+        if self.quantized:  # a GPTQ checkpoint (export_gptq or GPTQModel), run by QuantLinear
             from labkit.quant import load_gptq  # (the quantization stack only when asked for)
 
             model, _ = load_gptq(self.quantized, device=self.device, dtype=dtype)

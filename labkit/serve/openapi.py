@@ -13,9 +13,12 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from .protocol import (
+    ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    GenerateRequest,
     GenerateResponse,
     ModelCard,
     ModelList,
@@ -113,15 +116,31 @@ def document_routes(app: FastAPI, max_n: int, max_tokens: int) -> None:
                 schemas.pop(name, None)
             limits = {"n": max_n, "max_tokens": max_tokens, "max_completion_tokens": max_tokens}
             limits["max_new_tokens"] = max_tokens
-            for request in ("CompletionRequest", "ChatCompletionRequest", "GenerateRequest"):
+            for request in (CompletionRequest, ChatCompletionRequest, GenerateRequest):
+                properties = schemas[request.__name__]["properties"]
+                exact = request.model_json_schema()["properties"]
+                for name in properties:
+                    exact_integer_bounds(properties[name], exact[name])
                 for name, value in limits.items():
-                    if name in schemas[request]["properties"]:
-                        set_maximum(schemas[request]["properties"][name], value)
+                    if name in properties:
+                        set_maximum(properties[name], value)
             app.openapi_schema = schema
         return app.openapi_schema
 
     # FastAPI's documented way to extend the schema ("Extending OpenAPI"): replace the app's method
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def exact_integer_bounds(prop: dict, exact: dict) -> None:
+    """Put back the request model's own integer bounds (`exact`: pydantic's schema of the same property).
+    FastAPI's OpenAPI model stores bounds as floats, and int64's largest value has no float: a seed's
+    maximum 2**63 - 1 became 2**63, one more than the server accepts, and a fuzzer sent it."""
+    if prop.get("type") == "integer":
+        prop.update({k: exact[k] for k in ("minimum", "maximum") if k in exact})
+    for branch, exact_branch in zip(prop.get("anyOf", []), exact.get("anyOf", [])):
+        exact_integer_bounds(branch, exact_branch)
+    if isinstance(prop.get("items"), dict):
+        exact_integer_bounds(prop["items"], exact["items"])
 
 
 def set_maximum(prop: dict, value: int) -> None:

@@ -1,8 +1,8 @@
 """The OpenAI wire format: request bodies we accept, and the JSON shapes we send back.
 
 Requests are parsed strictly, so what the OpenAPI document (/openapi.json) declares is what the server
-enforces: a boolean is not a number, "yes" is not a boolean, a float is not an integer, and numbers
-must survive the trip into the engine's tensors (no value that becomes 0, inf or nan in float32, no
+enforces: a boolean is not a number, "yes" is not a boolean, a float is an integer only when JSON
+Schema says so (1.0 is, 1.5 is not), and numbers must survive the trip into the engine's tensors (no value that becomes 0, inf or nan in float32, no
 integer beyond int64). Unknown fields are ignored, as vLLM does, but OpenAI or vLLM parameters this
 server cannot honour (tools, response_format, best_of, penalties...) are refused with a 400 that names
 them, so a client never believes it got something it did not.
@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal, TypeGuard
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from labkit.engine.sampling import MAX_LOGPROBS, MAX_N
@@ -49,9 +49,18 @@ def _temperature(t: float) -> float:
     return t
 
 
+def _integral(value: Any) -> Any:
+    """1.0 -> 1: JSON Schema's "integer" is any number with no fractional part, so a client (or a JSON
+    encoder) may send n=1.0. Everything else goes on to the strict int check: 1.5, inf and True fail."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+INTEGRAL = BeforeValidator(_integral)  # on every integer field of a request
 Text = Annotated[str, AfterValidator(_unicode_text)]
-Int64 = Annotated[int, Field(ge=-(2**63), le=INT64_MAX)]
-TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=INT64_MAX), INTEGRAL]
+TokenId = Annotated[int, Field(ge=0, le=INT64_MAX), INTEGRAL]
 Temperature = Annotated[
     float,
     Field(
@@ -118,11 +127,11 @@ class _Sampling(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names, plus vLLM's extras)."""
 
     model: Text | None = None
-    max_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT64_MAX), INTEGRAL] | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX)] = 0  # vLLM extra; 0 or -1 = off
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    top_k: Annotated[int, Field(ge=-1, le=INT64_MAX), INTEGRAL] = 0  # vLLM extra; 0 or -1 = off
+    n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: (
@@ -188,12 +197,12 @@ class CompletionRequest(_Sampling):
         description="One prompt: text or token ids (a list holding one of them is accepted too; "
         "batches of several prompts are not: send one request per prompt)"
     )
-    max_tokens: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = Field(
+    max_tokens: Annotated[int, Field(ge=0, le=INT64_MAX), INTEGRAL] | None = Field(
         default=None,
         description="default 16; 0 only with echo (score the prompt, generate nothing)",
     )
     echo: bool = Field(default=False, description="return the prompt before the completion")
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = Field(
         default=None,
         description="log-probability of each token, and of the `logprobs` most likely alternatives",
     )
@@ -233,11 +242,11 @@ class ChatCompletionRequest(_Sampling):
     unsupported: ClassVar[dict[str, tuple]] = {**UNSUPPORTED, "echo": (None, False)}  # (vLLM's)
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = Field(
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT64_MAX), INTEGRAL] | None = Field(
         default=None, description="the newer name for max_tokens"
     )
     logprobs: bool = Field(default=False, description="log-probability of each output token")
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = Field(
         default=None, description="with logprobs: this many most likely alternatives per token"
     )
 
@@ -255,7 +264,7 @@ class GenerateRequest(_Strict):
 
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     prompt: Annotated[Text, Field(min_length=1)]
-    max_new_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] = 60
+    max_new_tokens: Annotated[int, Field(ge=1, le=INT64_MAX), INTEGRAL] = 60
     temperature: Temperature = 0.8
     top_p: TopP = 0.95
     seed: Int64 | None = None
