@@ -60,6 +60,8 @@ def merge_outputs(outputs: list[StepOutput]) -> StepOutput:
 
 
 class OutputProcessor:
+    """Turns a step's logits into each request's tokens and StepOutputs; owns the unseeded generator."""
+
     def __init__(
         self,
         scheduler: Scheduler,
@@ -234,9 +236,11 @@ class OutputProcessor:
         )
         return self.finish_request(seq.request_id, "error", message)
 
-    def finish_request(self, request_id: str, reason: str, error: str | None = None):
+    def finish_request(
+        self, request_id: str, reason: str, error: str | None = None
+    ) -> list[StepOutput]:
         """End every live sample of a request; one finished StepOutput per sample not yet finished."""
-        outputs = []
+        outputs: list[StepOutput] = []
         for seq in self.requests.pop(request_id, []):
             self.scheduler.finish(seq, reason)
             # a sequence that has not forked yet stands for its samples to come, too
