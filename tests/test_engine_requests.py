@@ -9,7 +9,7 @@ import torch
 
 from labkit import load_model
 from labkit.engine import LLM, EngineConfig, LLMEngine, SamplingParams
-from labkit.engine import engine as engine_module
+from labkit.engine import outputs as outputs_module
 from labkit.engine.sampling import MAX_LOGPROBS, MAX_N
 
 PROMPTS = ["It is a truth universally acknowledged", "Mr. Darcy", "She was"]
@@ -108,14 +108,14 @@ def test_a_request_that_fails_in_step_finishes_with_an_error_and_the_others_cont
 ):
     model, tok = model_tok
     alone = LLM(model, tok).generate(PROMPTS, greedy(6))
-    real_sample = engine_module.sample
+    real_sample = outputs_module.sample
 
     def sample_failing_for_seed_666(logits, params, generators, default=None):
         if any(p.seed == 666 for p in params):
             raise RuntimeError("/secret/path: probability tensor contains nan")
         return real_sample(logits, params, generators, default)
 
-    monkeypatch.setattr(engine_module, "sample", sample_failing_for_seed_666)
+    monkeypatch.setattr(outputs_module, "sample", sample_failing_for_seed_666)
     engine = LLMEngine(model, tok)
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, greedy(6))
@@ -137,14 +137,14 @@ def test_a_request_that_fails_in_step_finishes_with_an_error_and_the_others_cont
 
 def test_a_failure_while_scoring_a_prompt_is_isolated_too(model_tok, monkeypatch):
     model, tok = model_tok
-    real = engine_module.token_logprobs
+    real = outputs_module.token_logprobs
 
     def failing_for_top_5(logits, token_ids, k):
         if k == 5:
             raise ValueError("boom")
         return real(logits, token_ids, k)
 
-    monkeypatch.setattr(engine_module, "token_logprobs", failing_for_top_5)
+    monkeypatch.setattr(outputs_module, "token_logprobs", failing_for_top_5)
     engine = LLMEngine(model, tok, max_num_batched_tokens=4)  # the prompts take several chunks
     engine.add_request("bad", PROMPTS[0], SamplingParams(max_tokens=3, prompt_logprobs=5))
     engine.add_request("good", PROMPTS[0], greedy(3, prompt_logprobs=1))

@@ -11,6 +11,7 @@ attention.py      paged attention in plain PyTorch: decode reads the blocks in p
 fast_layers.py    fused, pre-packed projections and norms for the runner
 compiled_decode.py  the decode step compiled once per padded batch size (Inductor; CUDA graphs on a GPU)
 model_runner.py   one forward pass over a flat batch of prefill and decode tokens
+outputs.py        after the forward pass: prompt logprobs, sampling, n>1 forks, stop checks, StepOutput
 speculative.py    speculative decoding: prompt-lookup drafts, verified k at a time in one forward pass
 engine.py         LLMEngine: add_request / step / abort_request / stats
 llm.py            LLM(...).generate(prompts, SamplingParams(...)), shaped like vLLM's

@@ -19,11 +19,22 @@ target's distribution p_i at each of the k + 1 positions; then:
   removed, renormalised. Every emitted token is then distributed exactly as plain sampling from p.
 The engine then rolls back the rejected tokens: their KV slots are simply forgotten (the sequence's
 computed length shrinks) and blocks past the kept tokens go back to the free list (BlockManager.truncate).
+
+The Speculator does both halves for the engine: `draft` before the schedule (a drafting sequence feeds
+1 + k tokens in the step, a short prefill chunk), `verify` after the forward pass.
 """
 
 from dataclasses import dataclass
 
 import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .model_runner import ChunkRows
+from .outputs import OutputProcessor, StepOutput, merge_outputs
+from .sampling import request_probabilities
+from .scheduler import ScheduledChunk, Scheduler
+from .sequence import Sequence, Status
 
 
 def propose_ngram(token_ids: list[int], k: int, max_n: int, min_n: int = 1) -> list[int]:
@@ -96,3 +107,102 @@ class SpeculativeStats:
         self.num_accepted_tokens += num_accepted
         self.num_verify_steps += 1
         self.num_emitted_tokens += num_accepted + 1
+
+
+class Speculator:
+    """Prompt-lookup drafts for the decoding sequences, and their verification, for LLMEngine.step."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        scheduler: Scheduler,
+        block_manager: BlockManager,
+        outputs: OutputProcessor,
+    ):
+        """outputs: appends the kept tokens as plain decoding would (stop checks, logprobs, failures)."""
+        self.config, self.scheduler, self.block_manager = config, scheduler, block_manager
+        self.outputs = outputs
+        self.stats = SpeculativeStats()
+
+    def draft(self) -> None:
+        """Append a prompt-lookup guess to each decoding sequence, within this step's token budget and the
+        free blocks (a guess never preempts anyone), and never past the request's max_tokens."""
+        running = self.scheduler.running
+        budget = self.config.max_num_batched_tokens - sum(
+            s.num_tokens - s.num_computed_tokens for s in running
+        )
+        bm = self.block_manager
+        spare_blocks = bm.num_free - len(running)  # keep one for each sequence's own next token
+        for seq in running:
+            decoding = seq.num_output_tokens > 0 and seq.num_computed_tokens == seq.num_tokens - 1
+            k = min(
+                self.config.num_speculative_tokens,
+                seq.params.max_tokens - seq.num_output_tokens - 1,
+                budget,
+            )
+            if not decoding or seq.pending_forks or k <= 0:
+                continue
+            draft = propose_ngram(seq.token_ids, k, self.config.speculative_ngram)
+            grow = bm.blocks_needed(seq.num_tokens + len(draft)) - bm.blocks_needed(seq.num_tokens)
+            while draft and grow > spare_blocks:
+                draft.pop()
+                grow = bm.blocks_needed(seq.num_tokens + len(draft)) - bm.blocks_needed(
+                    seq.num_tokens
+                )
+            if draft:
+                spare_blocks -= grow
+                budget -= len(draft)
+                seq.token_ids += draft
+                seq.num_draft_tokens = len(draft)
+
+    def drop_unscheduled(self, chunks: list[ScheduledChunk]) -> None:
+        """A drafting sequence the schedule left out (preempted) loses its guess: it is drafted anew."""
+        scheduled = {c.seq for c in chunks}
+        for seq in self.scheduler.running + list(self.scheduler.waiting):
+            if seq.num_draft_tokens and seq not in scheduled:
+                self._drop(seq)
+
+    def _drop(self, seq: Sequence) -> None:
+        del seq.token_ids[seq.num_tokens - seq.num_draft_tokens :]
+        seq.num_draft_tokens = 0
+
+    def verify(
+        self, chunks: list[ScheduledChunk], rows: list[ChunkRows], logits: torch.Tensor
+    ) -> list[StepOutput]:
+        """One StepOutput per drafting sequence still running: its kept tokens (after the plain samples,
+        which OutputProcessor.process drew first)."""
+        outputs: list[StepOutput] = []
+        for chunk, chunk_rows in zip(chunks, rows):
+            seq, row = chunk.seq, chunk_rows.sampled.start
+            if not chunk.num_draft or seq.status is Status.FINISHED:
+                continue
+            try:
+                outputs.append(self.accept(seq, logits[row : row + 1 + seq.num_draft_tokens]))
+            except Exception as e:
+                outputs += self.outputs.fail(seq, "verifying its drafted tokens", e)
+        return outputs
+
+    def accept(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
+        """logits [1 + k, V] at the positions of the pending token and the k drafted ones. Keep what the
+        acceptance rule accepts plus one token of the model's own, roll the KV cache back past them."""
+        num_draft = seq.num_draft_tokens
+        draft = seq.token_ids[seq.num_tokens - num_draft :]
+        if seq.params.greedy:
+            tokens = accept_greedy(draft, logits.argmax(dim=-1).tolist())
+        else:
+            probs = request_probabilities(logits, seq.params)
+            tokens = accept_sampled(draft, probs, seq.generator or self.outputs.generator)
+        self.stats.record(num_draft, len(tokens) - 1)
+        self._drop(seq)
+        # the KV of the accepted drafts stays; the slots (and whole blocks) past them are given back
+        self.block_manager.truncate(seq, seq.num_tokens + len(tokens) - 1)
+        outputs = []
+        for i, token in enumerate(
+            tokens
+        ):  # one at a time: a stop token or max_tokens may end it early
+            outputs.append(self.outputs.advance(seq, token, logits[i : i + 1]))
+            if outputs[-1].finished:
+                break
+        if seq.status is not Status.FINISHED:
+            self.block_manager.register_full_blocks(seq)
+        return merge_outputs(outputs)
