@@ -20,7 +20,9 @@ rotary scaling) keeps running through the model's own module, so the runner work
 worked on before.
 """
 
+import itertools
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -59,28 +61,44 @@ def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> 
         return None
 
 
+# PackedLinears by handle, for the compiled step's `labkit::packed_linear` op (weakly: an engine that is
+# dropped takes its packed weights with it)
+_PACKED: "weakref.WeakValueDictionary[int, PackedLinears]" = weakref.WeakValueDictionary()
+_handles = itertools.count()
+
+
+@torch.library.custom_op("labkit::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """x [rows, in] through the pre-packed oneDNN weight of PackedLinears `handle`: an opaque call inside a
+    compiled graph (the packed weight is a oneDNN tensor that torch.compile cannot trace)."""
+    return _PACKED[handle].packed(x)
+
+
+@packed_linear.register_fake
+def _(x, handle, out_features):
+    return x.new_empty(x.shape[0], out_features)
+
+
 class PackedLinears:
     """Plain `nn.Linear`s that read the same input, run as one concatenated, pre-packed weight:
     x [rows, in] -> one [rows, out_i] per module. With one row, `one_row_packed` picks the packed copy or
-    the modules' own weights (`F.linear`); `choose_one_row_path` sets it from a timing."""
+    the modules' own weights (`F.linear`); `choose_one_row_path` sets it from a timing. Inside a compiled
+    step the same choice holds: the packed copy through the `labkit::packed_linear` op, or the modules,
+    which Inductor traces (compiled_decode.py)."""
 
-    def __init__(
-        self, modules: list, packed: Callable, weight: torch.Tensor, bias: torch.Tensor | None
-    ):
+    def __init__(self, modules: list, packed: Callable):
         self.modules, self.packed = modules, packed
-        # the fused weight as a frozen parameter, for the compiled decode step: Inductor sees a parameter,
-        # folds it in as a constant and pre-packs it itself (`freezing`; compiled_decode.py)
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.bias = bias
         self.sizes = [m.out_features for m in modules]
         self.in_features = modules[0].in_features
         self.one_row_packed = False
+        self.handle = next(_handles)
+        _PACKED[self.handle] = self
 
     def __call__(self, x: torch.Tensor) -> tuple:
-        if torch.compiler.is_compiling():  # traced: a plain linear that Inductor packs (the opaque
-            out = F.linear(x, self.weight, self.bias)  # oneDNN weight cannot be traced)
-        elif x.shape[0] == 1 and not self.one_row_packed:
+        if x.shape[0] == 1 and not self.one_row_packed:
             return tuple(m(x) for m in self.modules)
+        if torch.compiler.is_compiling():
+            out = torch.ops.labkit.packed_linear(x, self.handle, sum(self.sizes))
         else:
             out = self.packed(x)
         return (out,) if len(self.modules) == 1 else out.split_with_sizes(self.sizes, dim=-1)
@@ -143,7 +161,7 @@ def fused_linear(modules: list) -> Callable:
         if len(modules) == 1:
             return lambda x: (F.linear(x, weight, bias),)
         return lambda x: F.linear(x, weight, bias).split_with_sizes(sizes, dim=-1)
-    return PackedLinears(modules, packed, weight, bias)
+    return PackedLinears(modules, packed)
 
 
 def fast_rms_norm(norm) -> Callable:
