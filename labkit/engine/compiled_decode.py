@@ -83,6 +83,9 @@ class CompiledDecode:
         # the last block of the cache: the engine never hands it to a sequence (engine.py)
         self.padding_block = runner.cache.num_blocks - 1
         self.graphs: dict[int, Callable] = {}  # size -> its compiled step
+        if runner.device.type == "cuda":  # a CUDA graph may write only to tensors whose address is fixed
+            for t in runner.cache.k + runner.cache.v:
+                torch._dynamo.mark_static_address(t)
 
     def compile(self) -> Callable:
         """A new compiled region for one size. Its own cache entry (`isolate_recompiles`), and no guards:
