@@ -304,12 +304,12 @@ def main():
                 order = [n for n in order if not n.endswith(" eager")]
             llama_first = r % 2 == 1
             if batch == 1 and llama_first:
-                llama_runs.append(llama_peer(args, all_prompts[0], rounds=1))
+                llama_runs.append(llama_peer(args, all_prompts[0], rounds=2))
             for name in order:
                 tok_s, _ = decode(engines[name], all_prompts[:batch], args.new_tokens)
                 measured[name][batch].append(tok_s)
             if batch == 1 and not llama_first:
-                llama_runs.append(llama_peer(args, all_prompts[0], rounds=1))
+                llama_runs.append(llama_peer(args, all_prompts[0], rounds=2))
         print(
             f"batch {batch}: "
             + ", ".join(
@@ -321,7 +321,8 @@ def main():
         )
     llama = llama_runs[0] if "skipped" in llama_runs[0] else llama_runs[-1]
     if "skipped" not in llama:
-        llama_rounds = [run["tokens_per_s"][0] for run in llama_runs]
+        # each call is a fresh process: its first round warms it up, the second is the one paired
+        llama_rounds = [run["tokens_per_s"][-1] for run in llama_runs]
         llama = {
             **llama,
             "tokens_per_s": llama_rounds,

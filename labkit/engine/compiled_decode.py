@@ -22,8 +22,8 @@ This file does the same, in three pieces:
    length. The eager path keeps `decode_attention`, whose ragged bags read only the real keys.
 3. **Everything in one Inductor graph**: embedding, RMSNorms, the fused projections, rotary, residual adds,
    SwiGLU, attention, the output head. Pointwise chains become a few fused C++ loops with no Python
-   between them; with `freezing` the weights become constants that Inductor pre-packs for oneDNN itself.
-   On CUDA the same graph is captured as a CUDA graph (`reduce-overhead`): one launch replays the step.
+   between them; the matmuls stay the library kernels the eager path uses (the int4/int8 kernels, and for
+   float weights the pre-packed oneDNN weight through `labkit::packed_linear`, fast_layers.py). On CUDA the same graph is captured as a CUDA graph (`reduce-overhead`): one launch replays the step.
 
 Which steps run compiled: pure decode steps (every sequence feeds one token and gets one logits row), which
 includes n > 1 samples once forked, sampled tokens' logprobs and seeded sampling. Prefill, chunked
@@ -55,9 +55,11 @@ from .attention import padded_decode_attention
 # Inductor's on-disk cache (FX graphs, generated C++), unless the user chose a place
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO_ROOT / ".cache" / "torchinductor"))
 
-CPU_OPTIONS = {
-    "freezing": True
-}  # weights as constants, pre-packed by Inductor (measured faster here)
+# Inductor's options on a CPU: none. Measured on SmolLM2 (2-core AMD EPYC, batch 1): `freezing` (weights
+# as constants) ran no faster, since the big weights sit behind the low-bit kernels and the pre-packed
+# oneDNN op anyway, and it bypasses the compile cache (a second start 14.3 s instead of 6.0 s); `cpp_wrapper`
+# doubled the compile time (about 100 s).
+CPU_OPTIONS: dict = {}
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -83,7 +85,9 @@ class CompiledDecode:
         # the last block of the cache: the engine never hands it to a sequence (engine.py)
         self.padding_block = runner.cache.num_blocks - 1
         self.graphs: dict[int, Callable] = {}  # size -> its compiled step
-        if runner.device.type == "cuda":  # a CUDA graph may write only to tensors whose address is fixed
+        if (
+            runner.device.type == "cuda"
+        ):  # a CUDA graph may write only to tensors whose address is fixed
             for t in runner.cache.k + runner.cache.v:
                 torch._dynamo.mark_static_address(t)
 
