@@ -120,14 +120,15 @@ def make_engine(model, tokenizer, max_batch: int, max_len: int, eager: bool = Fa
 
 
 COMPILE_PROBE = """
-import json, sys, time, torch
+import json, sys, torch
+sys.path.insert(0, "benchmarks")
+from roofline import quantized  # the int4 variant the timed rounds run
 from labkit.engine import LLMEngine
 from labkit.model import load_model
-from labkit.quant import pack_model, rtn_quantize_model
 torch.set_num_threads(int(sys.argv[3]))
 model, tok = load_model(sys.argv[1], device="cpu")
 if sys.argv[2] == "int4":
-    model = pack_model(model, rtn_quantize_model(model, 4, 64, "group", symmetric=False, include_head=True))
+    model = quantized(model, 4)
 engine = LLMEngine(model, tok, max_num_seqs=1, num_blocks=16)
 print(json.dumps(engine.runner.compiled.warm_up([1])))
 """

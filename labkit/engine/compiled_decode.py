@@ -23,7 +23,8 @@ This file does the same, in three pieces:
 3. **Everything in one Inductor graph**: embedding, RMSNorms, the fused projections, rotary, residual adds,
    SwiGLU, attention, the output head. Pointwise chains become a few fused C++ loops with no Python
    between them; the matmuls stay the library kernels the eager path uses (the int4/int8 kernels, and for
-   float weights the pre-packed oneDNN weight through `labkit::packed_linear`, fast_layers.py). On CUDA the same graph is captured as a CUDA graph (`reduce-overhead`): one launch replays the step.
+   float weights the pre-packed oneDNN weight through `labkit::packed_linear`, fast_layers.py). On CUDA
+   the same graph is captured as a CUDA graph (`reduce-overhead`): one launch replays the step.
 
 Which steps run compiled: pure decode steps (every sequence feeds one token and gets one logits row), which
 includes n > 1 samples once forked, sampled tokens' logprobs and seeded sampling. Prefill, chunked
@@ -78,16 +79,14 @@ class CompiledDecode:
         self.runner = runner
         self.sizes = capture_sizes(max_num_seqs)
         self.compile_after_steps = compile_after_steps
-        self.eager_steps = dict.fromkeys(
-            self.sizes, 0
-        )  # decode steps each size has run eagerly so far
+        # decode steps each size has run eagerly so far (for compile_after_steps)
+        self.eager_steps = dict.fromkeys(self.sizes, 0)
         self.compile_seconds: dict[int, float] = {}
         # the last block of the cache: the engine never hands it to a sequence (engine.py)
         self.padding_block = runner.cache.num_blocks - 1
         self.graphs: dict[int, Callable] = {}  # size -> its compiled step
-        if (
-            runner.device.type == "cuda"
-        ):  # a CUDA graph may write only to tensors whose address is fixed
+        if runner.device.type == "cuda":
+            # a CUDA graph may write only to tensors whose address is fixed: the cache's
             for t in runner.cache.k + runner.cache.v:
                 torch._dynamo.mark_static_address(t)
 
@@ -145,12 +144,11 @@ class CompiledDecode:
         """The step's decode rows padded to `size` rows and their block tables to M >= 2 columns (a
         dynamic dimension of size 1 would be specialised): padding rows point at the padding block."""
         rows, bs, pad = step.decode, self.runner.block_size, self.padding_block
-        batch = len(rows.token_index)
+        extra = size - len(rows.token_index)  # padding rows
         width = max(2, -(-max(rows.context_lens) // bs))
         tables = [t[:width] + [pad] * (width - len(t[:width])) for t in rows.tables]
-        tables += [[pad] * width] * (size - batch)
+        tables += [[pad] * width] * extra
         longs = self.runner._longs
-        extra = size - batch
         return (
             F.pad(step.input_ids, (0, extra)),
             F.pad(step.positions, (0, extra)),
