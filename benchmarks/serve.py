@@ -5,12 +5,16 @@
 
 Writes results/serve.json and the committed record benchmarks/results/serve.json. Targets (checked here, reported as pass/fail, never as wall-clock asserts):
   - at the highest concurrency: zero failed or lost requests;
-  - server throughput >= 0.8x the offline engine (LLM.generate) on the same workload: offline and server runs
-    are alternated (--repeats), each server run is compared with the offline runs around it, median reported;
+  - server throughput >= 0.9x the offline engine (LLM.generate) on the same workload: offline and server runs
+    are alternated (--repeats), each server run is compared with the offline runs around it, median reported.
+    Both compile their decode step before the first timed request (the server with --warm-up, the offline
+    engine with LLMEngine.warm_up); `--eager` runs both eagerly instead;
   - KV blocks in use back to 0 after the run;
   - N requests with random client disconnects leak nothing (no blocks, no active requests left);
   - open loop (Poisson arrivals) at 80% of the saturation rate (the requests/s completed at the highest
-    closed-loop concurrency): zero errors and TTFT p99 under 10x the unloaded TTFT (p50 at one client);
+    closed-loop concurrency), judged as goodput, as notebook 08 teaches it: zero errors, and at least 90% of
+    the requests (--open-loop-requests, 500 by default) meet an SLO of TTFT <= 10x and TPOT <= 2x the
+    unloaded p50s (one client). (A p99 over a hundred requests judges one request's luck.)
   - past saturation (--overload-factor x that rate, on a server with --max-waiting = max_num_seqs / 4):
     the excess gets 429s with Retry-After, no 5xx, and the server never holds more than its limit.
 Next to each ratio: how many cores *other* programs used meanwhile (from /proc/stat); on a 2-core machine
@@ -90,10 +94,11 @@ def other_cores(busy0, busy1, own_cpu: float, wall: float) -> float | None:
 class Offline:
     """The offline engine (LLM.generate) on the same workload, built once and run as often as asked."""
 
-    def __init__(self, payloads: list[dict], max_num_seqs: int, model: str | None):
+    def __init__(self, payloads: list[dict], max_num_seqs: int, model: str | None, eager: bool):
         from labkit.engine import LLM, SamplingParams
 
-        self.llm = LLM(model, max_num_seqs=max_num_seqs)
+        self.llm = LLM(model, max_num_seqs=max_num_seqs, enforce_eager=eager)
+        self.compile_s = self.llm.engine.warm_up()
         self.params = [
             SamplingParams(temperature=0.0, max_tokens=p["max_tokens"], ignore_eos=True)
             for p in payloads
@@ -175,8 +180,8 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
     if unloaded is None:
         unloaded = server_run(srv, workload(8, seed=0, min_tokens=args.min_tokens), 1)
     saturation = statistics.median(s["requests_per_s"] for s in top_runs)
-    ttft0 = unloaded["ttft_p50_s"]
-    slo = SLO(ttft_s=10 * ttft0, tpot_s=float("inf"))  # the target bounds the TTFT tail only
+    ttft0, tpot0 = unloaded["ttft_p50_s"], unloaded["tpot_p50_s"]
+    slo = SLO(ttft_s=10 * ttft0, tpot_s=2 * tpot0)
     payloads = workload(
         args.open_loop_requests, seed=2, min_tokens=args.min_tokens, max_tokens=args.max_tokens
     )
@@ -184,7 +189,11 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
     wait_idle(srv.url)
     max_waiting = max(1, args.max_num_seqs // 4)
     with ServerProcess(
-        args.model, max_num_seqs=args.max_num_seqs, max_waiting=max_waiting, threads=args.threads
+        args.model,
+        max_num_seqs=args.max_num_seqs,
+        max_waiting=max_waiting,
+        threads=args.threads,
+        **engine_flags(args),
     ) as bounded:
         asyncio.run(run_load(bounded.url, payloads[:8], 4))  # warm up
         over = asyncio.run(
@@ -195,6 +204,8 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
     report = {
         "saturation_requests_per_s": saturation,
         "unloaded_ttft_p50_s": ttft0,
+        "unloaded_tpot_p50_s": tpot0,
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "at_80pct": {
             "rate": at80.rate,
             **a,
@@ -212,7 +223,8 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
     }
     report["targets_met"] = {
         "open_loop_80pct_zero_errors": a["errors"] == 0,
-        "open_loop_80pct_ttft_p99_lt_10x_unloaded": a["ttft_p99_s"] < 10 * ttft0,
+        "open_loop_80pct_goodput_ge_90pct_of_500": at80.slo_attained >= 0.9
+        and len(payloads) >= 500,
         "overload_429_with_retry_after_no_5xx": (
             o["rejected_429"] > 0
             and o["rejected_429_with_retry_after"] == o["rejected_429"]
@@ -224,7 +236,8 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
     print(
         f"  open loop: saturation {saturation:.2f} req/s; at 80% ({at80.rate:.2f}/s) errors {a['errors']}, "
         f"TTFT p99 {a['ttft_p99_s'] * 1e3:.0f} ms = {report['ttft_p99_over_unloaded_at_80pct']:.1f}x unloaded "
-        f"p50; L {at80.mean_in_system:.1f} vs lambda x W {at80.littles_law:.1f}",
+        f"p50; {at80.slo_attained:.1%} within the SLO (TTFT <= {slo.ttft_s * 1e3:.0f} ms, TPOT <= "
+        f"{slo.tpot_s * 1e3:.1f} ms); L {at80.mean_in_system:.1f} vs lambda x W {at80.littles_law:.1f}",
         flush=True,
     )
     print(
@@ -234,6 +247,11 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
         flush=True,
     )
     return report
+
+
+def engine_flags(args) -> dict:
+    """The server's flags for the engine's mode: compiled before the first request, or all eager."""
+    return {"enforce_eager": True} if args.eager else {"warm_up": True}
 
 
 def main(argv=None) -> dict:
@@ -263,10 +281,15 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--open-loop-requests",
         type=int,
-        default=128,
+        default=500,
         help="Poisson arrivals at 80%% of saturation and past it; 0 to skip",
     )
     ap.add_argument("--overload-factor", type=float, default=4.0)
+    ap.add_argument(
+        "--eager",
+        action="store_true",
+        help="run the server and the offline engine eagerly (enforce_eager) instead of compiled",
+    )
     ap.add_argument(
         "--threads",
         type=int,
@@ -295,7 +318,7 @@ def main(argv=None) -> dict:
     payloads = workload(
         max(args.requests, top), seed=0, min_tokens=args.min_tokens, max_tokens=args.max_tokens
     )
-    offline = Offline(payloads, args.max_num_seqs, args.model)
+    offline = Offline(payloads, args.max_num_seqs, args.model, args.eager)
     levels, offline_runs, result = [], [], {"load_before": loadavg()}
     modes = list(dict.fromkeys(args.engine_mode))
     runs: dict[str, list] = {m: [] for m in modes}
@@ -308,6 +331,7 @@ def main(argv=None) -> dict:
                     max_waiting=4 * args.disconnect_requests + 256,
                     threads=args.threads,
                     engine_mode=m,
+                    **engine_flags(args),
                 )
             )
             for m in modes
@@ -414,7 +438,7 @@ def main(argv=None) -> dict:
         "throughput_ratio_runs": [s["ratio_vs_offline"] for s in repeats],
         # cores other programs used during each run (and the offline runs around it): read the ratios with it
         "throughput_ratio_other_cores": [s["other_cores_max"] for s in repeats],
-        "throughput_ratio_ok": median >= 0.8,
+        "throughput_ratio_ok": median >= 0.9,
         "kv_blocks_zero_after": final["labkit:kv_blocks_used"] == 0,
         "disconnects_leak_nothing": None
         if dt is None
@@ -452,6 +476,8 @@ def main(argv=None) -> dict:
                 "torch_threads": args.threads,
                 "repeats": args.repeats,
                 "engine_mode": modes[0],
+                "compiled": not args.eager,
+                "offline_compile_s": offline.compile_s,
             },
             "offline": {
                 **max(offline_runs, key=lambda o: o["throughput_tok_s"]),
@@ -470,7 +496,7 @@ def main(argv=None) -> dict:
     )
     targets_met = {
         "zero_errors_at_top": targets["zero_errors_at_top"],
-        "throughput_ge_0.8x_offline": targets["throughput_ratio_ok"],
+        "throughput_ge_0.9x_offline": targets["throughput_ratio_ok"],
         "kv_blocks_zero_after": targets["kv_blocks_zero_after"],
         "graceful_exit": targets["graceful_exit_ok"],
     }

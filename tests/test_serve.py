@@ -45,7 +45,9 @@ def wait_idle(url: str, timeout: float = 20.0) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess(max_num_seqs=16, threads=1) as srv:
+    # compiled, as a production server runs (--warm-up compiles the decode step before /ready): every
+    # test below checks the compiled engine against the offline (eager) one
+    with ServerProcess(max_num_seqs=16, threads=1, warm_up=True) as srv:
         yield srv
 
 

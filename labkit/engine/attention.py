@@ -26,6 +26,16 @@ import torch.nn.functional as F
 
 
 @dataclass
+class DecodeRows:
+    """The step's decode tokens (one per sequence), as plain lists: the eager path builds its ragged
+    DecodeBatch from them, the compiled path pads them to static shapes."""
+
+    token_index: list[int]  # position of each decode token in the step's flat batch
+    context_lens: list[int]  # keys each attends to, its own included
+    tables: list[list[int]]  # each sequence's block table
+
+
+@dataclass
 class DecodeBatch:
     """Index tensors for one step's decode tokens; built once per step and shared by every layer
     (each layer's cache has the same layout, so the same indices address it). Everything is ordered
@@ -40,6 +50,18 @@ class DecodeBatch:
     keys: torch.Tensor  # flat index into the [heads, B, max_keys] scores of every real key
     v_rows: torch.Tensor  # rows of v.view(-1, head_dim): each real key of each (head, sequence)
     v_offsets: torch.Tensor  # [heads * B] start of each (head, sequence) bag
+
+    def index_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What `decode_attention_op` (the custom op) takes, in its order: everything but token_index."""
+        return (
+            self.k_rows,
+            self.k_offsets,
+            self.k_owner,
+            self.mask,
+            self.keys,
+            self.v_rows,
+            self.v_offsets,
+        )
 
 
 def ragged(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,6 +147,33 @@ def decode_attention(
         per_sample_weights=probs.view(-1).index_select(0, batch.keys).to(v_cache.dtype),
     )
     return out.view(heads, B, dim).transpose(0, 1).to(q.dtype)
+
+
+@torch.library.custom_op("labkit::decode_attention", mutates_args=())
+def decode_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_rows: torch.Tensor,
+    k_offsets: torch.Tensor,
+    k_owner: torch.Tensor,
+    mask: torch.Tensor,
+    keys: torch.Tensor,
+    v_rows: torch.Tensor,
+    v_offsets: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """`decode_attention` as one opaque op for the compiled step (compiled_decode.py), as vLLM keeps its
+    attention a custom op inside the graph: Inductor fuses everything around it and calls the ragged
+    kernel as it is. The DecodeBatch's index tensors come in as arguments (built once per step, outside
+    the graph); their lengths change with the context lengths, so the graph treats them as dynamic."""
+    batch = DecodeBatch(q.new_empty(0), k_rows, k_offsets, k_owner, mask, keys, v_rows, v_offsets)
+    return decode_attention(q, k_cache, v_cache, batch, scale).contiguous()
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, k_rows, k_offsets, k_owner, mask, keys, v_rows, v_offsets, scale):
+    return torch.empty_like(q)
 
 
 @dataclass

@@ -1,30 +1,38 @@
-"""Compiled decode: the per-op tax removed, one graph per padded batch size.
+"""Compiled decode: the per-op tax removed, the step compiled once and reused for every batch.
 
 A decode step of a small model is about 1,800 small operations (norms, rotary, residual adds, dtype
 conversions, the matmuls), and on a CPU each costs a few microseconds of dispatch before it does any work; on
 a GPU each is a kernel launch. For SmolLM2 at batch 1 that overhead is most of an int4 step (notebook 03b).
 Production engines remove it by compiling or capturing the step:
-- vLLM's CPU backend runs the model through `torch.compile` (Inductor) and keeps attention and the cache
-  write as custom ops that the graph calls;
+- vLLM compiles the model with `torch.compile` (Inductor) once, with the number of tokens as a dynamic
+  dimension, and keeps attention and the cache write as custom ops that the graph calls; on a GPU it then
+  captures one CUDA graph per batch size from that compiled code;
 - SGLang's CPU graph runner compiles one graph per batch size and pads each batch up to the nearest one;
-- nano-vllm and vLLM capture one CUDA graph per batch size (nano-vllm: 1, 2, 4, 8, then every 16).
+- nano-vllm captures one CUDA graph per batch size (1, 2, 4, 8, then every 16), with padded rows.
 This file does the same, in three pieces:
 
-1. **Static shapes.** A decode step of B sequences runs the graph compiled for the smallest size >= B
-   (`capture_sizes`). The extra rows are padding: token 0 at position 0, writing its K/V into the one
-   block the engine keeps beside the block manager's (`padding_block`), which no sequence is ever given,
-   and attending to that block alone. Padded rows can therefore never change a sequence's KV.
-2. **Attention in the graph, with static shapes too**: `padded_decode_attention` gathers each row's first M
-   blocks ([S, M] block table) and masks the keys past its length, then runs one fused
-   `scaled_dot_product_attention`; the cache write is an `index_copy_` inside the graph (what gpt-fast
-   and Hugging Face's static cache do). M, the longest row's blocks, is the one dimension left dynamic
-   (`mark_dynamic`), so a graph serves every context length: one compilation per batch size, not per
-   length. The eager path keeps `decode_attention`, whose ragged bags read only the real keys.
-3. **Everything in one Inductor graph**: embedding, RMSNorms, the fused projections, rotary, residual adds,
-   SwiGLU, attention, the output head. Pointwise chains become a few fused C++ loops with no Python
-   between them; the matmuls stay the library kernels the eager path uses (the int4/int8 kernels, and for
-   float weights the pre-packed oneDNN weight through `labkit::packed_linear`, fast_layers.py). On CUDA
-   the same graph is captured as a CUDA graph (`reduce-overhead`): one launch replays the step.
+1. **Which graph runs a step.** On a CPU nothing is replayed, so nothing needs padding: one graph for
+   batch 1 (the latency case, every shape fixed) and one whose batch dimension is dynamic, for 2 to
+   max_num_seqs sequences. Padding would cost real work there: a CPU decode step of SmolLM2 grows with every
+   row (the matmuls are compute-bound from a few rows up), and 17 sequences padded to 24 ran 10% slower
+   than eager, while the dynamic graph ran as fast as a graph compiled for that exact size. On CUDA a graph
+   replays fixed shapes: one per capture size (1, 2, 4, then every 8, vLLM's list; `capture_sizes`), each
+   batch padded up to the nearest. A padding row is token 0 at position 0, one key long, writing its K/V
+   into the one block the engine keeps beside the block manager's (`padding_block`), which no sequence is
+   ever given: padded rows can never change a sequence's KV.
+2. **Attention in the graph as one opaque op.** On a CPU, `labkit::decode_attention` (attention.py) runs
+   the eager path's ragged kernel, in which each row reads only its own keys; its index tensors are built
+   once per step outside the graph, and their lengths (which follow the context lengths) are dynamic, so
+   one graph serves every context length. (Gathering every row's blocks to a padded [S, M] table inside
+   the graph instead cost 9-12 ms per layer at 32 sequences of about 200 tokens, against 0.8 ms for the
+   ragged kernel.) On CUDA, where every shape must be fixed, `padded_decode_attention` gathers each row's
+   M blocks and masks the keys past its length; M, the table's width, is the one dynamic dimension. The
+   paged-cache write is an `index_copy_` inside the graph (what gpt-fast and Hugging Face's static cache do).
+3. **Everything else in one Inductor graph**: embedding, RMSNorms, the fused projections, rotary, residual
+   adds, SwiGLU, the output head. Pointwise chains become a few fused C++ loops with no Python between
+   them; the matmuls stay the library kernels the eager path uses (the int4/int8 kernels, and for float
+   weights the pre-packed oneDNN weight through `labkit::packed_linear`, fast_layers.py). On CUDA the
+   graph is captured as a CUDA graph (`reduce-overhead`): one launch replays the step.
 
 Which steps run compiled: pure decode steps (every sequence feeds one token and gets one logits row), which
 includes n > 1 samples once forked, sampled tokens' logprobs and seeded sampling. Prefill, chunked
@@ -33,11 +41,11 @@ run the eager `ModelRunner.forward`: their shapes change with every prompt, and 
 enough that per-op overhead matters little there. `EngineConfig(enforce_eager=True)` (vLLM's name) turns
 compilation off.
 
-When to compile: compiling one size takes 10-60 s on a 2-core CPU (seconds from the on-disk cache), so an
+When to compile: compiling one graph takes 10-60 s on a 2-core CPU (seconds from the on-disk cache), so an
 engine that lives for a test or a notebook cell should not pay it, and a server or a benchmark should pay
 it before its first request, not in the middle of a run. So nothing compiles by itself: `LLMEngine.warm_up()`
-compiles every size up front, as vLLM and SGLang do at start-up, and until then every step runs eagerly.
-`EngineConfig(compile_after_steps=n)` adds a JIT's tiering instead (the JVM's, LuaJIT's): a size compiles
+compiles every graph up front, as vLLM and SGLang do at start-up, and until then every step runs eagerly.
+`EngineConfig(compile_after_steps=n)` adds a JIT's tiering instead (the JVM's, LuaJIT's): a graph compiles
 once it has run n steps eagerly (0: at its first step). The generated code is cached on disk under
 `.cache/torchinductor/` in the repository (git-ignored), so the next process that compiles the same model
 and size skips most of the work.
@@ -51,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ..paths import REPO_ROOT
-from .attention import padded_decode_attention
+from .attention import DecodeRows, decode_attention_op, padded_decode_attention
 
 # Inductor's on-disk cache (FX graphs, generated C++), unless the user chose a place
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO_ROOT / ".cache" / "torchinductor"))
@@ -64,54 +72,61 @@ CPU_OPTIONS: dict = {}
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """The padded batch sizes that get a graph: 1, 2, 4, 8, then every 16 (nano-vllm's choice), and
-    max_num_seqs itself, so that every batch the scheduler can form has a size to run in."""
-    sizes = [s for s in [1, 2, 4, 8, *range(16, max_num_seqs + 1, 16)] if s <= max_num_seqs]
+    """The padded batch sizes that get a CUDA graph: 1, 2, 4, then every 8 (vLLM's default capture sizes),
+    and max_num_seqs itself, so that every batch the scheduler can form has a size to run in."""
+    sizes = [s for s in [1, 2, 4, *range(8, max_num_seqs + 1, 8)] if s <= max_num_seqs]
     return sizes if sizes[-1] == max_num_seqs else [*sizes, max_num_seqs]
 
 
 class CompiledDecode:
-    """The runner's decode step compiled once per padded batch size. `run(step)` takes a StepInput whose
-    `plain_decode` is True and at most `sizes[-1]` rows; `compile_seconds` records each compiled size's
-    first call (compilation included)."""
+    """The runner's decode step, compiled. `sizes` are the graphs' sizes: on CUDA the capture sizes, on a
+    CPU 1 and max_num_seqs (whose graph serves every batch from 2 up). `run(step)` takes a StepInput whose
+    `plain_decode` is True and at most max_num_seqs rows; `compile_seconds` records each graph's first
+    call (compilation included), by size."""
 
     def __init__(self, runner, max_num_seqs: int, compile_after_steps: int | None):
         self.runner = runner
-        self.sizes = capture_sizes(max_num_seqs)
+        self.cuda = runner.device.type == "cuda"
+        self.sizes = capture_sizes(max_num_seqs) if self.cuda else sorted({1, max_num_seqs})
         self.compile_after_steps = compile_after_steps
-        # decode steps each size has run eagerly so far (for compile_after_steps)
+        # decode steps each graph has run eagerly so far (for compile_after_steps)
         self.eager_steps = dict.fromkeys(self.sizes, 0)
         self.compile_seconds: dict[int, float] = {}
         # the last block of the cache: the engine never hands it to a sequence (engine.py)
         self.padding_block = runner.cache.num_blocks - 1
         self.graphs: dict[int, Callable] = {}  # size -> its compiled step
-        if runner.device.type == "cuda":
+        if self.cuda:
             # a CUDA graph may write only to tensors whose address is fixed: the cache's
             for t in runner.cache.k + runner.cache.v:
                 torch._dynamo.mark_static_address(t)
 
     def compile(self) -> Callable:
-        """A new compiled region for one size. Its own cache entry (`isolate_recompiles`), and no guards:
-        this class dispatches on the size itself and feeds each region the same shapes, tensors and
-        weights every step, so Dynamo's guard checks (over a millisecond a step for SmolLM2's ~400 tensors
-        and their Python attributes) would only re-prove that; vLLM drops them for the same reason."""
-        cuda = self.runner.device.type == "cuda"
+        """A new compiled region for one graph. Its own cache entry (`isolate_recompiles`), and no guards:
+        this class dispatches on the size itself and feeds each region the same kinds of tensors and the
+        same weights every step, so Dynamo's guard checks (over a millisecond a step for SmolLM2's ~400
+        tensors and their Python attributes) would only re-prove that; vLLM drops them for the same reason."""
         options: dict = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
         return torch.compile(
             self.forward,
             fullgraph=True,
-            mode="reduce-overhead" if cuda else None,
-            options=options if cuda else {**options, **CPU_OPTIONS},
+            mode="reduce-overhead" if self.cuda else None,
+            options=options if self.cuda else {**options, **CPU_OPTIONS},
             isolate_recompiles=True,
         )
 
     def size_for(self, batch: int) -> int | None:
-        """The smallest compiled size that holds `batch` rows, or None (too many: run eagerly)."""
+        """The graph that runs `batch` rows (the smallest size that holds them), or None (too many: eager)."""
         return next((s for s in self.sizes if s >= batch), None)
 
+    def rows_for(self, batch: int) -> int:
+        """Rows the step runs with padding: on CUDA its graph's size, on a CPU the batch itself."""
+        size = self.size_for(batch)
+        assert size is not None
+        return size if self.cuda else batch
+
     def takes(self, step) -> bool:
-        """Should this step run compiled? A plain decode step of a size that is compiled, or hot enough to
-        compile now; otherwise the step counts towards its size's eager steps and runs eagerly."""
+        """Should this step run compiled? A plain decode step whose graph is compiled, or hot enough to
+        compile now; otherwise the step counts towards its graph's eager steps and runs eagerly."""
         size = self.size_for(step.input_ids.shape[0]) if step.plain_decode else None
         if size is None:
             return False
@@ -123,70 +138,95 @@ class CompiledDecode:
         self.eager_steps[size] += 1
         return False
 
-    def forward(self, input_ids, positions, slots, tables, context_lens) -> torch.Tensor:
-        """The traced step. input_ids, positions, slots (where each row's K/V goes) and context_lens [S],
-        tables [S, M] -> logits [S, vocab]."""
+    def forward(self, input_ids, positions, slots, *index) -> torch.Tensor:
+        """The traced step. input_ids, positions and slots (where each row's K/V goes) [S]; index: how the
+        rows find their keys (`index_inputs`) -> logits [S, vocab]."""
         r = self.runner
         hidden = r.model.model.embed_tokens(input_ids)  # [S, hidden]
         cos, sin = r.rotary(hidden, positions)
         cache_index = r.cache.write_index(slots)
+        attention = padded_decode_attention if self.cuda else decode_attention_op
 
         def attend(i: int, q, k, v):
             r.cache.write(i, cache_index, k, v)
-            return padded_decode_attention(
-                q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale
-            )
+            return attention(q, r.cache.k[i], r.cache.v[i], *index, r.scale)
 
         hidden = r.layers_forward(hidden, cos, sin, attend)
         return r.lm_head(r.final_norm(hidden))
 
-    def inputs(self, step, size: int) -> tuple[torch.Tensor, ...]:
-        """The step's decode rows padded to `size` rows and their block tables to M >= 2 columns (a
-        dynamic dimension of size 1 would be specialised): padding rows point at the padding block."""
-        rows, bs, pad = step.decode, self.runner.block_size, self.padding_block
-        extra = size - len(rows.token_index)  # padding rows
-        width = max(2, -(-max(rows.context_lens) // bs))
-        tables = [t[:width] + [pad] * (width - len(t[:width])) for t in rows.tables]
-        tables += [[pad] * width] * extra
-        longs = self.runner._longs
-        return (
+    def index_inputs(self, context_lens: list[int], tables: list[list[int]]) -> list[torch.Tensor]:
+        """The attention's inputs for S rows (padding rows included). On a CPU: the ragged DecodeBatch's
+        index tensors, for the custom op that runs `decode_attention` (each row reads only its own keys).
+        On CUDA, where a graph replays fixed shapes: block tables [S, M] (padded with the padding block,
+        M >= 2: a dynamic dimension of size 1 would be specialised) and the context lengths [S]."""
+        runner, pad = self.runner, self.padding_block
+        if not self.cuda:
+            rows = DecodeRows(list(range(len(context_lens))), context_lens, tables)
+            return list(runner.decode_batch(rows).index_tensors())
+        width = max(2, -(-max(context_lens) // runner.block_size))
+        padded = [t[:width] + [pad] * (width - len(t[:width])) for t in tables]
+        return [runner._longs(padded), runner._longs(context_lens)]
+
+    def inputs(self, step, rows: int) -> list[torch.Tensor]:
+        """The step's decode rows padded to `rows`: padding rows are token 0 at position 0, one key long,
+        writing and reading only the padding block."""
+        decode, bs, pad = step.decode, self.runner.block_size, self.padding_block
+        extra = rows - len(decode.token_index)  # padding rows
+        return [
             F.pad(step.input_ids, (0, extra)),
             F.pad(step.positions, (0, extra)),
-            longs(step.slots + [pad * bs] * extra),
-            longs(tables),
-            longs(rows.context_lens + [1] * extra),
-        )
+            self.runner._longs(step.slots + [pad * bs] * extra),
+            *self.index_inputs(decode.context_lens + [1] * extra, decode.tables + [[pad]] * extra),
+        ]
 
     @torch.inference_mode()
     def run(self, step) -> torch.Tensor:
-        """logits [B, vocab] for a plain decode step of B sequences, padded to its compiled size."""
+        """logits [B, vocab] for a plain decode step of B sequences (padded on CUDA)."""
         batch = step.input_ids.shape[0]
-        size = self.size_for(batch)
-        assert step.plain_decode and step.decode is not None and size is not None
-        return self.call(self.inputs(step, size))[:batch]
+        assert step.plain_decode and step.decode is not None
+        return self.call(self.size_for(batch), self.inputs(step, self.rows_for(batch)))[:batch]
 
-    def call(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        size = inputs[0].shape[0]
+    def call(self, size: int, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Run graph `size` on the inputs, compiling it at its first call."""
         if size in self.graphs:
             return self.graphs[size](*inputs)
-        for t in inputs:  # the batch dimension is static: one graph per size
-            torch._dynamo.mark_static(t, 0)
-        torch._dynamo.mark_dynamic(inputs[3], 1)  # the table's width: any context length, one graph
+        dynamic_batch = size > 1 and not self.cuda  # a CPU's one graph for every batch from 2 up
+        for t in inputs[:3]:
+            (torch._dynamo.mark_dynamic if dynamic_batch else torch._dynamo.mark_static)(t, 0)
+        # the index tensors' lengths follow the context lengths (and the batch): dynamic, so one graph
+        # serves every length
+        dims = CUDA_DYNAMIC_DIMS if self.cuda else CPU_DYNAMIC_DIMS
+        batch_dims = CPU_BATCH_DIMS if dynamic_batch else ((),) * len(CPU_BATCH_DIMS)
+        for t, length, batch in zip(inputs[3:], dims, batch_dims):
+            for dim in (*length, *batch):
+                torch._dynamo.mark_dynamic(t, dim)
         start = time.perf_counter()
         self.graphs[size] = self.compile()
-        logits = self.graphs[size](*inputs)
+        # each dynamic length its own symbol, even where two happen to be equal now (duck sizing would
+        # tie them together, and the compiled code would then assert that they stay equal)
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            logits = self.graphs[size](*inputs)
         self.compile_seconds[size] = time.perf_counter() - start
         return logits
 
     @torch.inference_mode()
     def warm_up(self, sizes: list[int] | None = None) -> dict[int, float]:
-        """Compile the given sizes (default: all) now, on padding rows alone (they write only the padding
-        block), instead of at their first real step, as vLLM and SGLang do at start-up. Seconds per size."""
+        """Compile the graphs of the given sizes (default: all) now, on padding rows alone (they write only
+        the padding block), instead of at their first real step, as vLLM and SGLang do at start-up.
+        Seconds per size."""
         runner, pad = self.runner, self.padding_block
         for size in sizes or self.sizes:
             if size not in self.compile_seconds:
                 zeros = torch.zeros(size, dtype=torch.long, device=runner.device)
-                slots = torch.full((size,), pad * runner.block_size, device=runner.device)
-                tables = torch.full((size, 2), pad, device=runner.device)
-                self.call((zeros, zeros.clone(), slots, tables, torch.ones_like(zeros)))
+                slots = runner._longs([pad * runner.block_size] * size)
+                index = self.index_inputs([1] * size, [[pad]] * size)
+                self.call(size, [zeros, zeros.clone(), slots, *index])
         return dict(self.compile_seconds)
+
+
+# The dynamic dimensions of each index input, in index_inputs' order. On a CPU: those that follow the
+# context lengths, and those that follow the batch (dynamic in the graph for 2 and more sequences).
+#                  k_rows, k_offsets, k_owner, mask,   keys,  v_rows, v_offsets
+CPU_DYNAMIC_DIMS = ((0,), (0,), (0,), (2,), (0,), (0,), ())
+CPU_BATCH_DIMS = ((), (), (), (1,), (), (), (0,))
+CUDA_DYNAMIC_DIMS = ((1,), ())  # the tables' width; the context lengths

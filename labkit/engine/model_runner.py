@@ -16,6 +16,7 @@ import torch
 
 from .attention import (
     DecodeBatch,
+    DecodeRows,
     PrefillBatch,
     build_decode_batch,
     build_prefill_batch,
@@ -59,16 +60,6 @@ class ChunkRows:
 
     scored: slice
     sampled: slice
-
-
-@dataclass
-class DecodeRows:
-    """The step's decode tokens (one per sequence), as plain lists: the eager path builds its ragged
-    DecodeBatch from them, the compiled path pads them to static shapes."""
-
-    token_index: list[int]  # position of each decode token in the step's flat batch
-    context_lens: list[int]  # keys each attends to, its own included
-    tables: list[list[int]]  # each sequence's block table
 
 
 @dataclass
