@@ -145,11 +145,15 @@ class CompiledDecode:
         hidden = r.model.model.embed_tokens(input_ids)  # [S, hidden]
         cos, sin = r.rotary(hidden, positions)
         cache_index = r.cache.write_index(slots)
-        attention = padded_decode_attention if self.cuda else decode_attention_op
 
         def attend(i: int, q, k, v):
             r.cache.write(i, cache_index, k, v)
-            return attention(q, r.cache.k[i], r.cache.v[i], *index, r.scale)
+            if self.cuda:
+                tables, context_lens = index
+                return padded_decode_attention(
+                    q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale
+                )
+            return decode_attention_op(q, r.cache.k[i], r.cache.v[i], *index, r.scale)
 
         hidden = r.layers_forward(hidden, cos, sin, attend)
         return r.lm_head(r.final_norm(hidden))
@@ -182,9 +186,9 @@ class CompiledDecode:
     @torch.inference_mode()
     def run(self, step) -> torch.Tensor:
         """logits [B, vocab] for a plain decode step of B sequences (padded on CUDA)."""
-        batch = step.input_ids.shape[0]
-        assert step.plain_decode and step.decode is not None
-        return self.call(self.size_for(batch), self.inputs(step, self.rows_for(batch)))[:batch]
+        batch, size = step.input_ids.shape[0], self.size_for(step.input_ids.shape[0])
+        assert step.plain_decode and step.decode is not None and size is not None
+        return self.call(size, self.inputs(step, self.rows_for(batch)))[:batch]
 
     def call(self, size: int, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Run graph `size` on the inputs, compiling it at its first call."""
