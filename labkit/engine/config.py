@@ -32,6 +32,9 @@ class EngineConfig:
     # when decode steps compile (compiled_decode.py): None = when LLMEngine.warm_up() is called (all sizes
     # up front, as vLLM does at start-up); n = a size also compiles once it has run n steps eagerly
     compile_after_steps: int | None = None
+    # a sequence's logits bit-identical whatever else is in the batch (vLLM's and SGLang's batch-invariant
+    # mode): one matmul kernel for every row count, every step eager (batch_invariance in notebook 05)
+    batch_invariant: bool = False
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -50,7 +53,7 @@ class EngineConfig:
             require_int(
                 "compile_after_steps", self.compile_after_steps, low=0, hint="None or an int"
             )
-        for name in ("enable_prefix_caching", "enforce_eager"):
+        for name in ("enable_prefix_caching", "enforce_eager", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.kv_cache_dtype is not None and not isinstance(self.kv_cache_dtype, torch.dtype):

@@ -91,10 +91,13 @@ class PackedLinears:
         self.sizes = [m.out_features for m in modules]
         self.in_features = modules[0].in_features
         self.one_row_packed = False
+        self.pad_one_row = False  # batch-invariant mode: one row runs as two (make_batch_invariant)
         self.handle = next(_handles)
         _PACKED[self.handle] = self
 
     def __call__(self, x: torch.Tensor) -> tuple:
+        if x.shape[0] == 1 and self.pad_one_row:
+            return tuple(out[:1] for out in self(x.expand(2, -1)))
         if x.shape[0] == 1 and not self.one_row_packed:
             return tuple(m(x) for m in self.modules)
         if torch.compiler.is_compiling():
@@ -105,6 +108,7 @@ class PackedLinears:
 
 
 ONE_ROW_PATHS = {False: "F.linear (module weights)", True: "oneDNN (pre-packed)"}
+ONE_ROW_PADDED = "oneDNN (pre-packed), one row padded to two (batch-invariant)"
 
 
 @torch.inference_mode()
@@ -130,6 +134,17 @@ def choose_one_row_path(linears: list[PackedLinears], rounds: int = 3) -> str | 
     for lin in linears:
         lin.one_row_packed = choice
     return ONE_ROW_PATHS[choice]
+
+
+def make_batch_invariant(linears: list[PackedLinears]) -> str | None:
+    """Every row count through the same many-row kernel: the batch-invariant choice. A one-row product
+    (MKL's matrix-vector code, and oneDNN's too for the 1536-wide down projection) sums in another order
+    than the many-row GEMM, so a sequence alone got logits 1e-5 apart from the same sequence in a batch.
+    oneDNN's packed GEMM gave bit-identical rows from 2 to 2,048 rows for every SmolLM2 shape, so one row
+    runs padded to two. tests/test_batch_invariance.py checks it on your CPU."""
+    for lin in linears:
+        lin.one_row_packed = lin.pad_one_row = True
+    return ONE_ROW_PADDED if linears else None
 
 
 def fused_linear(modules: list) -> Callable:

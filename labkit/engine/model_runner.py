@@ -32,6 +32,7 @@ from .fast_layers import (
     choose_one_row_path,
     fast_rms_norm,
     fused_linear,
+    make_batch_invariant,
     rotate,
 )
 from .kv_cache import KVShape, PagedKVCache
@@ -97,12 +98,14 @@ class ModelRunner:
         self.lm_head = lambda x: head(x)[0]
         packed = [lin for layer in self.layers for lin in layer.packed]
         packed += [head] if isinstance(head, PackedLinears) else []
-        # batch-1 decode: MKL's F.linear or oneDNN's packed weight, whichever streams faster on this CPU
-        self.one_row_path = choose_one_row_path(packed)
         config = config or EngineConfig()
+        if config.batch_invariant:  # one kernel for every row count
+            self.one_row_path = make_batch_invariant(packed)
+        else:  # batch-1 decode: MKL's F.linear or oneDNN's packed weight, whichever streams faster here
+            self.one_row_path = choose_one_row_path(packed)
         # plain decode steps through one compiled graph per padded batch size (compiled_decode.py)
         self.compiled = None
-        if not config.enforce_eager:
+        if not (config.enforce_eager or config.batch_invariant):
             self.compiled = CompiledDecode(self, config.max_num_seqs, config.compile_after_steps)
 
     def run(self, step: StepInput) -> torch.Tensor:
