@@ -87,7 +87,7 @@ class CompiledDecode:
         self.graphs: dict[int, Callable] = {}  # size -> its compiled step
         if runner.device.type == "cuda":
             # a CUDA graph may write only to tensors whose address is fixed: the cache's
-            for t in runner.cache.k + runner.cache.v:
+            for t in runner.cache.tensors:
                 torch._dynamo.mark_static_address(t)
 
     def compile(self) -> Callable:
@@ -134,7 +134,7 @@ class CompiledDecode:
         def attend(i: int, q, k, v):
             r.cache.write(i, cache_index, k, v)
             return padded_decode_attention(
-                q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale
+                q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale, *r.cache.scales(i)
             )
 
         hidden = r.layers_forward(hidden, cos, sin, attend)
