@@ -128,18 +128,19 @@ def split_kv_partials(
     normalised output o [splits, heads, d], its max m and its sum denom [splits, heads]."""
     heads, n, d = k.shape
     chunk = -(-n // num_splits)
-    pad = chunk * num_splits - n
-    # [heads, splits, chunk, d]: pad the last chunk with keys whose score is -inf
-    k_split = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(heads, num_splits, chunk, d)
-    v_split = torch.nn.functional.pad(v, (0, 0, 0, pad)).view(heads, num_splits, chunk, d)
-    s = torch.einsum("hd,hscd->shc", q, k_split) / math.sqrt(d)  # [splits, heads, chunk]
+    pad = chunk * num_splits - n  # the last chunk is padded with keys whose score is -inf
     if pad:
-        s[-1, :, chunk - pad :] = float("-inf")
-    m = s.amax(dim=-1)
+        k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (k, v))
+    k_split = k.view(heads, num_splits, chunk, d)
+    v_split = v.view(heads, num_splits, chunk, d)
+    s = (k_split @ q[:, None, :, None]).squeeze(-1) / math.sqrt(d)  # [heads, splits, chunk]
+    if pad:
+        s[:, -1, chunk - pad :] = float("-inf")
+    m = s.amax(dim=-1)  # [heads, splits]
     p = torch.exp(s - m[..., None])
     denom = p.sum(dim=-1)
-    o = torch.einsum("shc,hscd->shd", p, v_split) / denom[..., None]
-    return o, m, denom
+    o = (p[..., None, :] @ v_split).squeeze(-2) / denom[..., None]  # [heads, splits, d]
+    return o.transpose(0, 1), m.T, denom.T
 
 
 def combine_splits(o: torch.Tensor, m: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,10 @@ FLASH_CASES = [
 ]
 
 
-def flash_inputs(n_q: int, n_k: int, d: int, seed: int):
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q, k, v
+
+
+def flash_inputs(n_q: int, n_k: int, d: int, seed: int) -> Inputs:
     """q, k, v with scores spread wide enough that the running max moves from tile to tile."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(n_q, d, generator=gen) * 2
@@ -36,7 +39,7 @@ def flash_inputs(n_q: int, n_k: int, d: int, seed: int):
     return q, k, torch.randn(n_k, d, generator=gen)
 
 
-def diagnose(student_out: torch.Tensor, case: tuple, inputs) -> str:
+def diagnose(student_out: torch.Tensor, case: tuple, inputs: Inputs) -> str:
     """What went wrong, in words: a named mistake if the output reproduces one, else the error's size."""
     n_q, n_k, d, causal, block_q, block_k = case
     where = f"Nq={n_q}, Nk={n_k}, d={d}, causal={causal}, block_q={block_q}, block_k={block_k}"
