@@ -74,6 +74,8 @@ class PagedKVCache:
     so that decode attention can compute scores straight from it (see attention.py). Zero-initialised so
     that masked-out slots can never inject NaNs into attention."""
 
+    quantized = False  # 8-bit codes with scales (kv_quant.QuantizedKVCache) or float values
+
     def __init__(
         self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device
     ):

@@ -115,6 +115,8 @@ class QuantizedKVCache(PagedKVCache):
         k_scale[layer][head, slot], v_scale[layer][head, slot]      ([kv_heads, num_blocks * block_size])
     Writes quantize; readers (attention.py) gather codes and scales together and dequantize."""
 
+    quantized = True
+
     def __init__(self, shape: KVShape, num_blocks: int, block_size: int, fmt: KVFormat, device):
         super().__init__(shape, num_blocks, block_size, fmt.dtype, device)
         self.format = fmt

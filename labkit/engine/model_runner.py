@@ -217,7 +217,7 @@ class ModelRunner:
     def decode_batch(self, rows: DecodeRows) -> DecodeBatch | PaddedDecodeBatch:
         """The step's decode indices: ragged bags for a float cache, padded tables for a quantized one
         (attention.py)."""
-        if self.cache.scales(0)[0] is not None:
+        if self.cache.quantized:
             return build_padded_decode_batch(
                 rows.token_index, rows.context_lens, rows.tables, self.block_size, self.device
             )
