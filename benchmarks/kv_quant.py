@@ -2,11 +2,12 @@
 "fp8_e4m3" (8-bit codes, a float32 scale per token and head; labkit/engine/kv_quant.py).
 
     .venv/bin/python benchmarks/kv_quant.py [--windows 4] [--window 1280] [--context 1024]
-        [--budget-mib 28] [--requests 16] [--threads N] [--skip-vllm]
+        [--budget-mib 28] [--requests 16] [--mc-items 120] [--threads N] [--skip-vllm]
 
 Quality: `windows` held-out Austen windows of `window` tokens, each scored by one engine per dtype; only
 positions with >= `context` tokens before them count (labkit/kv_quality.py): perplexity, KL(float cache ||
-quantized cache) per token, top-1 agreement. Capacity: the blocks (tokens) each dtype gets from one KV
+quantized cache) per token, top-1 agreement; and multiple-choice accuracy on the first `mc-items` Austen
+cloze items (short contexts; lm-eval's scoring, through the engine). Capacity: the blocks (tokens) each dtype gets from one KV
 budget, and a workload of `requests` greedy requests (128-token prompts, 32 new tokens) run at that budget:
 the largest batch admitted at once and the throughput (eager engine; the same kernels for every dtype
 except the decode kernel, see attention.py). Every number is measured in this run. Targets:
@@ -32,7 +33,8 @@ from labkit.data import heldout_ids
 from labkit.engine import LLMEngine, SamplingParams
 from labkit.engine.kv_cache import KVShape
 from labkit.engine.kv_quant import bytes_per_token
-from labkit.kv_quality import blocks_at_budget, score_windows
+from labkit.evalset import MC_FILE, load_items
+from labkit.kv_quality import blocks_at_budget, multiple_choice, score_windows
 from labkit.results import save_record
 from labkit.workers.venvs import VLLM_PYTHON, vllm_available
 
@@ -119,6 +121,7 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=1024, help="tokens before each scored position")
     ap.add_argument("--budget-mib", type=float, default=28, help="KV memory of the capacity run")
     ap.add_argument("--requests", type=int, default=16, help="requests of the capacity run")
+    ap.add_argument("--mc-items", type=int, default=120, help="multiple-choice items (0: skip)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--skip-vllm", action="store_true")
     args = ap.parse_args(argv)
@@ -131,6 +134,13 @@ def main(argv=None):
     began = time.perf_counter()
     quality = score_windows(model, tok, windows, DTYPES, args.context)
     print(f"quality ({time.perf_counter() - began:.0f} s):", quality, flush=True)
+    items = load_items(MC_FILE)[: args.mc_items]
+    mc = (
+        {dtype: multiple_choice(model, tok, dtype, items) for dtype in ["auto", *DTYPES]}
+        if items
+        else {}
+    )
+    print("multiple choice:", mc, flush=True)
     budget = int(args.budget_mib * 2**20)
     cap = capacity(model, tok, budget, args.requests)
     byte_ratio = 4 / 1  # float32 elements -> one-byte codes
@@ -146,6 +156,7 @@ def main(argv=None):
             "window_tokens": args.window,
             "context_tokens": args.context,
             **quality,
+            "multiple_choice": mc,
         },
         "capacity": {
             "budget_bytes": budget,

@@ -9,6 +9,10 @@ comparison sees the whole distribution, not only the sampled token:
 Only positions with at least `context` tokens before them are scored: the KV error grows with the keys a
 query reads, so a short-context score would flatter the cache.
 
+Multiple choice: `multiple_choice` scores data/eval/austen_mc.jsonl as labkit.quality does (lm-eval's
+log-likelihood of each choice after its context), every context + choice a scoring request to an engine
+with the given cache. The contexts are short (a paragraph), so it tests the cache at short range.
+
 Capacity: `blocks_at_budget` is what the engine's budget (kv_cache.default_num_blocks) gives each dtype.
 """
 
@@ -20,6 +24,8 @@ import torch
 from .engine import LLMEngine, SamplingParams
 from .engine.kv_cache import KVShape, default_num_blocks
 from .engine.kv_quant import bytes_per_token
+from .evalset import MC_FILE, load_items
+from .quality import encode_pair
 
 
 @torch.inference_mode()
@@ -98,6 +104,35 @@ def score_windows(
         for dtype in kv_cache_dtypes:
             sums[dtype].add(reference, prompt_logits(engines[dtype], ids)[context - 1 :], targets)
     return {str(dtype): s.summary() for dtype, s in sums.items()}
+
+
+def multiple_choice(model, tokenizer, kv_cache_dtype, items: list[dict] | None = None) -> dict:
+    """{'acc', 'acc_norm', 'items'} as labkit.quality.multiple_choice computes them, through the engine."""
+    items = load_items(MC_FILE) if items is None else items
+    engine = LLMEngine(
+        model, tokenizer, kv_cache_dtype=kv_cache_dtype, max_num_seqs=32, enforce_eager=True
+    )
+    spans = {}  # request id "item/choice" -> the positions of the choice's tokens
+    for i, item in enumerate(items):
+        for c, choice in enumerate(item["choices"]):
+            ctx, cont = encode_pair(tokenizer, item["context"], " " + choice)
+            spans[f"{i}/{c}"] = slice(len(ctx), len(ctx) + len(cont))
+            engine.add_request(
+                f"{i}/{c}", ctx + cont, SamplingParams(max_tokens=0, prompt_logprobs=0)
+            )
+    scores = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:  # index p: the logprob of prompt token p
+                span = out.prompt_logprobs[spans[out.request_id]]
+                scores[out.request_id] = sum(lp.logprob for lp in span if lp is not None)
+    correct = correct_norm = 0
+    for i, item in enumerate(items):
+        choice_scores = [scores[f"{i}/{c}"] for c in range(len(item["choices"]))]
+        per_char = [s / len(c) for s, c in zip(choice_scores, item["choices"])]
+        correct += max(range(len(choice_scores)), key=choice_scores.__getitem__) == item["answer"]
+        correct_norm += max(range(len(per_char)), key=per_char.__getitem__) == item["answer"]
+    return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "items": len(items)}
 
 
 def blocks_at_budget(
