@@ -257,3 +257,19 @@ def test_the_compiled_decode_step_reads_the_quantized_cache(course):
     )
     assert run(compiled_engine, requests) == eager_tokens
     assert compiled_engine.runner.compiled.compile_seconds
+
+
+def test_quality_measures_through_the_engine_agree_with_the_model(course):
+    """kv_quality scores through the engine: on the float cache its multiple choice equals labkit.quality's
+    (the model's own forward pass), and a cache compared with itself has KL 0 and the same perplexity."""
+    from labkit.evalset import MC_FILE, load_items
+    from labkit.kv_quality import multiple_choice, score_windows
+    from labkit.quality import multiple_choice as reference_multiple_choice
+
+    items = load_items(MC_FILE)[:6]
+    assert multiple_choice(*course, "auto", items) == reference_multiple_choice(*course, items)
+    window = list(range(5, 200))
+    same = score_windows(*course, [window], [torch.float32], context=150)[str(torch.float32)]
+    assert same["scored_tokens"] == 45 and same["kl_per_token"] < 1e-9
+    assert same["perplexity"] == pytest.approx(same["perplexity_reference"], rel=1e-6)
+    assert same["top1_agreement"] == 1.0
