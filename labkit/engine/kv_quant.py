@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import KVShape, PagedKVCache
+from .kv_cache import KVShape, PagedKVCache, kv_bytes_per_token
 
 SCALE_DTYPE = torch.float32  # one scale per (token, head) for K and one for V
 
@@ -89,7 +89,7 @@ def bytes_per_token(shape: KVShape, kv_cache_dtype, model_dtype: torch.dtype) ->
     fmt = kv_format(kv_cache_dtype)
     if fmt is None:
         dtype = model_dtype if kv_cache_dtype == "auto" else kv_cache_dtype
-        return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * dtype.itemsize
+        return kv_bytes_per_token(shape, dtype)
     code_bytes = shape.head_dim * fmt.dtype.itemsize
     return 2 * shape.num_layers * shape.num_kv_heads * (code_bytes + SCALE_DTYPE.itemsize)
 
