@@ -6,7 +6,6 @@ preemption, speculative decoding, n > 1 samples and the compiled decode step wor
 import pytest
 import torch
 
-from labkit import load_model
 from labkit.engine import EngineConfig, LLMEngine, SamplingParams
 from labkit.engine.attention import (
     build_decode_batch,
@@ -157,17 +156,13 @@ def test_the_budget_counts_real_bytes_scales_included():
 
 
 # ---- the engine on the course model ---------------------------------------------------------------------
+# `course`: the shipped course model and tokenizer (tests/conftest.py)
 PROMPTS = [
     "It is a truth universally acknowledged",
     "Mr. Darcy said",
     "The weather at Longbourn was",
     "Emma Woodhouse, handsome, clever, and rich,",
 ]
-
-
-@pytest.fixture(scope="module")
-def course():
-    return load_model(device="cpu")
 
 
 def run(engine: LLMEngine, requests: dict[str, tuple[str, SamplingParams]]) -> dict[str, list]:
@@ -190,6 +185,7 @@ def greedy(max_tokens: int, **options) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **options)
 
 
+@pytest.mark.slow  # engine runs
 @pytest.mark.parametrize("name, agree", [("int8", 8), ("fp8_e4m3", 2)])
 def test_the_engine_stores_8_bit_codes_and_mostly_agrees_with_the_float_cache(course, name, agree):
     requests = {str(i): (p, greedy(16)) for i, p in enumerate(PROMPTS)}
@@ -202,6 +198,7 @@ def test_the_engine_stores_8_bit_codes_and_mostly_agrees_with_the_float_cache(co
     assert all(quantized[r][0][:agree] == reference[r][0][:agree] for r in requests)
 
 
+@pytest.mark.slow  # engine runs
 def test_prefix_caching_preemption_and_n_samples_keep_their_tokens(course):
     shared = (
         "It is a truth universally acknowledged, that a single man in possession of a good fortune"
@@ -223,6 +220,7 @@ def test_prefix_caching_preemption_and_n_samples_keep_their_tokens(course):
     assert forked["n"] == [plain["1"][0]] * 3
 
 
+@pytest.mark.slow  # engine runs
 def test_speculative_decoding_over_the_quantized_cache_keeps_the_greedy_tokens(course):
     prompt = (
         "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
@@ -259,6 +257,7 @@ def test_the_compiled_decode_step_reads_the_quantized_cache(course):
     assert compiled_engine.runner.compiled.compile_seconds
 
 
+@pytest.mark.slow
 def test_quality_measures_through_the_engine_agree_with_the_model(course):
     """kv_quality scores through the engine: on the float cache its multiple choice equals labkit.quality's
     (the model's own forward pass), and a cache compared with itself has KL 0 and the same perplexity."""
