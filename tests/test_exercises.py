@@ -11,6 +11,7 @@ import torch
 
 import labkit.checks
 import labkit.engine.checks
+import labkit.flash_attention_checks
 import labkit.quant.checks
 import labkit.roofline_checks
 import labkit.serve.checks
@@ -149,6 +150,15 @@ def _allocate_no_parent(tokens, bs, cache, free, hash_fn=hash):  # a block named
     )
 
 
+def _flash_mistake(mistake: str) -> Callable:
+    def student(q, k, v, causal=False, block_q=16, block_k=16):
+        return labkit.flash_attention.mistaken_flash_attention(
+            q, k, v, causal, block_q, block_k, mistake
+        )
+
+    return student
+
+
 _Q, _E, _S = labkit.quant.checks, labkit.engine.checks, labkit.serve.checks
 EXERCISES = {
     # notebook 00
@@ -267,6 +277,22 @@ EXERCISES = {
         _E.reference_allocate_blocks,
         [_allocate_no_parent, _allocate_unverified],
     ),
+    # notebook 04c
+    "flash_attention": Exercise(
+        labkit.flash_attention_checks.check_flash_attention,
+        labkit.flash_attention.reference_flash_attention,
+        [_flash_mistake(mistake) for mistake in labkit.flash_attention.MISTAKES],
+    ),
+    "combine_splits": Exercise(
+        labkit.flash_attention_checks.check_combine_splits,
+        labkit.flash_attention_checks.reference_combine_splits,
+        [
+            lambda o, m, denom: o.mean(dim=0),  # every chunk weighed the same
+            lambda o, m, denom: (
+                (denom[..., None] * o).sum(0) / denom.sum(0)[..., None]
+            ),  # each denom against its own max
+        ],
+    ),
     # notebook 04b
     "accept_greedy": Exercise(
         _E.check_accept_greedy,
@@ -357,6 +383,7 @@ def test_every_check_function_is_in_the_registry():
         labkit.engine.checks,
         labkit.serve.checks,
         labkit.roofline_checks,
+        labkit.flash_attention_checks,
     ]
     defined = {
         fn

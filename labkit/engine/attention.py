@@ -17,12 +17,19 @@ Measured on one CPU core: 2x (K) and 3.5x (V) faster than gathering the blocks a
 matrices and run causal attention on them, one sequence at a time (what a "varlen" attention kernel does on a
 GPU). Here each gathered key serves many queries, so the copy is cheap; padding every prompt to the longest
 one would not be (see `prefill_attention`).
+
+**A quantized cache** (kv_quant.py: 8-bit codes with a scale per slot and head) passes its scales to
+`prefill_attention` and `padded_decode_attention`, which dequantize the blocks right after gathering them;
+`decode_attention`'s embedding_bag reads only float tables, so such a cache decodes with the padded kernel
+(`PaddedDecodeBatch`).
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .kv_quant import dequantize
 
 
 @dataclass
@@ -222,25 +229,34 @@ def build_prefill_batch(
 
 
 def prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PrefillBatch, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: PrefillBatch,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [Tg, heads, head_dim] -> [Tg, heads, head_dim]: each sequence gathers its own blocks and runs causal
     attention (`F.scaled_dot_product_attention`, grouped-query heads shared in place) over exactly its keys.
     One sequence at a time, not a batch padded to the longest prompt: padding costs B x longest^2, and one
-    352-token prompt among 47 of about 46 tokens made that padded attention 3x the step's matmuls."""
+    352-token prompt among 47 of about 46 tokens made that padded attention 3x the step's matmuls.
+    k_scale, v_scale [kv_heads, slots]: a quantized cache's scales (kv_quant.py), None for a float cache."""
     kv_heads, num_blocks, dim, block_size = k_cache.shape
     v_blocks = v_cache.view(kv_heads, num_blocks, block_size, dim)
     out = torch.empty_like(q)
     for s in batch.sequences:
         keys = s.start + s.length
-        # [kv_heads, keys, dim] each: K is stored transposed within a block (kv_cache.py)
-        k = k_cache.index_select(1, s.blocks).transpose(2, 3).reshape(kv_heads, -1, dim)[:, :keys]
-        v = v_blocks.index_select(1, s.blocks).reshape(kv_heads, -1, dim)[:, :keys]
+        # [kv_heads, blocks, block_size, dim] each: K is stored transposed within a block (kv_cache.py)
+        k = k_cache.index_select(1, s.blocks).transpose(2, 3)
+        v = v_blocks.index_select(1, s.blocks)
+        k = as_float(k, gathered_scales(k_scale, s.blocks, block_size), q.dtype)
+        v = as_float(v, gathered_scales(v_scale, s.blocks, block_size), q.dtype)
         rows = slice(s.first, s.first + s.length)
         attended = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1),  # [heads, length, dim]
-            k.to(q.dtype),
-            v.to(q.dtype),
+            k.reshape(kv_heads, -1, dim)[:, :keys],  # [kv_heads, keys, dim]
+            v.reshape(kv_heads, -1, dim)[:, :keys],
             attn_mask=s.mask,
             is_causal=s.mask is None,
             scale=scale,
@@ -257,26 +273,75 @@ def padded_decode_attention(
     tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention with static shapes, for the compiled step (compiled_decode.py): q [S, heads, D],
     tables [S, M] (each row's first M block ids, padded with any valid block), context_lens [S] -> [S, heads,
     D]. Gathers M whole blocks per row and masks the keys past each row's length: a few big ops whose shapes
     depend only on S and M, where `decode_attention`'s ragged bags depend on every length. It reads up to
-    one block per row more than it needs; `decode_attention` stays the eager path's kernel."""
+    one block per row more than it needs; `decode_attention` stays the eager path's kernel for a float cache.
+    k_scale, v_scale [kv_heads, slots]: a quantized cache's scales (kv_quant.py), None for a float cache."""
     S, M = tables.shape
     kv_heads, _, dim, block_size = k_cache.shape
-    # [kv_heads, S, M, D, block] -> [S, kv_heads, M * block, D]: K is stored transposed within a block
-    k = k_cache[:, tables].permute(1, 0, 2, 4, 3).reshape(S, kv_heads, M * block_size, dim)
-    v = v_cache.view(kv_heads, -1, block_size, dim)[:, tables]  # [kv_heads, S, M, block, D]
-    v = v.permute(1, 0, 2, 3, 4).reshape(S, kv_heads, M * block_size, dim)
+    # [kv_heads, S, M, block, D] each: K is stored transposed within a block
+    k = k_cache[:, tables].transpose(3, 4)
+    v = v_cache.view(kv_heads, -1, block_size, dim)[:, tables]
+    k = as_float(k, gathered_scales(k_scale, tables, block_size), q.dtype)
+    v = as_float(v, gathered_scales(v_scale, tables, block_size), q.dtype)
+    # -> [S, kv_heads, M * block, D]
+    k = k.transpose(0, 1).reshape(S, kv_heads, M * block_size, dim)
+    v = v.transpose(0, 1).reshape(S, kv_heads, M * block_size, dim)
     keys = torch.arange(M * block_size, device=q.device)
     mask = (keys < context_lens[:, None])[:, None, None, :]  # [S, 1, 1, M * block]: True = attend
     out = F.scaled_dot_product_attention(
         q[:, :, None, :],  # [S, heads, 1, D]: one query per row
-        k.to(q.dtype),
-        v.to(q.dtype),
+        k,
+        v,
         attn_mask=mask,
         scale=scale,
         enable_gqa=True,
     )
     return out[:, :, 0, :]
+
+
+def gathered_scales(
+    scale: torch.Tensor | None, blocks: torch.Tensor, block_size: int
+) -> torch.Tensor | None:
+    """A quantized cache's scales [kv_heads, slots] of the slots of `blocks` (block ids, any shape) ->
+    [kv_heads, *blocks.shape, block_size]; None for a float cache."""
+    if scale is None:
+        return None
+    return scale.view(scale.shape[0], -1, block_size)[:, blocks]
+
+
+def as_float(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered cache rows x [..., D] as `dtype`: a float cache's cast, a quantized cache's dequantized with
+    their scales [...] (kv_quant.py)."""
+    return x.to(dtype) if scale is None else dequantize(x, scale, dtype)
+
+
+@dataclass
+class PaddedDecodeBatch:
+    """One step's decode tokens for `padded_decode_attention`, the eager kernel of a quantized cache:
+    each sequence's block table padded to the longest (block 0 fills: masked out by context_lens)."""
+
+    token_index: torch.Tensor  # [B] positions of the decode tokens in the step's flat batch
+    tables: torch.Tensor  # [B, max_blocks]
+    context_lens: torch.Tensor  # [B] keys each attends to, its own included
+
+
+def build_padded_decode_batch(
+    token_index: list[int],
+    context_lens: list[int],
+    tables: list[list[int]],
+    block_size: int,
+    device,
+) -> PaddedDecodeBatch:
+    width = -(-max(context_lens) // block_size)
+    padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
+    return PaddedDecodeBatch(
+        torch.tensor(token_index, device=device),
+        torch.tensor(padded, device=device),
+        torch.tensor(context_lens, device=device),
+    )

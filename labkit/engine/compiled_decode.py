@@ -95,9 +95,12 @@ class CompiledDecode:
         # the last block of the cache: the engine never hands it to a sequence (engine.py)
         self.padding_block = runner.cache.num_blocks - 1
         self.graphs: dict[int, Callable] = {}  # size -> its compiled step
+        # attention over padded block tables: on CUDA (fixed shapes), and for a quantized cache, whose
+        # 8-bit blocks the ragged kernel cannot read (attention.py)
+        self.padded = self.cuda or runner.cache.quantized
         if self.cuda:
             # a CUDA graph may write only to tensors whose address is fixed: the cache's
-            for t in runner.cache.k + runner.cache.v:
+            for t in runner.cache.tensors:
                 torch._dynamo.mark_static_address(t)
 
     def compile(self) -> Callable:
@@ -148,10 +151,10 @@ class CompiledDecode:
 
         def attend(i: int, q, k, v):
             r.cache.write(i, cache_index, k, v)
-            if self.cuda:
+            if self.padded:
                 tables, context_lens = index
                 return padded_decode_attention(
-                    q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale
+                    q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale, *r.cache.scales(i)
                 )
             return decode_attention_op(q, r.cache.k[i], r.cache.v[i], *index, r.scale)
 
@@ -161,10 +164,11 @@ class CompiledDecode:
     def index_inputs(self, context_lens: list[int], tables: list[list[int]]) -> list[torch.Tensor]:
         """The attention's inputs for S rows (padding rows included). On a CPU: the ragged DecodeBatch's
         index tensors, for the custom op that runs `decode_attention` (each row reads only its own keys).
-        On CUDA, where a graph replays fixed shapes: block tables [S, M] (padded with the padding block,
-        M >= 2: a dynamic dimension of size 1 would be specialised) and the context lengths [S]."""
+        On CUDA, where a graph replays fixed shapes, and for a quantized cache: block tables [S, M] (padded
+        with the padding block, M >= 2: a dynamic dimension of size 1 would be specialised) and the context
+        lengths [S], for `padded_decode_attention`."""
         runner, pad = self.runner, self.padding_block
-        if not self.cuda:
+        if not self.padded:
             rows = DecodeRows(list(range(len(context_lens))), context_lens, tables)
             return list(runner.decode_batch(rows).index_tensors())
         width = max(2, -(-max(context_lens) // runner.block_size))
@@ -199,9 +203,9 @@ class CompiledDecode:
             (torch._dynamo.mark_dynamic if dynamic_batch else torch._dynamo.mark_static)(t, 0)
         # the index tensors' lengths follow the context lengths (and the batch): dynamic, so one graph
         # serves every length
-        dims = CUDA_DYNAMIC_DIMS if self.cuda else CPU_DYNAMIC_DIMS
-        batch_dims = CPU_BATCH_DIMS if dynamic_batch else ((),) * len(CPU_BATCH_DIMS)
-        for t, length, batch in zip(inputs[3:], dims, batch_dims):
+        dims = PADDED_DIMS if self.padded else RAGGED_DIMS
+        batch_dims = PADDED_BATCH_DIMS if self.padded else RAGGED_BATCH_DIMS
+        for t, length, batch in zip(inputs[3:], dims, batch_dims if dynamic_batch else [()] * 7):
             for dim in (*length, *batch):
                 torch._dynamo.mark_dynamic(t, dim)
         start = time.perf_counter()
@@ -228,9 +232,10 @@ class CompiledDecode:
         return dict(self.compile_seconds)
 
 
-# The dynamic dimensions of each index input, in index_inputs' order. On a CPU: those that follow the
-# context lengths, and those that follow the batch (dynamic in the graph for 2 and more sequences).
-#                  k_rows, k_offsets, k_owner, mask,   keys,  v_rows, v_offsets
-CPU_DYNAMIC_DIMS = ((0,), (0,), (0,), (2,), (0,), (0,), ())
-CPU_BATCH_DIMS = ((), (), (), (1,), (), (), (0,))
-CUDA_DYNAMIC_DIMS = ((1,), ())  # the tables' width; the context lengths
+# The dynamic dimensions of each index input, in index_inputs' order: those that follow the context
+# lengths, and those that follow the batch (dynamic in a CPU's graph for 2 and more sequences).
+#                   k_rows, k_offsets, k_owner, mask,   keys,  v_rows, v_offsets
+RAGGED_DIMS: list[tuple[int, ...]] = [(0,), (0,), (0,), (2,), (0,), (0,), ()]
+RAGGED_BATCH_DIMS: list[tuple[int, ...]] = [(), (), (), (1,), (), (), (0,)]
+PADDED_DIMS: list[tuple[int, ...]] = [(1,), ()]  # the tables' width; the context lengths
+PADDED_BATCH_DIMS: list[tuple[int, ...]] = [(0,), (0,)]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .kv_quant import kv_format
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -20,7 +22,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens one step may feed in (long prompts are chunked)
     enable_prefix_caching: bool = True  # share the KV blocks of identical prompt prefixes
     seed: int = 0  # the engine's generator, used by requests that bring no seed of their own
-    kv_cache_dtype: torch.dtype | None = None  # None = the model's dtype
+    # how K and V are stored: "auto" (the model's dtype), a float torch.dtype, or 8 bits with scales,
+    # "int8" or "fp8_e4m3" (vLLM's --kv-cache-dtype values; kv_quant.py)
+    kv_cache_dtype: str | torch.dtype = "auto"
     # speculative decoding by prompt lookup (speculative.py): the longest n-gram to look up, 0 = off
     speculative_ngram: int = 0
     num_speculative_tokens: int = (
@@ -56,10 +60,12 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "enforce_eager", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.kv_cache_dtype is not None and not isinstance(self.kv_cache_dtype, torch.dtype):
+        kv_format(self.kv_cache_dtype)  # raises, listing the valid values, for an unknown one
+        dtype = self.kv_cache_dtype
+        if isinstance(dtype, torch.dtype) and not (dtype.is_floating_point and dtype.itemsize >= 2):
             raise ValueError(
-                f"kv_cache_dtype must be None (the model's dtype) or a torch.dtype, "
-                f"got {self.kv_cache_dtype!r}"
+                f"kv_cache_dtype {dtype} is not a 16- or 32-bit float dtype: for an 8-bit cache with "
+                f'scales pass "int8" or "fp8_e4m3"'
             )
 
     @classmethod

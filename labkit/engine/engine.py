@@ -29,7 +29,8 @@ from itertools import count
 
 from .block_manager import BlockManager
 from .config import EngineConfig
-from .kv_cache import KVShape, PagedKVCache, default_num_blocks
+from .kv_cache import KVShape, default_num_blocks
+from .kv_quant import bytes_per_token, make_cache
 from .model_runner import ModelRunner, check_supported
 from .outputs import OutputProcessor, StepOutput
 from .sampling import SamplingParams, is_int
@@ -66,17 +67,23 @@ class LLMEngine:
         config = self.config = EngineConfig.build(config, **options)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        dtype = config.kv_cache_dtype or next(model.parameters()).dtype
+        model_dtype = next(model.parameters()).dtype
         self.kv_shape = KVShape.of(model)
         self.max_context = self.kv_shape.max_context
+        per_token = bytes_per_token(self.kv_shape, config.kv_cache_dtype, model_dtype)
         num_blocks = config.num_blocks or default_num_blocks(
-            self.kv_shape, dtype, config.block_size, config.max_num_seqs, self.device
+            self.kv_shape, per_token, config.block_size, config.max_num_seqs, self.device
         )
         self.block_size = config.block_size
         # one block more than the block manager hands out: the compiled decode step's padding rows write
         # there (compiled_decode.py), so they can never touch a sequence's KV
-        self.cache = PagedKVCache(
-            self.kv_shape, num_blocks + 1, self.block_size, dtype, self.device
+        self.cache = make_cache(
+            self.kv_shape,
+            num_blocks + 1,
+            self.block_size,
+            config.kv_cache_dtype,
+            model_dtype,
+            self.device,
         )
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config)

@@ -45,7 +45,7 @@ def kv_bytes_per_token(shape: KVShape, dtype: torch.dtype) -> int:
 
 def default_num_blocks(
     shape: KVShape,
-    dtype: torch.dtype,
+    per_token: int,
     block_size: int,
     max_num_seqs: int,
     device: torch.device,
@@ -53,8 +53,9 @@ def default_num_blocks(
     cpu_budget_bytes: int = 2 << 30,
 ) -> int:
     """Enough blocks for `max_num_seqs` sequences at full context, capped by a memory budget
-    (half the free GPU memory, or 2 GiB of RAM on a CPU - vLLM's CPU backend also uses a fixed budget)."""
-    per_block = kv_bytes_per_token(shape, dtype) * block_size
+    (half the free GPU memory, or 2 GiB of RAM on a CPU - vLLM's CPU backend also uses a fixed budget).
+    per_token: the cache's bytes per token (kv_quant.bytes_per_token: a quantized cache's scales included)."""
+    per_block = per_token * block_size
     wanted = max_num_seqs * -(-shape.max_context // block_size)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -72,6 +73,8 @@ class PagedKVCache:
     Head-major, so one head's block is a contiguous tile (cheap to read); K is transposed within each block
     so that decode attention can compute scores straight from it (see attention.py). Zero-initialised so
     that masked-out slots can never inject NaNs into attention."""
+
+    quantized = False  # 8-bit codes with scales (kv_quant.QuantizedKVCache) or float values
 
     def __init__(
         self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype, device
@@ -120,6 +123,15 @@ class PagedKVCache:
             k[:, dst] = k[:, src]
             v[:, dst_slots] = v[:, src_slots]
 
+    def scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Layer's K and V scales: none here; a quantized cache (kv_quant.py) has one per slot and head."""
+        return None, None
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (what the compiled step must keep at a fixed address on a GPU)."""
+        return self.k + self.v
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.tensors)

@@ -17,10 +17,13 @@ import torch
 from .attention import (
     DecodeBatch,
     DecodeRows,
+    PaddedDecodeBatch,
     PrefillBatch,
     build_decode_batch,
+    build_padded_decode_batch,
     build_prefill_batch,
     decode_attention,
+    padded_decode_attention,
     prefill_attention,
 )
 from .compiled_decode import CompiledDecode
@@ -205,7 +208,13 @@ class ModelRunner:
             hidden = hidden + layer.mlp(layer.post_norm(hidden))
         return hidden
 
-    def decode_batch(self, rows: DecodeRows) -> DecodeBatch:
+    def decode_batch(self, rows: DecodeRows) -> DecodeBatch | PaddedDecodeBatch:
+        """The step's decode indices: ragged bags for a float cache, padded tables for a quantized one
+        (attention.py)."""
+        if self.cache.quantized:
+            return build_padded_decode_batch(
+                rows.token_index, rows.context_lens, rows.tables, self.block_size, self.device
+            )
         s = self.shape
         return build_decode_batch(
             rows.token_index,
@@ -219,17 +228,39 @@ class ModelRunner:
             self.device,
         )
 
-    def attention(self, i: int, q, decode: DecodeBatch | None, prefill: PrefillBatch | None):
+    def attention(
+        self,
+        i: int,
+        q,
+        decode: DecodeBatch | PaddedDecodeBatch | None,
+        prefill: PrefillBatch | None,
+    ):
         """Layer i's attention for the step's queries q [T, H, D], over the cache (this step's K/V written)."""
-        k_cache, v_cache = self.cache.k[i], self.cache.v[i]
         if prefill is None and decode is not None:
             # the common step: every token is a decode token, in flat-batch order
-            return decode_attention(q, k_cache, v_cache, decode, self.scale)
+            return self.decode_attention(i, q, decode)
         out = torch.empty_like(q)
         if decode is not None:
             d = decode.token_index
-            out[d] = decode_attention(q[d], k_cache, v_cache, decode, self.scale)
+            out[d] = self.decode_attention(i, q[d], decode)
         if prefill is not None:
             p = prefill.token_index
-            out[p] = prefill_attention(q[p], k_cache, v_cache, prefill, self.scale)
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+            out[p] = prefill_attention(
+                q[p], k_cache, v_cache, prefill, self.scale, *self.cache.scales(i)
+            )
         return out
+
+    def decode_attention(self, i: int, q, decode: DecodeBatch | PaddedDecodeBatch):
+        k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+        if isinstance(decode, PaddedDecodeBatch):
+            return padded_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                decode.tables,
+                decode.context_lens,
+                self.scale,
+                *self.cache.scales(i),
+            )
+        return decode_attention(q, k_cache, v_cache, decode, self.scale)
