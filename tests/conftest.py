@@ -14,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Which tests `make unit` leaves out, in one place (the markers are declared in pyproject.toml):
 #   server    starts a server or an engine process (ports, subprocesses, signals)
-#   external  needs a separate venv (.venv-vllm, .venv-quant)
+#   external  needs a separate venv (.venv-vllm, .venv-quant, .venv-grading)
 #   slow      more than a few seconds on a 2-core CPU
 # Keys are a test module, or module::test for one test (all its parameters).
 MARKS = {
@@ -42,6 +42,10 @@ MARKS = {
     },
     "test_serve_balancer.py::test_a_backend_with_no_live_replica_answers_a_clear_503": ("server",),
     "test_quant_libs.py": ("external", "slow"),
+    "test_grading.py::test_nbgrader_gives_the_reference_full_marks_and_a_wrong_answer_loses_its_points": (
+        "external",
+        "slow",
+    ),
     "test_engine_vllm.py": ("external", "slow"),
     "test_vllm_gptq.py": ("external", "slow"),
     "test_workers.py::test_a_bench_worker_runs_labkit_engine_twice": ("slow",),
