@@ -14,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Which tests `make unit` leaves out, in one place (the markers are declared in pyproject.toml):
 #   server    starts a server or an engine process (ports, subprocesses, signals)
-#   external  needs a separate venv (.venv-vllm, .venv-quant, .venv-grading)
+#   external  needs a separate venv (.venv-vllm, .venv-quant, .venv-grading) or the package index
 #   slow      more than a few seconds on a 2-core CPU
 # Keys are a test module, or module::test for one test (all its parameters).
 MARKS = {
@@ -43,6 +43,11 @@ MARKS = {
     "test_serve_balancer.py::test_a_backend_with_no_live_replica_answers_a_clear_503": ("server",),
     "test_quant_libs.py": ("external", "slow"),
     "test_grading.py::test_nbgrader_gives_the_reference_full_marks_and_a_wrong_answer_loses_its_points": (
+        "external",
+        "slow",
+    ),
+    # downloads the course's wheels from the package index, then builds a venv from them
+    "test_wheelhouse.py::test_the_course_venv_builds_from_the_wheelhouse_with_no_index": (
         "external",
         "slow",
     ),
