@@ -1,4 +1,5 @@
 import os
+from collections import defaultdict
 
 import pytest
 
@@ -105,3 +106,18 @@ def smollm2():
     import labkit
 
     return labkit.load_model("smollm2", device="cpu")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each notebook's time (its cells' set-up, run and teardown), so every CI log records what
+    docs/workshop.md quotes. Under `make test` a notebook runs on one of two workers, one torch thread each."""
+    totals: dict[str, float] = defaultdict(float)
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            path = getattr(report, "nodeid", "").split("::")[0]
+            if path.endswith(".ipynb") and hasattr(report, "duration"):
+                totals[path] += report.duration
+    if totals:
+        terminalreporter.write_sep("=", "notebook durations")
+        for path, seconds in sorted(totals.items()):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
