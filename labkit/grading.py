@@ -75,7 +75,7 @@ def grade(name: str) -> int:
             f"on a machine that can, or by hand."
         )
     earned = worth(name) if verdict.passed else 0
-    print(f"{name}: {earned} of {worth(name)} point(s) - {verdict.message.splitlines()[0]}")
+    print(f"{earned} of {worth(name)} point(s): {verdict.message.splitlines()[0]}")
     return earned
 
 

