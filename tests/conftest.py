@@ -43,10 +43,13 @@ MARKS = {
     },
     "test_serve_balancer.py::test_a_backend_with_no_live_replica_answers_a_clear_503": ("server",),
     "test_quant_libs.py": ("external", "slow"),
-    "test_grading.py::test_nbgrader_gives_the_reference_full_marks_and_a_wrong_answer_loses_its_points": (
-        "external",
-        "slow",
-    ),
+    **{
+        f"test_grading.py::{name}": ("external", "slow")
+        for name in (
+            "test_nbgraders_student_copies_are_notebooks_plus_the_test_cells",
+            "test_nbgrader_gives_the_reference_full_marks_and_a_wrong_answer_loses_its_points",
+        )
+    },
     # downloads the course's wheels from the package index, then builds a venv from them
     "test_wheelhouse.py::test_the_course_venv_builds_from_the_wheelhouse_with_no_index": (
         "external",

@@ -105,20 +105,29 @@ def _submit(course: Path, student: str, answers: dict[str, str]) -> None:
     nbformat.write(nb, folder / f"{NOTEBOOK}.ipynb")
 
 
-@pytest.mark.skipif(
+needs_nbgrader = pytest.mark.skipif(
     not (GRADING_VENV / ".installed").exists(),
     reason=f"nbgrader's venv {GRADING_VENV} is missing: build it with `make grading`",
 )
+
+
+@needs_nbgrader
+def test_nbgraders_student_copies_are_notebooks_plus_the_test_cells(tmp_path):
+    names = sorted(p.stem for p in SOLUTIONS_DIR.glob("*.ipynb"))
+    write_course(tmp_path, names)
+    _nbgrader(tmp_path, "generate_assignment", "course")
+    for name in names:
+        released = nbformat.read(tmp_path / "release/course" / f"{name}.ipynb", as_version=4)
+        student = nbformat.read(NOTEBOOKS_DIR / f"{name}.ipynb", as_version=4)
+        assert [
+            c.source for c in released.cells if not c.metadata.get("nbgrader", {}).get("grade")
+        ] == [c.source for c in student.cells], name
+
+
+@needs_nbgrader
 def test_nbgrader_gives_the_reference_full_marks_and_a_wrong_answer_loses_its_points(tmp_path):
     write_course(tmp_path, [NOTEBOOK])
     _nbgrader(tmp_path, "generate_assignment", "course")
-
-    released = nbformat.read(tmp_path / "release/course" / f"{NOTEBOOK}.ipynb", as_version=4)
-    without_tests = [
-        c.source for c in released.cells if not c.metadata.get("nbgrader", {}).get("grade")
-    ]
-    student = nbformat.read(NOTEBOOKS_DIR / f"{NOTEBOOK}.ipynb", as_version=4)
-    assert without_tests == [c.source for c in student.cells], "nbgrader's copy is notebooks/'s"
 
     source = nbformat.read(tmp_path / "source/course" / f"{NOTEBOOK}.ipynb", as_version=4)
     answers = {
