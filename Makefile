@@ -14,13 +14,18 @@ MAKEFLAGS += --jobs=4
 
 setup: $(STAMP)
 
+# An offline room (mk/wheelhouse.mk): `make lab WHEELHOUSE=DIR`, DIR given on the command line or in the
+# environment, makes every pip of the set-up (and the SmolLM2 download) take DIR's wheels alone: no index.
+FROM_WHEELHOUSE := $(if $(filter command line environment,$(origin WHEELHOUSE)),\
+  PIP_NO_INDEX=1 PIP_FIND_LINKS=$(abspath $(WHEELHOUSE)))
+
 # torch first, pinned: on this course's machines pip takes the CPU build from local disk; on a Linux GPU
 # machine the same pin from PyPI is the CUDA build. labkit's own range then installs nothing more.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/pip install -q -e ".[lab,test]"
+	$(FROM_WHEELHOUSE) $(BIN)/pip install -q --upgrade pip
+	$(FROM_WHEELHOUSE) $(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(FROM_WHEELHOUSE) $(BIN)/pip install -q -e ".[lab,test]"
 	touch $(STAMP)
 
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.

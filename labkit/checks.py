@@ -4,14 +4,31 @@ Every `check_*` function takes the student's function and returns the function t
 notebook should use: the student's own if it is right, otherwise labkit's reference implementation.
 It never raises, so an unsolved notebook still runs to the end (and CI can execute student copies).
 The same checks run in tests/ against the reference code, so they cannot drift from it.
+Each verdict is also kept in VERDICTS, where labkit.grading's test cells read it for nbgrader.
 """
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 class ExerciseFailure(AssertionError):
     pass
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    message: str  # the line the check printed
+
+
+# the latest verdict of each exercise checked in this Python process (this kernel), by exercise name
+VERDICTS: dict[str, Verdict] = {}
+
+
+def _record(name: str, passed: bool, message: str) -> None:
+    VERDICTS[name] = Verdict(passed, message)
+    print(message)
 
 
 def run_check(
@@ -21,17 +38,21 @@ def run_check(
     try:
         test(student)
     except NotImplementedError:
-        print(
-            f"[ ] {name}: not solved yet - using labkit's reference implementation so the notebook can go on."
+        _record(
+            name,
+            False,
+            f"[ ] {name}: not solved yet - using labkit's reference implementation so the notebook can go on.",
         )
         return reference
     except Exception as err:  # a wrong answer or a crash are both feedback for the student
-        print(
+        _record(
+            name,
+            False,
             f"[x] {name}: not right yet - {type(err).__name__}: {err}\n"
-            f"    Using labkit's reference implementation for the rest of the notebook."
+            f"    Using labkit's reference implementation for the rest of the notebook.",
         )
         return reference
-    print(f"[ok] {name}: correct!")
+    _record(name, True, f"[ok] {name}: correct!")
     return student
 
 

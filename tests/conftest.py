@@ -1,4 +1,5 @@
 import os
+from collections import defaultdict
 
 import pytest
 
@@ -14,7 +15,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 # Which tests `make unit` leaves out, in one place (the markers are declared in pyproject.toml):
 #   server    starts a server or an engine process (ports, subprocesses, signals)
-#   external  needs a separate venv (.venv-vllm, .venv-quant)
+#   external  needs a separate venv (.venv-vllm, .venv-quant, .venv-grading) or the package index
 #   slow      more than a few seconds on a 2-core CPU
 # Keys are a test module, or module::test for one test (all its parameters).
 MARKS = {
@@ -42,6 +43,18 @@ MARKS = {
     },
     "test_serve_balancer.py::test_a_backend_with_no_live_replica_answers_a_clear_503": ("server",),
     "test_quant_libs.py": ("external", "slow"),
+    **{
+        f"test_grading.py::{name}": ("external", "slow")
+        for name in (
+            "test_nbgraders_student_copies_are_notebooks_plus_the_test_cells",
+            "test_nbgrader_gives_the_reference_full_marks_and_a_wrong_answer_loses_its_points",
+        )
+    },
+    # downloads the course's wheels from the package index, then builds a venv from them
+    "test_wheelhouse.py::test_the_course_venv_builds_from_the_wheelhouse_with_no_index": (
+        "external",
+        "slow",
+    ),
     "test_engine_vllm.py": ("external", "slow"),
     "test_vllm_gptq.py": ("external", "slow"),
     "test_workers.py::test_a_bench_worker_runs_labkit_engine_twice": ("slow",),
@@ -96,3 +109,18 @@ def smollm2():
     import labkit
 
     return labkit.load_model("smollm2", device="cpu")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each notebook's time (its cells' set-up, run and teardown), so every CI log records what
+    docs/workshop.md quotes. Under `make test` a notebook runs on one of two workers, one torch thread each."""
+    totals: dict[str, float] = defaultdict(float)
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            path = getattr(report, "nodeid", "").split("::")[0]
+            if path.endswith(".ipynb") and hasattr(report, "duration"):
+                totals[path] += report.duration
+    if totals:
+        terminalreporter.write_sep("=", "notebook durations")
+        for path, seconds in sorted(totals.items()):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {path}")

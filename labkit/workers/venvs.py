@@ -1,6 +1,7 @@
-"""The extra virtual environments, named once: mk/vllm.mk, mk/quant.mk and mk/llama.mk build them at these paths.
+"""The extra virtual environments, named once: mk/vllm.mk, mk/quant.mk, mk/llama.mk and mk/grading.mk build
+them at these paths.
 
-Set LABKIT_VLLM_VENV, LABKIT_QUANT_VENV or LABKIT_LLAMA_VENV to use a venv elsewhere.
+Set LABKIT_VLLM_VENV, LABKIT_QUANT_VENV, LABKIT_LLAMA_VENV or LABKIT_GRADING_VENV to use a venv elsewhere.
 """
 
 import os
@@ -11,6 +12,7 @@ from ..paths import REPO_ROOT
 VLLM_VENV = Path(os.environ.get("LABKIT_VLLM_VENV", REPO_ROOT / ".venv-vllm"))
 QUANT_VENV = Path(os.environ.get("LABKIT_QUANT_VENV", REPO_ROOT / ".venv-quant"))
 LLAMA_VENV = Path(os.environ.get("LABKIT_LLAMA_VENV", REPO_ROOT / ".venv-llama"))
+GRADING_VENV = Path(os.environ.get("LABKIT_GRADING_VENV", REPO_ROOT / ".venv-grading"))
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 QUANT_PYTHON = QUANT_VENV / "bin" / "python"
 LLAMA_PYTHON = LLAMA_VENV / "bin" / "python"
