@@ -319,10 +319,12 @@ def main(argv=None):
     }
     targets = {
         "kv_cache_speedup_ge_5x": ratios["kv_cache_speedup"] >= 5,
-        "continuous_paged_vs_static_contiguous_at_equal_memory_ge_3x": ratios[
+        # restated (issue 25): 3x lies above this workload's ceiling, its decode-step ratio (static's decode
+        # steps over continuous's); continuous + paged should reach 0.95 of it
+        "continuous_paged_vs_static_contiguous_ge_0.95_of_decode_step_ratio": ratios[
             "continuous_paged_vs_static_contiguous"
         ]
-        >= 3,
+        >= 0.95 * ratios["decode_step_ratio"],
     }
     for mode in ("compiled", "eager"):
         if f"labkit_vs_vllm_{mode}" in pair_ratios:
