@@ -121,12 +121,6 @@ class CompiledDecode:
         """The graph that runs `batch` rows (the smallest size that holds them), or None (too many: eager)."""
         return next((s for s in self.sizes if s >= batch), None)
 
-    def rows_for(self, batch: int) -> int:
-        """Rows the step runs with padding: on CUDA its graph's size, on a CPU the batch itself."""
-        size = self.size_for(batch)
-        assert size is not None
-        return size if self.cuda else batch
-
     def takes(self, step) -> bool:
         """Should this step run compiled? A plain decode step whose graph is compiled, or hot enough to
         compile now; otherwise the step counts towards its graph's eager steps and runs eagerly."""
@@ -189,10 +183,11 @@ class CompiledDecode:
 
     @torch.inference_mode()
     def run(self, step) -> torch.Tensor:
-        """logits [B, vocab] for a plain decode step of B sequences (padded on CUDA)."""
+        """logits [B, vocab] for a plain decode step of B sequences: padded to its graph's size on CUDA,
+        B rows as they are on a CPU."""
         batch, size = step.input_ids.shape[0], self.size_for(step.input_ids.shape[0])
         assert step.plain_decode and step.decode is not None and size is not None
-        return self.call(size, self.inputs(step, self.rows_for(batch)))[:batch]
+        return self.call(size, self.inputs(step, size if self.cuda else batch))[:batch]
 
     def call(self, size: int, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Run graph `size` on the inputs, compiling it at its first call."""
@@ -205,7 +200,9 @@ class CompiledDecode:
         # serves every length
         dims = PADDED_DIMS if self.padded else RAGGED_DIMS
         batch_dims = PADDED_BATCH_DIMS if self.padded else RAGGED_BATCH_DIMS
-        for t, length, batch in zip(inputs[3:], dims, batch_dims if dynamic_batch else [()] * 7):
+        for t, length, batch in zip(
+            inputs[3:], dims, batch_dims if dynamic_batch else [()] * len(dims)
+        ):
             for dim in (*length, *batch):
                 torch._dynamo.mark_dynamic(t, dim)
         start = time.perf_counter()

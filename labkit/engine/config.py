@@ -37,7 +37,7 @@ class EngineConfig:
     # up front, as vLLM does at start-up); n = a size also compiles once it has run n steps eagerly
     compile_after_steps: int | None = None
     # a sequence's logits bit-identical whatever else is in the batch (vLLM's and SGLang's batch-invariant
-    # mode): one matmul kernel for every row count, every step eager (batch_invariance in notebook 05)
+    # mode): one matmul kernel for every row count, every step eager (notebook 05b)
     batch_invariant: bool = False
 
     def __post_init__(self):

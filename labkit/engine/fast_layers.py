@@ -143,7 +143,7 @@ def make_batch_invariant(linears: list[PackedLinears]) -> str | None:
     oneDNN's packed GEMM gave bit-identical rows from 2 to 2,048 rows for every SmolLM2 shape, so one row
     runs padded to two. tests/test_batch_invariance.py checks it on your CPU."""
     for lin in linears:
-        lin.one_row_packed = lin.pad_one_row = True
+        lin.pad_one_row = True
     return ONE_ROW_PADDED if linears else None
 
 
