@@ -338,10 +338,17 @@ def build_padded_decode_batch(
     block_size: int,
     device,
 ) -> PaddedDecodeBatch:
-    width = -(-max(context_lens) // block_size)
-    padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
     return PaddedDecodeBatch(
         torch.tensor(token_index, device=device),
-        torch.tensor(padded, device=device),
+        torch.tensor(padded_tables(context_lens, tables, block_size), device=device),
         torch.tensor(context_lens, device=device),
     )
+
+
+def padded_tables(
+    context_lens: list[int], tables: list[list[int]], block_size: int, min_blocks: int = 1
+) -> list[list[int]]:
+    """Each block table cut or padded to the longest row's blocks (at least min_blocks), with block 0:
+    `padded_decode_attention` masks every key past a row's length, so the filler is never read."""
+    width = max(min_blocks, -(-max(context_lens) // block_size))
+    return [t[:width] + [0] * (width - len(t[:width])) for t in tables]

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from ..paths import REPO_ROOT
-from .attention import DecodeRows, decode_attention_op, padded_decode_attention
+from .attention import DecodeRows, decode_attention_op, padded_decode_attention, padded_tables
 
 # Inductor's on-disk cache (FX graphs, generated C++), unless the user chose a place
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO_ROOT / ".cache" / "torchinductor"))
@@ -158,15 +158,14 @@ class CompiledDecode:
     def index_inputs(self, context_lens: list[int], tables: list[list[int]]) -> list[torch.Tensor]:
         """The attention's inputs for S rows (padding rows included). On a CPU: the ragged DecodeBatch's
         index tensors, for the custom op that runs `decode_attention` (each row reads only its own keys).
-        On CUDA, where a graph replays fixed shapes, and for a quantized cache: block tables [S, M] (padded
-        with the padding block, M >= 2: a dynamic dimension of size 1 would be specialised) and the context
-        lengths [S], for `padded_decode_attention`."""
-        runner, pad = self.runner, self.padding_block
+        On CUDA, where a graph replays fixed shapes, and for a quantized cache: block tables [S, M] (M >= 2:
+        a dynamic dimension of size 1 would be specialised) and the context lengths [S], for
+        `padded_decode_attention`."""
+        runner = self.runner
         if not self.padded:
             rows = DecodeRows(list(range(len(context_lens))), context_lens, tables)
             return list(runner.decode_batch(rows).index_tensors())
-        width = max(2, -(-max(context_lens) // runner.block_size))
-        padded = [t[:width] + [pad] * (width - len(t[:width])) for t in tables]
+        padded = padded_tables(context_lens, tables, runner.block_size, min_blocks=2)
         return [runner._longs(padded), runner._longs(context_lens)]
 
     def inputs(self, step, rows: int) -> list[torch.Tensor]:
