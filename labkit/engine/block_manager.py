@@ -6,7 +6,8 @@ per sequence are ever wasted, instead of reserving `max_context` slots up front.
 
 A block can be shared: `ref_count[b]` says by how many sequences. Two things share blocks:
 - Prefix caching: a full block is named by its *key*, (hash of the prefix before it, its tokens), i.e. by
-  the whole prefix up to its end. A new sequence whose prompt starts with the same full blocks shares them
+  the whole prefix up to its end. A sequence's first block starts from its LoRA adapter (Sequence.prefix_root)
+  instead of None: the same tokens under two adapters have different K/V, so they never share a block. A new sequence whose prompt starts with the same full blocks shares them
   instead of recomputing them. The cache is a dict keyed by the key itself, so a lookup compares the
   tokens (a hash collision alone can never hand out another prompt's block). Freed blocks keep their
   contents and key until they are handed out again (least recently freed first), so a later request can
@@ -25,8 +26,9 @@ from collections import OrderedDict
 
 from .sequence import Sequence
 
-# what names a full block in the prefix cache: (hash of the blocks before it, its token ids)
-BlockKey = tuple[int | None, tuple[int, ...]]
+# what names a full block in the prefix cache: (hash of the blocks before it, or for the first block the
+# sequence's adapter, its token ids)
+BlockKey = tuple[int | str | None, tuple[int, ...]]
 
 
 class BlockManager:
@@ -76,7 +78,8 @@ class BlockManager:
         seq.block_size = self.block_size  # its block helpers count in this cache's blocks
         if not self.enable_prefix_caching or seq.wants_prompt_logits:
             return []
-        found, parent = [], None
+        found: list[int] = []
+        parent: int | str | None = seq.prefix_root
         for i in range((seq.num_tokens - 1) // self.block_size):
             key = (parent, tuple(seq.block(i)))
             block = self.block_of.get(key)  # the dict compares the tokens, not just a hash
@@ -165,7 +168,10 @@ class BlockManager:
             return
         while len(seq.block_hashes) < seq.num_computed_tokens // self.block_size:
             i = len(seq.block_hashes)
-            key = (seq.block_hashes[-1] if seq.block_hashes else None, tuple(seq.block(i)))
+            key = (
+                seq.block_hashes[-1] if seq.block_hashes else seq.prefix_root,
+                tuple(seq.block(i)),
+            )
             seq.block_hashes.append(hash(key))
             block = seq.block_table[i]
             if key not in self.block_of and block not in self.key_of:

@@ -39,9 +39,14 @@ class EngineConfig:
     # a sequence's logits bit-identical whatever else is in the batch (vLLM's and SGLang's batch-invariant
     # mode): one matmul kernel for every row count, every step eager (notebook 05b)
     batch_invariant: bool = False
+    # LoRA adapters (vLLM's flags): requests may name an adapter (lora.py); up to max_loras adapters sit in
+    # slots at once, of rank up to max_lora_rank (lora_slots.py). Steps with an adapter in them run eagerly
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
     def __post_init__(self):
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras"):
             require_int(name, getattr(self, name), low=1)
         if self.num_blocks is not None:
             require_int(
@@ -57,7 +62,8 @@ class EngineConfig:
             require_int(
                 "compile_after_steps", self.compile_after_steps, low=0, hint="None or an int"
             )
-        for name in ("enable_prefix_caching", "enforce_eager", "batch_invariant"):
+        require_int("max_lora_rank", self.max_lora_rank, low=1)
+        for name in ("enable_prefix_caching", "enforce_eager", "batch_invariant", "enable_lora"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         kv_format(self.kv_cache_dtype)  # raises, listing the valid values, for an unknown one

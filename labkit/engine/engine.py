@@ -22,6 +22,10 @@ One request cannot take the others down: whatever fails for one request inside `
 logprobs, its stop check) finishes that request with finish_reason "error" and frees its blocks; the
 rest of the batch carries on (outputs.py). (A failure of the batched forward pass itself is the engine's,
 and raises.)
+
+With EngineConfig(enable_lora=True), adapters are registered at run time (`add_lora(name, path)`, a peft
+directory, checked against the model: lora.py) and a request may name one (`add_request(..., lora=name)`);
+requests of any adapters and of the base model share every step (lora_slots.py, model_runner.py).
 """
 
 from dataclasses import dataclass
@@ -31,6 +35,8 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .kv_cache import KVShape, default_num_blocks
 from .kv_quant import bytes_per_token, make_cache
+from .lora import BaseShapes, LoRAAdapter, LoRAError
+from .lora_slots import LoRASlots
 from .model_runner import ModelRunner, check_supported
 from .outputs import OutputProcessor, StepOutput
 from .sampling import SamplingParams, is_int
@@ -86,8 +92,15 @@ class LLMEngine:
             self.device,
         )
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config)
-        self.runner = ModelRunner(model, self.cache, config)
+        self.lora_base = BaseShapes.of(model)
+        self.loras = None  # the adapter slots, with enable_lora
+        if config.enable_lora:
+            self.loras = LoRASlots(
+                self.lora_base, config.max_loras, config.max_lora_rank, model_dtype, self.device
+            )
+        self.adapters: dict[str, LoRAAdapter] = {}  # registered by name (add_lora)
+        self.scheduler = Scheduler(self.block_manager, config, loras=self.loras)
+        self.runner = ModelRunner(model, self.cache, config, loras=self.loras)
         # request id -> its live samples (one until its prompt is prefilled, then up to n)
         self.requests: dict[str, list[Sequence]] = {}
         self.processor = OutputProcessor(
@@ -102,11 +115,41 @@ class LLMEngine:
         self.record_history = False
         self.speculative = self.speculator.stats
 
+    # ---- adapters ----------------------------------------------------------------------------------
+    def add_lora(self, name: str, path) -> LoRAAdapter:
+        """Register the peft LoRA adapter at `path` under `name` (replacing one of that name: requests
+        already added keep the old one). LoRAError if it does not fit this model or cannot be read."""
+        if self.loras is None:
+            raise LoRAError("LoRA is off: build the engine with enable_lora=True (--enable-lora)")
+        if not isinstance(name, str) or not name:
+            raise LoRAError(f"an adapter's name must be a non-empty str, got {name!r}")
+        adapter = LoRAAdapter.load(name, path, self.lora_base, self.config.max_lora_rank)
+        self.remove_lora(name)
+        self.adapters[name] = adapter
+        return adapter
+
+    def remove_lora(self, name: str) -> bool:
+        """Forget an adapter: new requests can no longer name it, running ones finish with it, and its
+        slot is freed once they have. False if no adapter has that name."""
+        adapter = self.adapters.pop(name, None)
+        if adapter is not None and self.loras is not None:
+            self.loras.evict(adapter)
+        return adapter is not None
+
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        lora: str | None = None,
     ) -> None:
+        """lora: the name of a registered adapter to run the request with (add_lora); None: the base."""
         params = params or SamplingParams()
+        if lora is not None and lora not in self.adapters:
+            raise ValueError(
+                f"no LoRA adapter named {lora!r}; registered: {sorted(self.adapters)} (add_lora)"
+            )
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         if not isinstance(request_id, str) or not request_id:
@@ -153,6 +196,7 @@ class LLMEngine:
             next(self._arrivals),
             generator=self.processor.generator_for(params, 0),
             block_size=self.block_size,
+            lora=self.adapters[lora] if lora is not None else None,
         )
         self.requests[request_id] = [seq]
         self.scheduler.add(seq)

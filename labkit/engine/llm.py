@@ -88,8 +88,11 @@ class LLM:
         prompts,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run all prompts to completion with continuous batching; outputs come back in prompt order."""
+        """Run all prompts to completion with continuous batching; outputs come back in prompt order.
+        lora: an adapter registered with `llm.engine.add_lora` for every prompt, or one per prompt
+        (None: the base model)."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -104,14 +107,17 @@ class LLM:
         )
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        loras = lora if isinstance(lora, list) else [lora] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} adapters for {len(prompts)} prompts")
         order, outputs = [], {}
-        for prompt, p in zip(prompts, params):
+        for prompt, p, adapter in zip(prompts, params, loras):
             rid = str(self._ids)
             self._ids += 1
             # vLLM's {"prompt_token_ids": [...]} / {"prompt": "..."} forms
             if isinstance(prompt, dict):
                 prompt = prompt.get("prompt_token_ids") or prompt.get("prompt")
-            self.engine.add_request(rid, prompt, p)
+            self.engine.add_request(rid, prompt, p, lora=adapter)
             prompt_ids = list(self.engine.requests[rid][0].token_ids)
             order.append(rid)
             outputs[rid] = RequestOutput(

@@ -8,6 +8,10 @@ and values through its block table.
 
 We reuse the model's own weights and modules (embeddings, projections, norms, MLP, rotary embedding), so
 this works for the course model and Llama-family hub models (Llama, Mistral, Qwen2, ...).
+
+LoRA adapters (lora.py): the tokens of sequences that run with an adapter get their adapter's delta added
+to the attention projections, for the whole batch at once (`lora_delta`, Punica's BGMV). Such steps run
+eagerly: the compiled decode step (compiled_decode.py) takes only steps without an adapter in them.
 """
 
 from dataclasses import dataclass
@@ -39,6 +43,8 @@ from .fast_layers import (
     rotate,
 )
 from .kv_cache import KVShape, PagedKVCache
+from .lora import LoRABatch, lora_delta
+from .lora_slots import LoRASlots
 from .scheduler import ScheduledChunk
 
 
@@ -78,12 +84,21 @@ class StepInput:
     rows: list[ChunkRows]  # per chunk, in chunk order: its rows of the [R, vocab] logits
     # every token is one sequence's next token and its logits row, in order (R == T): the compiled path's step
     plain_decode: bool
+    lora: LoRABatch | None = (
+        None  # the tokens that run with an adapter, and its slot; None: none do
+    )
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model,
+        cache: PagedKVCache,
+        config: EngineConfig | None = None,
+        loras: LoRASlots | None = None,
+    ):
         check_supported(model)
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.loras = model, cache, loras
         self.shape: KVShape = cache.shape
         self.block_size = cache.block_size
         cfg = model.config
@@ -113,8 +128,8 @@ class ModelRunner:
 
     def run(self, step: StepInput) -> torch.Tensor:
         """logits [R, vocab] for the step: compiled where it is a plain decode step of a compiled size,
-        else the eager `forward` (prefill, mixed steps, drafts to verify, prompt logprobs)."""
-        if self.compiled and self.compiled.takes(step):
+        else the eager `forward` (prefill, mixed steps, drafts to verify, prompt logprobs, adapters)."""
+        if self.compiled and step.lora is None and self.compiled.takes(step):
             return self.compiled.run(step)
         return self.forward(step)
 
@@ -137,12 +152,17 @@ class ModelRunner:
         pre_starts: list[int] = []
         pre_lengths: list[int] = []
         pre_tables: list[list[int]] = []
+        lora_rows: list[int] = []  # flat indices of the tokens that run with an adapter
+        lora_slots: list[int] = []  # and each one's slot (lora_slots.py)
         for chunk in chunks:
             start, table, first = chunk.start, chunk.seq.block_table, len(ids)
             for j, t in enumerate(chunk.token_ids):
                 ids.append(t)
                 pos.append(start + j)
                 slots.append(table[(start + j) // bs] * bs + (start + j) % bs)
+            if chunk.seq.lora is not None and self.loras is not None:
+                lora_rows += range(first, len(ids))
+                lora_slots += [self.loras.running_slot(chunk.seq.lora)] * chunk.num_tokens
             row = len(logits_index)
             logits_index += [first + p - start for p in chunk.prompt_logprob_positions]
             scored_end = len(logits_index)
@@ -171,6 +191,7 @@ class ModelRunner:
             self._longs(logits_index),
             rows,
             plain_decode=prefill is None and logits_index == list(range(len(ids))),
+            lora=LoRABatch(self._longs(lora_rows), self._longs(lora_slots)) if lora_rows else None,
         )
 
     def _longs(self, values: list[int]) -> torch.Tensor:
@@ -189,24 +210,42 @@ class ModelRunner:
             self.cache.write(i, cache_index, k, v)
             return self.attention(i, q, decode, step.prefill)
 
-        hidden = self.layers_forward(hidden, cos, sin, attend)
+        hidden = self.layers_forward(hidden, cos, sin, attend, step.lora)
         return self.lm_head(self.final_norm(hidden[step.logits_index]))
 
-    def layers_forward(self, hidden, cos, sin, attend) -> torch.Tensor:
+    def layers_forward(
+        self, hidden, cos, sin, attend, lora: LoRABatch | None = None
+    ) -> torch.Tensor:
         """hidden [T, hidden] through every decoder layer; attend(layer, q, k, v) stores this step's K/V and
-        attends (eager: the cache write and the attention kernels; compiled: one custom op)."""
+        attends (eager: the cache write and the attention kernels; compiled: one custom op). With `lora`,
+        its tokens get their adapters' deltas on the attention projections."""
         T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads
         for i, layer in enumerate(self.layers):
             attn = layer.attn
-            q, k, v = layer.qkv(layer.input_norm(hidden))
+            x = layer.input_norm(hidden)
+            q, k, v = layer.qkv(x)
+            if lora is not None:
+                q, k, v = (
+                    self.adapt(lora, i, m, x, y)
+                    for m, y in zip(("q_proj", "k_proj", "v_proj"), (q, k, v))
+                )
             q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
             if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
                 q, k = attn.q_norm(q), attn.k_norm(k)
             qk = rotate(torch.cat((q, k), dim=1), cos, sin)  # [T, H + Hkv, D]: both in one pass
-            out = attend(i, qk[:, :H], qk[:, H:], v)
-            hidden = hidden + layer.o(out.reshape(T, H * D))[0]
+            out = attend(i, qk[:, :H], qk[:, H:], v).reshape(T, H * D)
+            o = layer.o(out)[0]
+            if lora is not None:
+                o = self.adapt(lora, i, "o_proj", out, o)
+            hidden = hidden + o
             hidden = hidden + layer.mlp(layer.post_norm(hidden))
         return hidden
+
+    def adapt(self, lora: LoRABatch, layer: int, module: str, x, y) -> torch.Tensor:
+        """y [T, out] (the base projection of x [T, in]) plus the adapters' deltas on lora.rows."""
+        assert self.loras is not None
+        a, b = self.loras.a[layer, module], self.loras.b[layer, module]
+        return y.index_add(0, lora.rows, lora_delta(x[lora.rows], a, b, lora.slots))
 
     def decode_batch(self, rows: DecodeRows) -> DecodeBatch | PaddedDecodeBatch:
         """The step's decode indices: ragged bags for a float cache, padded tables for a quantized one

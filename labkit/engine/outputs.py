@@ -134,6 +134,7 @@ class OutputProcessor:
                 generator=self.generator_for(seq.params, index),
                 block_size=self.block_manager.block_size,
                 index=index,
+                lora=seq.lora,
             )
             self.scheduler.fork(seq, child)
             self.requests[seq.request_id].append(child)

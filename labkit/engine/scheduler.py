@@ -11,6 +11,8 @@ Every step has a budget of `max_num_batched_tokens` tokens and `max_num_seqs` se
    for n samples takes n of the `max_num_seqs` slots from admission on: it forks into n sequences when
    its prompt is done (`fork`), and each of them is scheduled (and preempted) on its own from then on.
 So a finished request's slot is refilled on the very next step: that is the whole trick.
+With LoRA adapters (lora_slots.py), a running sequence also holds its adapter's slot: a waiting sequence
+whose adapter has no slot and cannot get one waits, in order, like one waiting for KV blocks.
 """
 
 from collections import deque
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .lora_slots import LoRASlots
 from .sequence import Sequence, Status
 
 
@@ -67,10 +70,17 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, config: EngineConfig | None = None, **options):
-        """config: the engine's EngineConfig, or its fields as keywords (max_num_seqs=8, ...)."""
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        config: EngineConfig | None = None,
+        loras: LoRASlots | None = None,
+        **options,
+    ):
+        """config: the engine's EngineConfig, or its fields as keywords (max_num_seqs=8, ...); loras: the
+        adapter slots running sequences hold (None: LoRA off)."""
         config = EngineConfig.build(config, **options)
-        self.blocks = block_manager
+        self.blocks, self.loras = block_manager, loras
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -86,11 +96,21 @@ class Scheduler:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Run `child`, a new sample of `parent`'s request, sharing its blocks (parallel sampling)."""
         self.blocks.fork(parent, child)
-        child.status = Status.RUNNING
-        self.running.append(child)
+        self._start_running(child)
+
+    def _start_running(self, seq: Sequence) -> None:
+        if seq.lora is not None and self.loras is not None:
+            self.loras.acquire(seq.lora)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def _stop_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if seq.lora is not None and self.loras is not None:
+            self.loras.release(seq.lora)
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        self._stop_running(seq)
         self.blocks.free_seq(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -127,6 +147,8 @@ class Scheduler:
             seq = self.waiting[0]
             if slots + seq.num_slots > self.max_num_seqs:
                 break
+            if seq.lora is not None and self.loras and not self.loras.can_acquire(seq.lora):
+                break  # every adapter slot is held by running sequences of other adapters
             cached = self.blocks.cached_prefix(seq)  # looked up once per admission
             if not self.blocks.can_allocate(seq, cached):
                 break
@@ -134,8 +156,7 @@ class Scheduler:
             self.blocks.allocate(
                 seq, cached
             )  # may start with num_computed_tokens > 0 (a cache hit)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            self._start_running(seq)
             slots += seq.num_slots
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             chunks.append(ScheduledChunk(seq, n))
@@ -146,7 +167,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Remove a finished or aborted sequence wherever it is and free its blocks."""
         if seq in self.running:
-            self.running.remove(seq)
+            self._stop_running(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free_seq(seq)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .lora import LoRAAdapter
 from .sampling import SamplingParams, TokenLogprob
 
 
@@ -41,12 +42,19 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # speculative decoding: the last this many token_ids are a guess, verified (and cut) within this step
     num_draft_tokens: int = 0
+    lora: LoRAAdapter | None = None  # the adapter it runs with (lora.py); None: the base model
 
     def __post_init__(self):
         if self.index == 0 and not self.num_output_tokens:
             self.pending_forks = self.params.n - 1
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]
+
+    @property
+    def prefix_root(self) -> str | None:
+        """What its first block's prefix-cache key starts from: its adapter, so that sequences of different
+        adapters (whose K/V differ for the same tokens) never share a block (block_manager.py)."""
+        return None if self.lora is None else f"lora:{self.lora.uid}"
 
     @property
     def num_tokens(self) -> int:
