@@ -3,9 +3,12 @@ delta equals a per-adapter loop; a batch mixing adapters and the base model equa
 slots evict the least recently used idle adapter and never one in use; the prefix cache never shares a
 block across adapters; the server lists, loads, unloads and refuses adapters as vLLM does."""
 
+import asyncio
 import copy
 import json
+import re
 
+import httpx
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -195,3 +198,123 @@ def test_bad_adapters_are_refused_with_the_reason(model_tok, adapters, tmp_path)
     with pytest.raises(LoRAError, match="enable_lora"):
         LLMEngine(model, tok).add_lora("all", adapters["all"])
     assert engine.adapters == {}
+
+
+# ---- the server: vLLM's LoRA interface -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(adapters):
+    from labkit.serve.launch import ServerProcess
+
+    qv = f"qv={adapters['qv']}"
+    options = dict(enable_lora=True, lora_modules=qv, max_num_seqs=8, threads=1, enforce_eager=True)
+    with ServerProcess(**options) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def offline(model_tok, adapters):
+    """The offline engine with every adapter: what the server's answers must equal."""
+    model, tok = model_tok
+    llm = LLM(model, tokenizer=tok, enable_lora=True, enforce_eager=True)
+    for name, path in adapters.items():
+        llm.engine.add_lora(name, path)
+    return llm
+
+
+def complete(server, model: str, prompt: str = PROMPTS[0]):
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    return httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+
+
+def expected_text(offline, model: str, prompt: str = PROMPTS[0]) -> str:
+    lora = None if model == "course" else model
+    return offline.generate([prompt], GREEDY, lora=lora)[0].outputs[0].text
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_server_lists_and_serves_lora_modules(server, offline, adapters):
+    cards = {m["id"]: m for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert cards["course"]["parent"] is None
+    assert cards["qv"]["parent"] == "course" and cards["qv"]["root"] == str(adapters["qv"])
+    assert httpx.get(server.url + "/v1/models/qv").json()["parent"] == "course"
+    for model in ("course", "qv"):
+        body = complete(server, model).json()
+        assert body["model"] == model
+        assert body["choices"][0]["text"] == expected_text(offline, model)
+    assert complete(server, "qv").json()["choices"] != complete(server, "course").json()["choices"]
+
+
+def test_server_loads_and_unloads_adapters(server, offline, adapters):
+    load = {"lora_name": "all", "lora_path": str(adapters["all"])}
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json=load)
+    assert r.status_code == 200 and "all" in r.text
+    assert complete(server, "all").json()["choices"][0]["text"] == expected_text(offline, "all")
+    assert (
+        "already served"
+        in error_of(httpx.post(server.url + "/v1/load_lora_adapter", json=load), 400)["message"]
+    )
+    unload = {"lora_name": "all"}
+    assert httpx.post(server.url + "/v1/unload_lora_adapter", json=unload).status_code == 200
+    assert error_of(complete(server, "all"), 404)["code"] == "model_not_found"
+    assert error_of(httpx.post(server.url + "/v1/unload_lora_adapter", json=unload), 404)
+    ids = [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
+    assert ids == ["course", "qv"]
+
+
+def test_server_refuses_bad_adapters_and_the_batch_carries_on(
+    server, offline, model_tok, adapters, tmp_path
+):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text(
+        (adapters["rs"] / "adapter_config.json").read_text()
+    )
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    model, _ = model_tok
+    wide = copy.deepcopy(model.config)
+    wide.hidden_size, wide.intermediate_size = 128, 256
+    other = save_adapter(type(model)(wide), tmp_path / "other", 0, ["q_proj"], 4)
+
+    async def traffic():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            body = {"prompt": PROMPTS[1], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            good = [
+                client.post("/v1/completions", json={**body, "model": m})
+                for m in ("course", "qv") * 2
+            ]
+            bad = [
+                client.post("/v1/completions", json={**body, "model": "nope"}),
+                client.post(
+                    "/v1/load_lora_adapter", json={"lora_name": "c", "lora_path": str(corrupt)}
+                ),
+                client.post(
+                    "/v1/load_lora_adapter", json={"lora_name": "o", "lora_path": str(other)}
+                ),
+                client.post(
+                    "/v1/load_lora_adapter", json={"lora_name": "m", "lora_path": str(tmp_path)}
+                ),
+            ]
+            return await asyncio.gather(*good), await asyncio.gather(*bad)
+
+    good, (unknown, damaged, foreign, missing) = asyncio.run(traffic())
+    for r, model in zip(good, ("course", "qv") * 2):
+        assert r.json()["choices"][0]["text"] == expected_text(offline, model, PROMPTS[1])
+    assert error_of(unknown, 404)["code"] == "model_not_found"
+    assert "cannot read" in error_of(damaged, 400)["message"]
+    assert "another base model" in error_of(foreign, 400)["message"]
+    assert "not a LoRA adapter" in error_of(missing, 400)["message"]
+    metrics = httpx.get(server.url + "/metrics").text
+    assert re.search(
+        r'labkit:lora_requests_total\{lora_name="qv",model_name="course"\} [1-9]', metrics
+    )
+    assert 'labkit:lora_generation_tokens_total{lora_name="",model_name="course"}' in metrics

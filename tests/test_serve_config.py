@@ -69,7 +69,9 @@ def test_an_integral_float_is_an_integer_as_json_schema_says(model):
 
 
 def test_openapi_declares_the_seed_bounds_the_server_enforces():
-    limits = SimpleNamespace(max_context=64, vocab_size=100, max_num_seqs=8, num_blocks=10)
+    from labkit.serve.engine_client import EngineLimits
+
+    limits = EngineLimits(max_context=64, vocab_size=100, max_num_seqs=8, num_blocks=10)
     app = create_app(ServeConfig(), SimpleNamespace(limits=limits), None)
     schemas = json.loads(json.dumps(app.openapi()))["components"]["schemas"]
     for name in ("CompletionRequest", "ChatCompletionRequest", "GenerateRequest"):

@@ -50,6 +50,9 @@ class Exchange:
     prompt: Any = None  # what the client asked (logged only with --access-log-text)
     headers: dict[str, str] = field(default_factory=dict)  # added to the response's headers
     on_end: list[Callable[["Exchange"], None]] = field(default_factory=list)
+    lora: str | None = (
+        None  # the LoRA adapter the request named as its model (None: the base model)
+    )
 
     @property
     def completion_tokens(self) -> int | None:

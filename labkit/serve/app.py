@@ -5,7 +5,8 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with `"stream": true`, both
 take `n`, `logprobs`; completions also `echo`), GET /v1/models and /v1/models/{model}, POST /generate
-(the course seed's original endpoint), GET /health (the process is alive), GET /ready (it can take
+(the course seed's original endpoint), POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's:
+LoRA adapters served beside the base model, named as `model`; lora.py), GET /health (the process is alive), GET /ready (it can take
 traffic: engine running, not draining), GET /metrics (Prometheus). Every error has OpenAI's shape
 (errors.py), and /openapi.json describes what the server really sends (openapi.py).
 
@@ -27,6 +28,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from labkit.engine import SamplingParams
+from labkit.engine.lora import LoRAAdapter, LoRAError
 
 from . import errors
 from .accesslog import AccessLog, AccessLogMiddleware, Exchange
@@ -41,6 +43,8 @@ from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
+    LoadLoRARequest,
+    UnloadLoRARequest,
     chat_body,
     chat_choice,
     chat_chunk,
@@ -95,6 +99,7 @@ class Server:
         self.vocab_size = engine.limits.vocab_size
         self.max_running = engine.limits.max_num_seqs
         self.draining = False
+        self.loras: dict[str, str] = dict(engine.limits.loras)  # adapters served: name -> path
 
     # ---- request -> (prompt ids, sampling params) ------------------------------------------------
     def authenticate(self, request: Request) -> APIKey:
@@ -103,14 +108,62 @@ class Server:
         request.state.exchange.key_id = key.id
         return key
 
-    def check_model(self, name: str | None) -> None:
-        if name not in (None, "", self.model_name):
+    def check_model(self, name: str | None, request: Request | None = None) -> str | None:
+        """The LoRA adapter `name` selects (None: the base model), noted on the request's exchange;
+        404 model_not_found for a name this server does not serve."""
+        if name in (None, "", self.model_name):
+            return None
+        if name not in self.loras:
+            served = ", ".join(f"`{m}`" for m in [self.model_name, *self.loras])
             raise APIError(
                 404,
-                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                f"The model `{name}` does not exist; this server serves {served}.",
                 param="model",
                 code="model_not_found",
             )
+        if request is not None:
+            request.state.exchange.lora = name
+        return name
+
+    async def load_lora(self, req: LoadLoRARequest) -> str:
+        """Check the adapter here (read in a worker thread: it is MBs), then hand it to the engine:
+        a wrong base model, rank or file is a 400 before any batch sees it."""
+        limits = self.engine.limits
+        if limits.lora_base is None:
+            raise APIError(
+                400, "LoRA is off on this server: start it with --enable-lora.", param="lora_path"
+            )
+        if req.lora_name == self.model_name or req.lora_name in self.loras:
+            raise APIError(
+                400,
+                f"The model `{req.lora_name}` is already served; unload it first.",
+                param="lora_name",
+            )
+        try:
+            await asyncio.to_thread(
+                LoRAAdapter.load,
+                req.lora_name,
+                req.lora_path,
+                limits.lora_base,
+                limits.max_lora_rank,
+            )
+        except LoRAError as err:
+            raise APIError(400, str(err), param="lora_path", code="invalid_lora_adapter") from err
+        self.loras[req.lora_name] = req.lora_path
+        self.engine.load_lora(req.lora_name, req.lora_path)
+        return f"Success: LoRA adapter '{req.lora_name}' added successfully."
+
+    def unload_lora(self, req: UnloadLoRARequest) -> str:
+        if req.lora_name not in self.loras:
+            raise APIError(
+                404,
+                f"The LoRA adapter `{req.lora_name}` is not loaded.",
+                param="lora_name",
+                code="model_not_found",
+            )
+        del self.loras[req.lora_name]
+        self.engine.unload_lora(req.lora_name)
+        return f"Success: LoRA adapter '{req.lora_name}' removed successfully."
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -237,7 +290,10 @@ class Server:
         """(cache key or None if not cacheable, the cached {"choices", "usage"} or None)."""
         if not self.cache.enabled:
             return None, None
-        key = cache_key(endpoint, self.model_name, req, params.max_tokens)
+        model = self.model_name  # an adapter's answers are its own: its name and files in the key
+        if exchange.lora is not None:
+            model = f"{exchange.lora}={self.loras.get(exchange.lora)}"
+        key = cache_key(endpoint, model, req, params.max_tokens)
         hit = None if key is None else self.cache.get(key)
         if hit is not None:
             exchange.cached_body, exchange.prompt_tokens = hit, hit["usage"]["prompt_tokens"]
@@ -252,11 +308,12 @@ class Server:
         self.admit()
         rid = new_id("req")
         try:
-            out = self.engine.submit(rid, prompt_ids, params)
+            out = self.engine.submit(rid, prompt_ids, params, exchange.lora)
         except EngineDead as err:
             raise APIError(503, str(err), type="server_error", code="engine_unavailable") from err
         exchange.prompt_tokens = len(prompt_ids)
         exchange.choices = [Choice(i, self.tokenizer, stop) for i in range(params.n)]
+        self.metrics.lora_request(exchange)
         return rid, out, exchange.choices
 
     async def generate(self, rid: str, out: asyncio.Queue, choices: list[Choice]):
@@ -334,15 +391,18 @@ class Server:
         one, else run the request to the end, shape each choice (kind.choice) and the body (kind.body),
         and keep the answer in the cache when it may be reused."""
         rid = new_id(kind.id_prefix)
+        model = (
+            req.model or self.model_name
+        )  # the adapter's name when it named one, as vLLM answers
         slot, hit = self.cached(request.state.exchange, kind.path, req, params)
         if hit is not None:
-            return kind.body(rid, self.model_name, hit["choices"], hit["usage"])
+            return kind.body(rid, model, hit["choices"], hit["usage"])
         choices = await self.collect(request, ids, params, req.stop)
         body = [kind.choice(self, req, ids, c) for c in choices]
         use = usage(len(ids), sum(c.num_tokens for c in choices))
         if slot is not None:
             self.cache.put(slot, {"choices": body, "usage": use})
-        return kind.body(rid, self.model_name, body, use)
+        return kind.body(rid, model, body, use)
 
     async def stream(self, exchange: Exchange, prompt_ids, params, stop, events_of):
         """Start the request and wait for its first output *before* sending headers, so an engine-side
@@ -478,18 +538,22 @@ def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
         body, content_type = srv.metrics.render()
         return Response(body, media_type=content_type)
 
-    def model_card() -> dict:
+    def model_card(lora: str | None = None) -> dict:
+        """The base model's card, or a LoRA adapter's: its files as `root`, the base as `parent`
+        (vLLM's fields)."""
         return {
-            "id": srv.model_name,
+            "id": lora or srv.model_name,
             "object": "model",
             "created": int(time.time()),
             "owned_by": "labkit",
+            "root": srv.loras[lora] if lora else srv.model_name,
+            "parent": srv.model_name if lora else None,
             "max_model_len": srv.context_length,
         }
 
     @app.get("/v1/models", dependencies=protected, responses=RESPONSES[("GET", "/v1/models")])
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(m) for m in [None, *srv.loras]]}
 
     @app.get(
         "/v1/models/{model:path}",
@@ -497,12 +561,31 @@ def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
         responses=RESPONSES[("GET", "/v1/models/{model}")],
     )
     async def model(model: str):
-        srv.check_model(model or None)
-        return model_card()
+        return model_card(srv.check_model(model or None))
+
+    @app.post(
+        "/v1/load_lora_adapter",
+        dependencies=protected,
+        response_class=PlainTextResponse,
+        responses=RESPONSES[("POST", "/v1/load_lora_adapter")],
+    )
+    async def load_lora_adapter(req: LoadLoRARequest):
+        """vLLM's: serve the peft LoRA adapter at `lora_path` as model `lora_name`."""
+        return await srv.load_lora(req)
+
+    @app.post(
+        "/v1/unload_lora_adapter",
+        dependencies=protected,
+        response_class=PlainTextResponse,
+        responses=RESPONSES[("POST", "/v1/unload_lora_adapter")],
+    )
+    async def unload_lora_adapter(req: UnloadLoRARequest):
+        """vLLM's: stop serving an adapter; requests already running with it finish with it."""
+        return srv.unload_lora(req)
 
     @app.post("/v1/completions", responses=RESPONSES[("POST", "/v1/completions")])
     async def completions(req: CompletionRequest, request: Request, key: Keyed):
-        srv.check_model(req.model)
+        srv.check_model(req.model, request)
         prompt = req.prompt  # text or token ids: validation unwrapped a list holding one of them
         assert isinstance(prompt, str) or is_token_ids(prompt)
         ids = srv.encode_prompt(prompt)
@@ -519,8 +602,10 @@ def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
         return await srv.stream(exchange, ids, params, req.stop, events)
 
     def completion_events(req: CompletionRequest, rid: str, ids: list[int]):
+        model = req.model or srv.model_name
+
         def chunk(choices: list[dict]) -> dict:
-            return completion_body(rid, srv.model_name, choices, None)
+            return completion_body(rid, model, choices, None)
 
         fast = _sse_template(lambda d: chunk([completion_choice(0, d, None, None)]))
 
@@ -547,13 +632,13 @@ def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
             if req.include_usage:
                 n_out = sum(c.num_tokens for c in choices)
                 use = usage(len(ids), n_out)
-                yield _sse(usage_chunk(rid, srv.model_name, "text_completion", use))
+                yield _sse(usage_chunk(rid, model, "text_completion", use))
 
         return events
 
     @app.post("/v1/chat/completions", responses=RESPONSES[("POST", "/v1/chat/completions")])
     async def chat_completions(req: ChatCompletionRequest, request: Request, key: Keyed):
-        srv.check_model(req.model)
+        srv.check_model(req.model, request)
         ids = srv.chat_prompt(req)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = srv.sampling(
@@ -567,10 +652,10 @@ def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
         return await srv.stream(exchange, ids, params, req.stop, events)
 
     def chat_events(req: ChatCompletionRequest, rid: str, n_prompt: int):
+        model = req.model or srv.model_name
+
         def chunk(index: int, delta: dict, reason: str | None, logprobs=None) -> dict:
-            return chat_chunk(
-                rid, srv.model_name, [chat_chunk_choice(index, delta, reason, logprobs)]
-            )
+            return chat_chunk(rid, model, [chat_chunk_choice(index, delta, reason, logprobs)])
 
         fast = _sse_template(lambda d: chunk(0, {"content": d}, None))
 
@@ -586,11 +671,7 @@ def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
                 yield _sse(chunk(c.index, content, c.reason, lp))
             if req.include_usage:
                 n_out = sum(c.num_tokens for c in choices)
-                yield _sse(
-                    usage_chunk(
-                        rid, srv.model_name, "chat.completion.chunk", usage(n_prompt, n_out)
-                    )
-                )
+                yield _sse(usage_chunk(rid, model, "chat.completion.chunk", usage(n_prompt, n_out)))
 
         return events
 

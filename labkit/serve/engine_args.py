@@ -19,6 +19,15 @@ from .options import check, option
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def parse_lora_modules(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """vLLM's `--lora-modules name=path [name=path ...]` as ((name, path), ...)."""
+    pairs = [item.partition("=") for item in items]
+    bad = [item for item, (name, eq, path) in zip(items, pairs) if not (name and eq and path)]
+    if bad:
+        raise ValueError(f"--lora-modules takes name=path pairs, got {bad}")
+    return tuple((name, path) for name, _, path in pairs)
+
+
 @dataclass(frozen=True)
 class EngineArgs:
     """The model to serve and how to load it, and the engine's own EngineConfig."""
@@ -37,6 +46,14 @@ class EngineArgs:
         "compile the decode step (LLMEngine.warm_up) before taking requests, as vLLM does at start-up: "
         "faster decode steps for 20-70 s more start-up on a 2-core CPU (seconds from the compile cache)",
     )
+    lora_modules: tuple[tuple[str, str], ...] | None = option(
+        None,
+        "LoRA adapters to serve from the start, each name=path (a peft directory; clients send the "
+        "name as `model`); needs --enable-lora, as in vLLM",
+        metavar="NAME=PATH",
+        nargs="+",
+        load=parse_lora_modules,
+    )
     config: EngineConfig = field(  # its flags come from EngineConfig's own fields (options.py)
         default_factory=EngineConfig,
         metadata={
@@ -46,6 +63,8 @@ class EngineArgs:
 
     def __post_init__(self):
         check(self)
+        if self.lora_modules and not self.config.enable_lora:
+            raise ValueError("--lora-modules needs --enable-lora (EngineConfig.enable_lora)")
 
     def load_tokenizer(self):
         """A quantized checkpoint's own tokenizer where it ships one, else the model's. Loads no
@@ -68,6 +87,8 @@ class EngineArgs:
         if self.threads:
             torch.set_num_threads(self.threads)
         engine = LLMEngine(self.load_model(), self.load_tokenizer(), self.config)
+        for name, path in self.lora_modules or ():
+            engine.add_lora(name, path)
         if self.warm_up:
             engine.warm_up()
         return engine

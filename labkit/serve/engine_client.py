@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from labkit.engine import LLMEngine, SamplingParams
+from labkit.engine.lora import BaseShapes
 
 from .metrics import ServerMetrics
 
@@ -26,6 +27,11 @@ class EngineLimits:
     vocab_size: int
     max_num_seqs: int
     num_blocks: int
+    # LoRA: what an adapter must fit (None: LoRA is off), the largest rank, and the adapters the engine
+    # was built with (--lora-modules), as (name, path)
+    lora_base: BaseShapes | None = None
+    max_lora_rank: int = 0
+    loras: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, engine: LLMEngine) -> "EngineLimits":
@@ -34,6 +40,9 @@ class EngineLimits:
             vocab_size=engine.model.config.vocab_size,
             max_num_seqs=engine.scheduler.max_num_seqs,
             num_blocks=engine.block_manager.num_blocks,
+            lora_base=engine.lora_base if engine.config.enable_lora else None,
+            max_lora_rank=engine.config.max_lora_rank,
+            loras=tuple((name, a.path) for name, a in engine.adapters.items()),
         )
 
 
@@ -61,10 +70,21 @@ class EngineClient(Protocol):
         """Requests submitted and not yet finished or aborted."""
 
     def submit(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        lora: str | None = None,
     ) -> asyncio.Queue:
-        """Queue a request. The queue receives its StepOutputs (the last has finished=True for each
-        of its n samples), or an exception: ValueError (the engine refused it: a 400) or EngineDead."""
+        """Queue a request (with `lora`, a loaded adapter's name). The queue receives its StepOutputs
+        (the last has finished=True for each of its n samples), or an exception: ValueError (the engine
+        refused it: a 400) or EngineDead."""
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Register an adapter the caller has checked (lora.py); requests submitted after may name it."""
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an adapter; requests already submitted with it finish with it."""
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Stop a request and free its KV blocks; a no-op for one that has finished."""

@@ -40,7 +40,8 @@ from labkit.engine import LLMEngine, SamplingParams
 
 from .engine_args import EngineArgs
 from .engine_client import EngineDead, EngineLimits
-from .messages import Abort, Add, Crashed, Ready, Rejected, Step, Stop
+from .engine_thread import apply_lora_command
+from .messages import Abort, Add, Crashed, LoadLoRA, Ready, Rejected, Step, Stop, UnloadLoRA
 from .metrics import ServerMetrics
 from .tracker import RequestTracker
 
@@ -116,6 +117,9 @@ class EngineProcess:
         self.restarts = 0
         self.started_at = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # the adapters served now (--lora-modules, then loads and unloads), name -> path: a restarted
+        # engine starts from `args` alone, so they are replayed into it
+        self.loras: dict[str, str] | None = None
 
     @property
     def metrics(self) -> ServerMetrics | None:
@@ -168,11 +172,24 @@ class EngineProcess:
     def num_active(self) -> int:
         return len(self.tracker)
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+    def load_lora(self, name: str, path: str) -> None:
+        self._served_loras()[name] = path
+        self.child.send(LoadLoRA(name, path))
+
+    def unload_lora(self, name: str) -> None:
+        self._served_loras().pop(name, None)
+        self.child.send(UnloadLoRA(name))
+
+    def _served_loras(self) -> dict[str, str]:
+        if self.loras is None:
+            self.loras = dict(self.limits.loras)
+        return self.loras
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lora=None):
         if not self.alive:
             raise EngineDead(f"The engine is not running ({self.state}); retry shortly.")
         out = self.tracker.add(request_id, len(prompt_ids), params.n)
-        if not self.child.send(Add(request_id, prompt_ids, params)):
+        if not self.child.send(Add(request_id, prompt_ids, params, lora)):
             self._died()
         return out
 
@@ -287,6 +304,11 @@ class EngineProcess:
         self.started_at = now
         log.warning("restarting the engine process (restart %d)", self.restarts)
         self.child = Child(self.args)
+        if self.loras is not None:  # adapters were loaded or unloaded at run time: the same again
+            for name, _ in self.limits.loras:
+                self.child.send(UnloadLoRA(name))
+            for name, path in self.loras.items():
+                self.child.send(LoadLoRA(name, path))
         self._watch()
 
 
@@ -327,9 +349,11 @@ def apply_commands(engine: LLMEngine, cmds: list) -> tuple[list[Rejected], bool]
     for cmd in cmds:
         if isinstance(cmd, Add):
             try:
-                engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
+                engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.lora)
             except ValueError as err:  # too long for the KV cache, bad parameters: becomes a 400
                 rejected.append(Rejected(cmd.request_id, str(err)))
+        elif isinstance(cmd, (LoadLoRA, UnloadLoRA)):
+            apply_lora_command(engine, cmd)
         elif isinstance(cmd, Abort):
             engine.abort_request(cmd.request_id)
         else:

@@ -21,11 +21,23 @@ import time
 from labkit.engine import LLMEngine, SamplingParams
 
 from .engine_client import EngineDead, EngineLimits
-from .messages import Abort, Add
+from .messages import Abort, Add, LoadLoRA, UnloadLoRA
 from .metrics import ServerMetrics
 from .tracker import RequestTracker
 
 log = logging.getLogger("labkit.serve")
+
+
+def apply_lora_command(engine: LLMEngine, cmd: LoadLoRA | UnloadLoRA) -> None:
+    """Load or unload an adapter. The HTTP process checked it already, so a failure here (the files
+    changed since) is logged, and requests naming it are refused (a 400) by add_request."""
+    if isinstance(cmd, UnloadLoRA):
+        engine.remove_lora(cmd.name)
+        return
+    try:
+        engine.add_lora(cmd.name, cmd.path)
+    except ValueError:
+        log.exception("could not load LoRA adapter %r from %s", cmd.name, cmd.path)
 
 
 class EngineThread:
@@ -65,13 +77,19 @@ class EngineThread:
     def num_active(self) -> int:
         return len(self.tracker)
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lora=None):
         if not self.alive:
             raise EngineDead(f"The engine is not running ({self.state}).")
         out = self.tracker.add(request_id, len(prompt_ids), params.n)
-        self._inbox.put(Add(request_id, prompt_ids, params))
+        self._inbox.put(Add(request_id, prompt_ids, params, lora))
         self._wake.set()
         return out
+
+    def load_lora(self, name: str, path: str) -> None:
+        self._inbox.put(LoadLoRA(name, path))
+
+    def unload_lora(self, name: str) -> None:
+        self._inbox.put(UnloadLoRA(name))
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         self._inbox.put(Abort(request_id, reason))
@@ -96,9 +114,11 @@ class EngineThread:
                 if cmd.request_id not in self.tracker.requests:  # aborted before it was added
                     continue
                 try:
-                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
+                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.lora)
                 except ValueError as err:  # too long for the KV cache...: the handler's 400
                     self.tracker.reject(cmd.request_id, err)
+            elif isinstance(cmd, (LoadLoRA, UnloadLoRA)):
+                apply_lora_command(self.engine, cmd)
             elif self.tracker.aborted(cmd.request_id, cmd.reason):
                 self.engine.abort_request(cmd.request_id)
 

@@ -3,6 +3,7 @@ queue uses the commands too). Plain dataclasses: pickled on the pipe, read by na
 
     HTTP process                                   engine process
       Add / Abort / Stop        --- command pipe --->
+      LoadLoRA / UnloadLoRA         (adapters, checked by the HTTP process before it sends them)
                                 <--- Ready (once), then one Step per engine step (or per
                                      batch of commands), or Crashed with the server-side detail
 """
@@ -20,12 +21,24 @@ class Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    lora: str | None = None  # the adapter it runs with (None: the base model)
 
 
 @dataclass
 class Abort:
     request_id: str
     reason: str = "abort"  # the finish reason the metrics record: "abort" or "stop"
+
+
+@dataclass
+class LoadLoRA:
+    name: str
+    path: str
+
+
+@dataclass
+class UnloadLoRA:
+    name: str
 
 
 @dataclass

@@ -197,6 +197,16 @@ class ServerMetrics:
             ["handler", "method"],
             registry=r,
         )
+        # per LoRA adapter (vLLM labels its LoRA metrics by adapter too); lora_name "" is the base model
+        self.lora_requests = Counter(
+            "labkit:lora_requests", "Requests by LoRA adapter", m + ["lora_name"], registry=r
+        )
+        self.lora_generation_tokens = Counter(
+            "labkit:lora_generation_tokens",
+            "Generated tokens by LoRA adapter",
+            m + ["lora_name"],
+            registry=r,
+        )
         self._preemptions_seen = 0
         self._prefix_seen = (0, 0)  # the engine's (queries, hits) at the last update
 
@@ -229,6 +239,13 @@ class ServerMetrics:
         self.e2e.observe(e2e)
         self.req_prompt.observe(n_prompt)
         self.req_gen.observe(n_out)
+
+    def lora_request(self, exchange) -> None:
+        """Count a request that reached the engine under its adapter, and its tokens once it ends."""
+        labels = (self.model_name, exchange.lora or "")
+        self.lora_requests.labels(*labels).inc()
+        tokens = self.lora_generation_tokens.labels(*labels)
+        exchange.on_end.append(lambda ex: tokens.inc(ex.completion_tokens or 0))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

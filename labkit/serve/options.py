@@ -25,7 +25,8 @@ SCALARS = (int, float, str, bool)
 
 def option(default, help: str, secret: bool = False, **meta) -> Any:
     """A dataclass field with a flag. meta: low (inclusive bound), above (exclusive bound), choices,
-    metavar, and load (a function from the flag's text to the field's value, e.g. reading a file).
+    metavar, nargs, and load (a function from the flag's text, or list of texts with nargs, to the
+    field's value, e.g. reading a file).
     A secret (an API key) stays out of the config's repr, so printing a config never leaks it."""
     return field(default=default, repr=not secret, metadata={"help": help, **meta})
 
@@ -53,7 +54,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, group=None) -> None:
         help = f.metadata.get("help", f"{cls.__name__}.{f.name}")
         if f.default is not MISSING and f.default is not None and f.default is not False:
             help += f" (default: {f.default})"
-        extras = {k: f.metadata[k] for k in ("choices", "metavar") if k in f.metadata}
+        extras = {k: f.metadata[k] for k in ("choices", "metavar", "nargs") if k in f.metadata}
         name = "--" + f.name.replace("_", "-")
         if kind is bool:
             target.add_argument(name, action=argparse.BooleanOptionalAction, help=help)

@@ -426,11 +426,28 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class LoadLoRARequest(_Strict):
+    """vLLM's POST /v1/load_lora_adapter: serve the peft LoRA directory `lora_path` as `lora_name`."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class UnloadLoRARequest(_Strict):
+    """vLLM's POST /v1/unload_lora_adapter."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    lora_name: Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    root: str | None = Field(default=None, description="a LoRA adapter's files; the base's name")
+    parent: str | None = Field(default=None, description="a LoRA adapter's base model")
     max_model_len: int
 
 
