@@ -32,7 +32,13 @@ CHECKS = [
     response_schema_conformance,
     negative_data_rejection,
 ]
-WITH_BODY = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/generate")]
+WITH_BODY = [
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/generate"),
+    ("POST", "/v1/load_lora_adapter"),  # (LoRA is off here: every load is a 400)
+    ("POST", "/v1/unload_lora_adapter"),
+]
 # (any string is a valid model name in the path: there is no invalid value to send)
 WITHOUT_BODY = [
     ("GET", "/v1/models/{model}"),

@@ -566,22 +566,20 @@ def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
     @app.post(
         "/v1/load_lora_adapter",
         dependencies=protected,
-        response_class=PlainTextResponse,
         responses=RESPONSES[("POST", "/v1/load_lora_adapter")],
     )
     async def load_lora_adapter(req: LoadLoRARequest):
         """vLLM's: serve the peft LoRA adapter at `lora_path` as model `lora_name`."""
-        return await srv.load_lora(req)
+        return PlainTextResponse(await srv.load_lora(req))
 
     @app.post(
         "/v1/unload_lora_adapter",
         dependencies=protected,
-        response_class=PlainTextResponse,
         responses=RESPONSES[("POST", "/v1/unload_lora_adapter")],
     )
     async def unload_lora_adapter(req: UnloadLoRARequest):
         """vLLM's: stop serving an adapter; requests already running with it finish with it."""
-        return srv.unload_lora(req)
+        return PlainTextResponse(srv.unload_lora(req))
 
     @app.post("/v1/completions", responses=RESPONSES[("POST", "/v1/completions")])
     async def completions(req: CompletionRequest, request: Request, key: Keyed):

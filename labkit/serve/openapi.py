@@ -92,7 +92,7 @@ RESPONSES: dict[tuple[str, str], dict] = {
     ("GET", "/v1/models"): {200: {"model": ModelList}, **_errors(401)},
     ("GET", "/v1/models/{model}"): {200: {"model": ModelCard}, **_errors(401, 404)},
     ("POST", "/v1/load_lora_adapter"): {200: TEXT, **_errors(400, 401)},
-    ("POST", "/v1/unload_lora_adapter"): {200: TEXT, **_errors(401, 404)},
+    ("POST", "/v1/unload_lora_adapter"): {200: TEXT, **_errors(400, 401, 404)},
     ("GET", "/health"): {200: {"model": Status}, 503: {"model": Status}},
     ("GET", "/ready"): {200: {"model": Status}, 503: {"model": Status}},
     ("GET", "/metrics"): {
