@@ -74,14 +74,15 @@ def perplexity(model, ids: torch.Tensor, length: int = 128, max_windows: int = 1
     return math.exp(sum(losses) / len(losses))
 
 
-def train(task: Task, out: Path, steps: int, rank: int, seed: int) -> dict:
+def train(task: Task, out: Path, steps: int, rank: int, seed: int, eval_windows: int = 16) -> dict:
+    """Train one adapter into `out`; its record (training.json)."""
     from peft import LoraConfig, get_peft_model  # training only: the engine reads the files itself
 
     torch.manual_seed(seed)
     base, tokenizer = load_model(SMOLLM2)
     stream = lambda split: torch.tensor(tokenizer(task.text(split))["input_ids"])  # noqa: E731
     train_ids, heldout_ids = stream(0), stream(1)
-    base_ppl = perplexity(base, heldout_ids)
+    base_ppl = perplexity(base, heldout_ids, max_windows=eval_windows)
     config = LoraConfig(
         r=rank, lora_alpha=2 * rank, target_modules=TARGET_MODULES, lora_dropout=0.0
     )
@@ -113,7 +114,7 @@ def train(task: Task, out: Path, steps: int, rank: int, seed: int) -> dict:
         "losses": losses,
         "heldout_perplexity": {
             "base": round(base_ppl, 2),
-            "adapter": round(perplexity(model, heldout_ids), 2),
+            "adapter": round(perplexity(model, heldout_ids, max_windows=eval_windows), 2),
         },
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,16 @@ MARKS = {
     "test_train.py::test_a_short_training_run_produces_a_loadable_llama": ("slow",),
     # the course model through the engine: 25-50 s of CPU per test measured on 2 busy cores
     "test_engine.py": ("slow",),
+    # LoRA: the course model with adapters through the engine, and one server with --lora-modules
+    "test_lora.py": ("slow",),
+    **{
+        f"test_lora.py::{name}": ("server",)
+        for name in (
+            "test_server_lists_and_serves_lora_modules",
+            "test_server_loads_and_unloads_adapters",
+            "test_server_refuses_bad_adapters_and_the_batch_carries_on",
+        )
+    },
     "test_engine_requests.py": ("slow",),
     "test_golden.py": ("slow",),
     "test_engine_compiled.py": (

@@ -12,6 +12,7 @@ import torch
 import labkit.checks
 import labkit.engine.checks
 import labkit.flash_attention_checks
+import labkit.lora_checks
 import labkit.quant.checks
 import labkit.roofline_checks
 import labkit.serve.checks
@@ -373,6 +374,18 @@ EXERCISES = {
             lambda level, per_minute, cost: round(max(0, cost - level) / (per_minute / 60)),
         ],
     ),
+    # notebook 08d
+    "batched_lora_delta": Exercise(
+        labkit.lora_checks.check_batched_lora_delta,
+        labkit.lora_checks.reference_batched_lora_delta,
+        [
+            lambda x, a, b, slots: x @ a[0].T @ b[0].T,  # every token through the first adapter
+            lambda x, a, b, slots: torch.einsum("ti,sri,sor->to", x, a, b),  # every adapter summed
+            lambda x, a, b, slots: torch.bmm(  # the expansion with the shrink's transpose
+                b[slots].transpose(1, 2), torch.bmm(a[slots], x[:, :, None])
+            )[:, :, 0],
+        ],
+    ),
 }
 
 
@@ -384,6 +397,7 @@ def test_every_check_function_is_in_the_registry():
         labkit.serve.checks,
         labkit.roofline_checks,
         labkit.flash_attention_checks,
+        labkit.lora_checks,
     ]
     defined = {
         fn

@@ -318,3 +318,16 @@ def test_server_refuses_bad_adapters_and_the_batch_carries_on(
         r'labkit:lora_requests_total\{lora_name="qv",model_name="course"\} [1-9]', metrics
     )
     assert 'labkit:lora_generation_tokens_total{lora_name="",model_name="course"}' in metrics
+
+
+# ---- the adapters' training (make lora-adapters), as a smoke run ---------------------------------------
+def test_a_short_training_run_saves_an_adapter_the_engine_serves(smollm2, tmp_path):
+    from labkit.lora_train import BASE_NAME, TASKS, train
+
+    record = train(TASKS["shout"], tmp_path / "shout", steps=2, rank=2, seed=0, eval_windows=1)
+    assert len(record["losses"]) == 2 and record["heldout_perplexity"]["adapter"] > 0
+    config = json.loads((tmp_path / "shout" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == BASE_NAME and config["r"] == 2
+    model, tok = smollm2
+    engine = LLMEngine(model, tok, enable_lora=True, enforce_eager=True)
+    assert engine.add_lora("shout", tmp_path / "shout").rank == 2
