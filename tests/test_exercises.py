@@ -381,9 +381,7 @@ EXERCISES = {
         [
             lambda x, a, b, slots: x @ a[0].T @ b[0].T,  # every token through the first adapter
             lambda x, a, b, slots: torch.einsum("ti,sri,sor->to", x, a, b),  # every adapter summed
-            lambda x, a, b, slots: torch.bmm(  # the expansion with the shrink's transpose
-                b[slots].transpose(1, 2), torch.bmm(a[slots], x[:, :, None])
-            )[:, :, 0],
+            lambda x, a, b, slots: torch.bmm(a[slots], x[:, :, None])[:, :, 0] @ b[0].T,  # A only
         ],
     ),
 }
