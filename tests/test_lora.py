@@ -123,6 +123,24 @@ def test_llm_generate_takes_an_adapter_per_prompt(model_tok, adapters):
     assert outs[1].outputs[0].token_ids == hf_greedy(model, tok, PROMPTS[1], 12)
 
 
+def test_steps_with_an_adapter_never_run_compiled(model_tok, adapters):
+    """The compiled decode step has no adapter input: a step with an adapter in it runs eagerly, even
+    where the compiled step would take it (here: told to take every step, and to fail if it runs)."""
+    model, tok = model_tok
+    engine = LLMEngine(model, tok, enable_lora=True)
+    engine.add_lora("all", adapters["all"])
+    compiled = engine.runner.compiled
+    assert compiled is not None
+    compiled.takes = lambda step: True
+
+    def never(step):
+        raise AssertionError("a step with an adapter ran compiled")
+
+    compiled.run = never
+    (got,) = run(engine, [(PROMPTS[0], "all")])
+    assert got == hf_greedy(merged(model, adapters["all"]), tok, PROMPTS[0], GREEDY.max_tokens)
+
+
 # ---- slots ---------------------------------------------------------------------------------------------
 def test_slots_evict_the_least_recently_used_idle_adapter(model_tok, adapters):
     model, _ = model_tok
