@@ -4,7 +4,13 @@ else labkit's reference, so the notebook always runs to the end)."""
 import torch
 
 from .checks import ExerciseFailure, run_check
-from .engine.lora import lora_delta as reference_batched_lora_delta
+
+
+def reference_batched_lora_delta(x, a, b, slots):
+    """x [T, in], a [S, r, in], b [S, out, r], slots [T] -> [T, out]: each token's A and B gathered by
+    its slot, then a shrink and an expand batched over the tokens (Punica's BGMV, in PyTorch)."""
+    shrunk = torch.bmm(a[slots], x[:, :, None])  # [T, r, 1]
+    return torch.bmm(b[slots], shrunk)[:, :, 0]  # [T, out]
 
 
 def per_adapter_loop(x, a, b, slots):

@@ -15,8 +15,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from labkit import load_model
 from labkit.engine import LLM, LLMEngine, SamplingParams
-from labkit.engine.lora import BaseShapes, LoRAAdapter, LoRAError, bgmv, lora_delta
+from labkit.engine.lora import BaseShapes, LoRAAdapter, LoRAError, lora_delta, slot_mask
 from labkit.engine.lora_slots import LoRASlots
+from labkit.lora_checks import per_adapter_loop, reference_batched_lora_delta
 
 PROMPTS = ["It is a truth universally acknowledged", "Mr. Darcy", "She was", "The next morning"]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -83,19 +84,16 @@ def run(engine: LLMEngine, requests: list[tuple[str, str | None]], params=GREEDY
 
 
 # ---- the batched delta ---------------------------------------------------------------------------------
-def test_bgmv_equals_a_loop_over_adapters():
+def test_batched_delta_equals_a_loop_over_adapters():
+    """The engine's masked form and the exercise's gathered form (BGMV) against one adapter at a time."""
     torch.manual_seed(0)
-    slots, rank, fan_in, fan_out, tokens = 3, 4, 32, 24, 10
-    a, b = torch.randn(slots, rank, fan_in), torch.randn(slots, fan_out, rank)
-    x, index = torch.randn(tokens, fan_in), torch.randint(0, slots, (tokens,))
-    assert torch.allclose(
-        bgmv(x, a, index), torch.stack([a[s] @ xt for s, xt in zip(index, x)]), atol=1e-4
-    )
-    expected = torch.zeros(tokens, fan_out)
-    for s in range(slots):  # one adapter at a time: what the batched delta replaces
-        rows = index == s
-        expected[rows] = x[rows] @ a[s].T @ b[s].T
-    assert torch.allclose(lora_delta(x, a, b, index), expected, atol=1e-4)
+    num_slots, rank, fan_in, fan_out, tokens = 3, 4, 32, 24, 10
+    a, b = torch.randn(num_slots, rank, fan_in), torch.randn(num_slots, fan_out, rank)
+    x, slots = torch.randn(tokens, fan_in), torch.randint(0, num_slots, (tokens,))
+    expected = per_adapter_loop(x, a, b, slots)
+    mask = slot_mask(slots, num_slots, rank, torch.float32)
+    assert torch.allclose(lora_delta(x, a, b.transpose(1, 2), mask), expected, atol=1e-4)
+    assert torch.allclose(reference_batched_lora_delta(x, a, b, slots), expected, atol=1e-4)
 
 
 # ---- outputs equal the merged models -------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A bounded number of adapter slots, filled and emptied at run time (S-LoRA's adapter memory).
 
-The batched delta (lora.py's `bgmv`) reads stacked weights: per layer and module one A [slots, rank, in] and
-one B [slots, out, rank], allocated once for `max_loras` slots at the engine's `max_lora_rank` (a smaller
+The batched delta (lora.py's `lora_delta`) reads stacked weights: per layer and module one A [slots, rank, in]
+and one B, transposed, [slots, rank, out], allocated once for `max_loras` slots at the engine's `max_lora_rank` (a smaller
 rank is zero-padded, which adds exact zeros). Registered adapters wait in host memory (for S-LoRA, the CPU;
 on this CPU engine, plain tensors); one is copied into a slot when a sequence that needs it starts running.
 With every slot taken, the least recently used slot that no running sequence needs is overwritten; a slot
@@ -22,16 +22,16 @@ from .lora import BaseShapes, LoRAAdapter
 
 class LoRASlots:
     def __init__(self, base: BaseShapes, max_loras: int, max_rank: int, dtype, device):
-        self.max_loras, self.max_rank = max_loras, max_rank
+        self.max_loras, self.max_rank, self.dtype = max_loras, max_rank, dtype
         self.a: dict[tuple[int, str], torch.Tensor] = {}  # (layer, module) -> [S, R, in]
-        self.b: dict[tuple[int, str], torch.Tensor] = {}  # (layer, module) -> [S, out, R]
+        self.b: dict[tuple[int, str], torch.Tensor] = {}  # (layer, module) -> B^T [S, R, out]
         for layer in range(base.num_layers):
             for module, fan_in, fan_out in base.modules:
                 self.a[layer, module] = torch.zeros(
                     max_loras, max_rank, fan_in, dtype=dtype, device=device
                 )
                 self.b[layer, module] = torch.zeros(
-                    max_loras, fan_out, max_rank, dtype=dtype, device=device
+                    max_loras, max_rank, fan_out, dtype=dtype, device=device
                 )
         self.adapter: list[LoRAAdapter | None] = [None] * max_loras  # what each slot holds
         self.users = [0] * max_loras  # running sequences that use each slot
@@ -86,7 +86,7 @@ class LoRASlots:
             self.b[key][slot].zero_()
         for key, (a, b) in adapter.weights.items():
             self.a[key][slot, : adapter.rank] = a
-            self.b[key][slot, :, : adapter.rank] = b
+            self.b[key][slot, : adapter.rank] = b.T
         self.adapter[slot] = adapter
         self.num_loads += 1
 

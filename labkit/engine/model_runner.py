@@ -43,7 +43,7 @@ from .fast_layers import (
     rotate,
 )
 from .kv_cache import KVShape, PagedKVCache
-from .lora import LoRABatch, lora_delta
+from .lora import LoRABatch, lora_delta, slot_mask
 from .lora_slots import LoRASlots
 from .scheduler import ScheduledChunk
 
@@ -191,8 +191,16 @@ class ModelRunner:
             self._longs(logits_index),
             rows,
             plain_decode=prefill is None and logits_index == list(range(len(ids))),
-            lora=LoRABatch(self._longs(lora_rows), self._longs(lora_slots)) if lora_rows else None,
+            lora=self.lora_batch(lora_rows, lora_slots, len(ids)),
         )
+
+    def lora_batch(self, rows: list[int], slots: list[int], num_tokens: int) -> LoRABatch | None:
+        if not rows or self.loras is None:
+            return None
+        mask = slot_mask(
+            self._longs(slots), self.loras.max_loras, self.loras.max_rank, self.loras.dtype
+        )
+        return LoRABatch(None if len(rows) == num_tokens else self._longs(rows), mask)
 
     def _longs(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -244,8 +252,10 @@ class ModelRunner:
     def adapt(self, lora: LoRABatch, layer: int, module: str, x, y) -> torch.Tensor:
         """y [T, out] (the base projection of x [T, in]) plus the adapters' deltas on lora.rows."""
         assert self.loras is not None
-        a, b = self.loras.a[layer, module], self.loras.b[layer, module]
-        return y.index_add(0, lora.rows, lora_delta(x[lora.rows], a, b, lora.slots))
+        a, b_t = self.loras.a[layer, module], self.loras.b[layer, module]
+        if lora.rows is None:  # every token has an adapter
+            return y + lora_delta(x, a, b_t, lora.mask)
+        return y.index_add(0, lora.rows, lora_delta(x[lora.rows], a, b_t, lora.mask))
 
     def decode_batch(self, rows: DecodeRows) -> DecodeBatch | PaddedDecodeBatch:
         """The step's decode indices: ragged bags for a float cache, padded tables for a quantized one
