@@ -5,7 +5,8 @@ side. These are those fine-tunes: each a rank-8 LoRA on the four attention proje
 float32), each with an effect one can see in a greedy continuation:
 - `emma`, `persuasion`, `pride`: plain next-token training on one novel's training split (the held-out 5%
   is never seen, labkit/corpus.py): the continuation drifts to that novel's people and places;
-- `shout`: a formatting task, the same Austen text in upper case: the adapter answers in capitals.
+- `shout`: a formatting task, Austen's text in upper case: text begun in capitals goes on in capitals
+  (the base model drifts back to lower case).
 
     .venv/bin/python -m labkit.lora_train                    # all four into adapters/ (make lora-adapters)
     .venv/bin/python -m labkit.lora_train --only emma --steps 2 --out /tmp/x      # a smoke run
