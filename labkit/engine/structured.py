@@ -119,7 +119,7 @@ def grammar_error(spec: StructuredOutputsParams) -> str | None:
     bad regex), or None. Needs no tokenizer, so the HTTP process can answer 400 before queueing."""
     try:
         grammar = spec.to_grammar()
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # (a schema that is not a JSON object...)
         return str(err)
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, None)
     return messages[0] if is_error else None
