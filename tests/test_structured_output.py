@@ -197,3 +197,19 @@ def test_a_spec_needs_exactly_one_constraint():
         StructuredOutputsParams(regex="a", choice=["a"])
     with pytest.raises(ValueError, match="choice"):
         StructuredOutputsParams(choice=[])
+
+
+def test_the_mask_stays_in_its_row_and_logprobs_stay_raw(llm, smollm2):
+    """A constrained request beside a free one: the free one's tokens are what it gets alone, and the
+    constrained one's logprobs come from the unmasked logits (as vLLM reports them)."""
+    _, tok = smollm2
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate([chat(tok, QUESTIONS[0])], free)[0].outputs[0].token_ids
+    constrained = SamplingParams(
+        temperature=0, max_tokens=12, logprobs=1, structured_outputs=schema()
+    )
+    both = llm.generate([chat(tok, QUESTIONS[0])] * 2, [free, constrained])
+    assert both[0].outputs[0].token_ids == alone
+    first = both[1].outputs[0].logprobs[0]
+    # the grammar forced a "{" token; unmasked, the model preferred another (its top-1 alternative)
+    assert tok.decode([first.token_id]).startswith("{") and first.top[0][0] != first.token_id

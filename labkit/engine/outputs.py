@@ -152,8 +152,9 @@ class OutputProcessor:
             return []
         index = [r for _, r in draws]
         # the common step (one sample per row, in order) needs no gather
-        rows = logits if index == list(range(len(logits))) else logits[index]
-        rows = self._constrain(rows, [s for s, _ in draws])
+        shared = index == list(range(len(logits)))
+        rows = logits if shared else logits[index]
+        rows = self._constrain(rows, [s for s, _ in draws], shared)
         params, gens = [s.params for s, _ in draws], [s.generator for s, _ in draws]
         tokens: list[int | Exception] = []
         try:
@@ -169,17 +170,22 @@ class OutputProcessor:
         return tokens
 
     @staticmethod
-    def _constrain(rows: torch.Tensor, samples: list[Sequence]) -> torch.Tensor:
-        """rows [B, V] with each constrained sample's disallowed tokens at -inf: a masked copy (the raw
-        logits stay for logprobs) when some row is constrained, else rows itself. Only those rows'
-        bitmasks are filled: an unconstrained batch pays nothing."""
+    def _constrain(rows: torch.Tensor, samples: list[Sequence], shared: bool) -> torch.Tensor:
+        """rows [B, V] with each constrained sample's disallowed tokens at -inf. In place, unless `shared`
+        (rows is the step's logits itself) and a constrained sample wants logprobs, which are reported
+        from the raw logits: then on a copy. Only the constrained rows' bitmasks are filled: an
+        unconstrained batch pays nothing."""
         constrained = [i for i, s in enumerate(samples) if s.matcher is not None]
         if not constrained:
             return rows
         matchers = [m for s in samples if (m := s.matcher) is not None]
         bitmask = fill_bitmask(matchers, rows.shape[-1])
-        rows = rows.clone()
-        rows[constrained] = apply_token_bitmask(rows[constrained], bitmask)
+        if shared and any(samples[i].params.logprobs is not None for i in constrained):
+            rows = rows.clone()
+        if len(constrained) == len(samples):
+            return apply_token_bitmask(rows, bitmask)
+        with torch.inference_mode():
+            rows[constrained] = apply_token_bitmask(rows[constrained], bitmask)
         return rows
 
     def advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> StepOutput:
