@@ -197,3 +197,21 @@ def test_completions_refuse_chat_only_tools(server):
         server.url + "/v1/completions", json={"prompt": "x", "tools": [WEATHER]}, timeout=60
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+
+
+def test_the_openapi_document_declares_the_new_fields(server):
+    doc = httpx.get(server.url + "/openapi.json", timeout=60).json()
+    schemas = doc["components"]["schemas"]
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    for name in (
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "structured_outputs",
+    ):
+        assert name in chat, name
+    assert "structured_outputs" in schemas["CompletionRequest"]["properties"]
+    assert "tool_calls" in schemas["AssistantMessage"]["properties"]
+    reasons = json.dumps(schemas["ChatChoice"]["properties"]["finish_reason"])
+    assert "tool_calls" in reasons

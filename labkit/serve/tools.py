@@ -150,7 +150,8 @@ class ToolCallParser:
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         self._buffer += text
-        content, deltas = "", list[dict]()  # (deltas: OpenAI's tool-call delta dicts)
+        deltas: list[dict]
+        content, deltas = "", []  # deltas: OpenAI's tool-call delta dicts
         while True:
             if self._after_call:  # the line breaks between calls are not content
                 self._buffer = self._buffer.lstrip()
@@ -168,21 +169,25 @@ class ToolCallParser:
             end = self._buffer.find(CALL_CLOSE)
             if end < 0:  # (less what may be the start of </tool_call>)
                 body = self._buffer[: len(self._buffer) - _partial_suffix(self._buffer, CALL_CLOSE)]
-                return content, deltas + self._call_progress(body, final=False)
-            deltas += self._call_progress(self._buffer[:end], final=True)
+                return content, deltas + self._call_progress(body, closed=False)
+            body = self._buffer[:end]
+            deltas += self._call_progress(body, closed=True)
+            if self._open is None:  # not a call after all (free text may say anything): content
+                content += CALL_OPEN + body + CALL_CLOSE
             self._buffer, self._in_call = self._buffer[end + len(CALL_CLOSE) :], False
-            self._after_call = True
+            self._after_call = self._open is not None
 
     def finish(self) -> tuple[str, list[dict]]:
         """The output ended: what is still held back is content (or an unfinished call's text)."""
         if self._in_call and self._open is not None:  # cut short (max_tokens): send what there is
-            return "", self._call_progress(self._buffer, final=True)
+            return "", self._call_progress(self._buffer, closed=False, cut=True)
         rest = (CALL_OPEN if self._in_call else "") + self._buffer
         self._buffer, self._in_call = "", False
         return rest, []
 
-    def _call_progress(self, body: str, final: bool) -> list[dict]:
-        """Deltas for the call in progress, whose text so far (after <tool_call>) is `body`."""
+    def _call_progress(self, body: str, closed: bool, cut: bool = False) -> list[dict]:
+        """Deltas for the call in progress, whose text so far (after <tool_call>) is `body`: `closed`
+        when </tool_call> came, `cut` when the output ended before it (everything is sent)."""
         head = CALL_HEAD.match(body)
         if head is None:
             return []
@@ -201,9 +206,12 @@ class ToolCallParser:
             )
         call = self._open
         args = body[head.end() :].rstrip()
-        # the arguments end before the call object's closing brace: at the end, drop that brace; until
+        # the arguments end before the call object's closing brace: once closed, drop that brace; until
         # then, hold back every trailing brace (any of them may be that one)
-        args = args[:-1].rstrip() if final else args.rstrip("} \n\t\r")
+        if closed:
+            args = args[:-1].rstrip()
+        elif not cut:
+            args = args.rstrip("} \n\t\r")
         if len(args) > len(call.arguments):
             deltas.append(
                 {"index": call.index, "function": {"arguments": args[len(call.arguments) :]}}
