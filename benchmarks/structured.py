@@ -14,6 +14,9 @@ On SmolLM2-135M-Instruct (labkit/engine/structured.py; llguidance computes each 
   - grammar compile time per schema (a cache miss), the same spec again (a hit: a copy of the compiled
     matcher), and the one-off vocabulary preparation.
 Targets: 0 invalid outputs; time per output token with a schema <= 1.10x unconstrained at batch 1 and 16.
+Run it on a quiet machine. On a shared one pass --threads 1: in development, at a load average of 5 on 2
+cores, torch's two spinning threads made every small op slow and the batch-16 ratio read 1.44x; with one
+thread it read 1.03x (neither run recorded).
 Every number is measured in this run. Writes results/structured.json and benchmarks/results/structured.json.
 """
 
