@@ -4,20 +4,21 @@ A request may ask that its output match a JSON schema, be any JSON object, match
 strings, or follow a Lark grammar (`StructuredOutputsParams`, vLLM's name and fields). The grammar is
 compiled once per distinct spec (`GrammarCache`, keyed by the spec's canonical JSON); each sequence then
 owns a *matcher*, the grammar's parser state after the tokens it has generated. Before sampling, the
-matcher says which of the 49,152 tokens may come next (a bitmask, one bit per token); the others' logits
+matcher says which tokens of the vocabulary (SmolLM2's: 49,152) may come next (a bitmask, one bit per token); the others' logits
 become -inf (`apply_token_bitmask`); after sampling, the matcher consumes the chosen token.
 
 Why a token mask is harder than it sounds: grammars speak in characters, the model in tokens, and one
-token can span several grammar symbols (`"},{"` closes a string, an object and opens another) or end
+token can span several grammar symbols (a token like `"},` closes a string and an object, then
+separates items) or end
 halfway through one. The matcher has to ask, for every token, "can the text so far plus this token's
 bytes still be extended into a valid output?". Doing that for the whole vocabulary at every step is the
-library's job; it walks a trie of the token strings instead of 49,152 separate checks.
+library's job; it walks a trie of the token strings instead of one check per token.
 
-Library: llguidance (Microsoft's guidance; vLLM's "guidance" backend, also used by SGLang and
+Library: llguidance (from the guidance project; vLLM's "guidance" backend, an option in SGLang and
 llama.cpp). Chosen over xgrammar (vLLM's default) because its wheel has no dependencies, where xgrammar's
-pulls triton and a TVM runtime into a CPU-only course environment; both compute a mask in tens of
-microseconds. Its errors for a schema it cannot enforce ("Unimplemented keys: [uniqueItems]") are
-precise enough to hand back to a client as a 400.
+pulls triton and a TVM runtime into a CPU-only course environment; it fills a row of the mask in
+microseconds here (benchmarks/structured.py, notebook 07b). Its errors for a schema it cannot enforce
+("Unimplemented keys: [uniqueItems]") are precise enough to hand back to a client as a 400.
 
 Invariants the engine keeps (tests/test_structured_output.py checks them):
 - a sequence's matcher has consumed exactly its output tokens (prompt tokens are not part of the
@@ -25,7 +26,8 @@ Invariants the engine keeps (tests/test_structured_output.py checks them):
 - the n samples of a request each get their own matcher, copied when the request forks;
 - speculative decoding skips constrained sequences (a drafted token the grammar forbids would need the
   matcher rolled back; we keep it simple and say so in engine.py);
-- a row whose matcher has stopped allows only end-of-sequence, so "stop" means the grammar is complete;
+- "stop" means the grammar is complete: the sequence ends as soon as its matcher admits nothing more
+  (or end-of-sequence is sampled, which the mask allows only where the output is complete);
   max_tokens cuts an unfinished output with "length", as for any request.
 """
 
