@@ -73,6 +73,8 @@ MARKS = {
     },
     "test_engine_requests.py": ("slow",),
     "test_golden.py": ("slow",),
+    "test_structured_output.py": ("slow",),  # SmolLM2 through the engine, a compiled step included
+    "test_serve_structured.py": ("server", "slow"),
     "test_engine_compiled.py": (
         "slow",
     ),  # compiles the course model's decode step at several sizes

@@ -16,6 +16,7 @@ import labkit.lora_checks
 import labkit.quant.checks
 import labkit.roofline_checks
 import labkit.serve.checks
+import labkit.structured_checks
 from labkit.exercises import STUB, generate, strip_solutions
 from labkit.quant import primitives
 from labkit.quant.smoothquant import smoothing_scales
@@ -235,6 +236,24 @@ EXERCISES = {
         ],
     ),
     # notebook 03b
+    "token_mask": Exercise(
+        labkit.structured_checks.check_token_mask,
+        labkit.structured_checks.reference_token_mask,
+        [
+            # the token alone, not the prefix followed by it
+            lambda prefix, vocab, is_prefix, is_complete, eos: torch.tensor(
+                [bool(t) and is_prefix(t) for t in vocab]
+            ),
+            # empty tokens allowed
+            lambda prefix, vocab, is_prefix, is_complete, eos: torch.tensor(
+                [is_prefix(prefix + t) for t in vocab]
+            ),
+            # end of sequence never allowed
+            lambda prefix, vocab, is_prefix, is_complete, eos: torch.tensor(
+                [bool(t) and is_prefix(prefix + t) for t in vocab]
+            ),
+        ],
+    ),
     "decode_tok_s": Exercise(
         labkit.roofline_checks.check_decode_tok_s,
         labkit.roofline_checks.reference_decode_tok_s,
@@ -394,6 +413,7 @@ def test_every_check_function_is_in_the_registry():
         labkit.engine.checks,
         labkit.serve.checks,
         labkit.roofline_checks,
+        labkit.structured_checks,
         labkit.flash_attention_checks,
         labkit.lora_checks,
     ]

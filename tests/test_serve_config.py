@@ -28,8 +28,16 @@ def test_flags_become_one_frozen_config_over_the_declared_defaults():
 def test_every_scalar_engine_config_field_is_a_flag():
     """A field added to EngineConfig reaches `labkit serve` without an edit in serve/."""
     flags = {a.dest for a in build_parser()._actions}
-    scalar = {f.name for f in dataclasses.fields(EngineConfig) if f.name != "kv_cache_dtype"}
-    assert scalar <= flags
+    assert {f.name for f in dataclasses.fields(EngineConfig)} <= flags
+
+
+def test_the_kv_cache_dtype_flag_takes_vllms_names_and_refuses_others_naming_the_choices():
+    """kv_cache_dtype is `str | torch.dtype`: its flag takes the text ("int8", as vLLM's --kv-cache-dtype)."""
+    config = ServeConfig.from_argv(["--kv-cache-dtype", "int8"])
+    assert config.engine.config.kv_cache_dtype == "int8"
+    with pytest.raises(SystemExit) as err:
+        ServeConfig.from_argv(["--kv-cache-dtype", "int4"])
+    assert "--kv-cache-dtype" in str(err.value) and "fp8_e4m3" in str(err.value)
 
 
 def test_bad_values_exit_naming_the_flag_and_hand_built_configs_are_checked_too():

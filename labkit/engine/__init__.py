@@ -2,6 +2,7 @@
 
 config.py         EngineConfig: every engine setting and its default, validated once
 sampling.py       SamplingParams and turning logits into tokens (greedy, temperature, top-k, top-p, seed)
+structured.py     constrained decoding: a grammar (JSON schema, regex, choice) as a token mask per step
 kv_cache.py       what the KV cache costs (bytes per token) and the paged storage
 block_manager.py  paged KV bookkeeping: blocks, block tables, prefix caching
 sequence.py       a request inside the engine
@@ -22,12 +23,14 @@ from .config import EngineConfig
 from .engine import EngineStats, LLMEngine, StepOutput
 from .llm import LLM, CompletionOutput, RequestOutput
 from .sampling import SamplingParams, TokenLogprob
+from .structured import StructuredOutputsParams
 
 __all__ = [
     "LLM",
     "LLMEngine",
     "EngineConfig",
     "SamplingParams",
+    "StructuredOutputsParams",
     "StepOutput",
     "TokenLogprob",
     "EngineStats",

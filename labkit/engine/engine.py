@@ -18,6 +18,12 @@ With speculative decoding on (EngineConfig(speculative_ngram=n), speculative.py'
 sequence may feed 1 + k tokens in a step: its pending token and k guessed ones, a short prefill chunk; the
 step then keeps the guesses the model agrees with plus one token of its own, and rolls the rest back.
 
+A request may constrain its output (SamplingParams.structured_outputs: a JSON schema, a regex, a choice,
+a grammar; structured.py): its grammar is compiled (or found in the cache) in `add_request`, so a schema
+the library cannot enforce is a ValueError there; each of its samples then carries a matcher that masks
+its logits row before sampling, whichever path (eager or compiled) produced the row. Speculative decoding
+leaves constrained sequences alone: they decode one token a step.
+
 One request cannot take the others down: whatever fails for one request inside `step()` (sampling, its
 logprobs, its stop check) finishes that request with finish_reason "error" and frees its blocks; the
 rest of the batch carries on (outputs.py). (A failure of the batched forward pass itself is the engine's,
@@ -43,6 +49,7 @@ from .sampling import SamplingParams, is_int
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .speculative import Speculator
+from .structured import GrammarCache
 
 
 @dataclass
@@ -106,6 +113,8 @@ class LLMEngine:
         self.processor = OutputProcessor(
             self.scheduler, self.block_manager, self.requests, tokenizer, self.device, config.seed
         )
+        # compiled grammars by spec, for requests with structured outputs
+        self.grammars = GrammarCache(tokenizer, model.config.vocab_size)
         self.speculator = Speculator(config, self.scheduler, self.block_manager, self.processor)
         self._arrivals = count()
         self._pending: list[StepOutput] = []  # aborts, reported by the next step()
@@ -188,6 +197,7 @@ class LLMEngine:
                 f"n ({params.n} samples) exceeds max_num_seqs ({self.scheduler.max_num_seqs}), the "
                 f"sequences that can run at once; lower n or raise max_num_seqs"
             )
+        spec = params.structured_outputs
         seq = Sequence(
             request_id,
             ids,
@@ -197,6 +207,7 @@ class LLMEngine:
             generator=self.processor.generator_for(params, 0),
             block_size=self.block_size,
             lora=self.adapters[lora] if lora is not None else None,
+            matcher=self.grammars.matcher(spec) if spec is not None else None,
         )
         self.requests[request_id] = [seq]
         self.scheduler.add(seq)

@@ -21,6 +21,7 @@ from .model_runner import ChunkRows
 from .sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence, Status
+from .structured import apply_token_bitmask, fill_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class OutputProcessor:
                 block_size=self.block_manager.block_size,
                 index=index,
                 lora=seq.lora,
+                matcher=seq.matcher.deep_copy() if seq.matcher is not None else None,
             )
             self.scheduler.fork(seq, child)
             self.requests[seq.request_id].append(child)
@@ -151,7 +153,9 @@ class OutputProcessor:
             return []
         index = [r for _, r in draws]
         # the common step (one sample per row, in order) needs no gather
-        rows = logits if index == list(range(len(logits))) else logits[index]
+        shared = index == list(range(len(logits)))
+        rows = logits if shared else logits[index]
+        rows = self._constrain(rows, [s for s, _ in draws], shared)
         params, gens = [s.params for s, _ in draws], [s.generator for s, _ in draws]
         tokens: list[int | Exception] = []
         try:
@@ -166,9 +170,30 @@ class OutputProcessor:
                     tokens.append(e)
         return tokens
 
+    @staticmethod
+    def _constrain(rows: torch.Tensor, samples: list[Sequence], shared: bool) -> torch.Tensor:
+        """rows [B, V] with each constrained sample's disallowed tokens at -inf. In place, unless `shared`
+        (rows is the step's logits itself) and a constrained sample wants logprobs, which are reported
+        from the raw logits: then on a copy. Only the constrained rows' bitmasks are filled: an
+        unconstrained batch pays nothing."""
+        constrained = [i for i, s in enumerate(samples) if s.matcher is not None]
+        if not constrained:
+            return rows
+        matchers = [m for s in samples if (m := s.matcher) is not None]
+        bitmask = fill_bitmask(matchers, rows.shape[-1])
+        if shared and any(samples[i].params.logprobs is not None for i in constrained):
+            rows = rows.clone()
+        if len(constrained) == len(samples):
+            return apply_token_bitmask(rows, bitmask)
+        with torch.inference_mode():
+            rows[constrained] = apply_token_bitmask(rows[constrained], bitmask)
+        return rows
+
     def advance(self, seq: Sequence, token: int, logits: torch.Tensor) -> StepOutput:
         """Append a sampled token (logits [1, V]: what it was sampled from) and check the stop conditions."""
         seq.token_ids.append(token)
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            raise ValueError(f"the grammar refused the sampled token: {seq.matcher.get_error()}")
         logprobs = None
         if seq.params.logprobs is not None:
             logprobs = token_logprobs(logits, [token], seq.params.logprobs)
@@ -263,6 +288,8 @@ class OutputProcessor:
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar admits nothing more
             return "stop"
         if p.stop_token_ids and token in p.stop_token_ids:
             return "stop"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import INT64_MAX, require_int
+from .structured import StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit for logprobs)
 MAX_N = 16  # parallel samples per request at most
@@ -43,6 +44,8 @@ class SamplingParams:
     logprobs: int | None = None
     # the same for every prompt token (the first has none: nothing precedes it); what `echo` shows
     prompt_logprobs: int | None = None
+    # constrain the output to a JSON schema, a regex, a choice, a grammar (structured.py)
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         require_float("temperature", self.temperature, "a number >= 0 (0 = greedy)", zero_ok=True)
@@ -78,6 +81,13 @@ class SamplingParams:
             require_int("seed", self.seed, -(2**63), hint="None or an int")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                "structured_outputs must be a StructuredOutputsParams, got "
+                f"{type(self.structured_outputs).__name__}"
+            )
 
     @property
     def greedy(self) -> bool:

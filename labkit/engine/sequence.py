@@ -9,6 +9,7 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+from llguidance import LLMatcher
 
 from .lora import LoRAAdapter
 from .sampling import SamplingParams, TokenLogprob
@@ -43,6 +44,8 @@ class Sequence:
     # speculative decoding: the last this many token_ids are a guess, verified (and cut) within this step
     num_draft_tokens: int = 0
     lora: LoRAAdapter | None = None  # the adapter it runs with (lora.py); None: the base model
+    # structured outputs: the grammar's state after this sample's output tokens (structured.py)
+    matcher: LLMatcher | None = None
 
     def __post_init__(self):
         if self.index == 0 and not self.num_output_tokens:

@@ -140,7 +140,9 @@ class Speculator:
                 seq.params.max_tokens - seq.num_output_tokens - 1,
                 budget,
             )
-            if not decoding or seq.pending_forks or k <= 0:
+            # (a constrained sequence is not drafted for: a guess its grammar forbids would need the
+            # matcher rolled back; it decodes one token a step)
+            if not decoding or seq.pending_forks or k <= 0 or seq.matcher is not None:
                 continue
             draft = propose_ngram(seq.token_ids, k, self.config.speculative_ngram)
             grow = bm.blocks_needed(seq.num_tokens + len(draft)) - bm.blocks_needed(seq.num_tokens)

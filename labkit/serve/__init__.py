@@ -2,6 +2,7 @@
 
 protocol.py        the OpenAI request/response shapes, strictly parsed, and the error format
 errors.py          one OpenAI-shaped error body for every failure, never a traceback
+tools.py           tool calls for a template without tools: the prompt, the call grammar, the parser
 detokenize.py      token ids -> streamable text, stop strings
 engine_client.py   the small protocol app.py relies on, whichever way the engine is driven
 tracker.py         the requests in flight: where their outputs go, the latency metrics they feed

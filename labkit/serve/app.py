@@ -4,7 +4,8 @@
     uvicorn.run(app)            # or: labkit serve  (the engine in its own process: EngineProcess)
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both stream with `"stream": true`, both
-take `n`, `logprobs`; completions also `echo`), GET /v1/models and /v1/models/{model}, POST /generate
+take `n`, `logprobs`, vLLM's `structured_outputs`; completions also `echo`; chat also `response_format`
+and `tools`, whose calls come back as `tool_calls`: tools.py), GET /v1/models and /v1/models/{model}, POST /generate
 (the course seed's original endpoint), POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's:
 LoRA adapters served beside the base model, named as `model`; lora.py), GET /health (the process is alive), GET /ready (it can take
 traffic: engine running, not draining), GET /metrics (Prometheus). Every error has OpenAI's shape
@@ -58,6 +59,7 @@ from .protocol import (
 )
 from .ratelimit import APIKey, RateLimiter, RequestLimitGate
 from .response_cache import ResponseCache, cache_key
+from .tools import ToolCallParser, render_messages
 
 log = logging.getLogger("labkit.serve")
 
@@ -190,10 +192,10 @@ class Server:
                 f"model `{self.model_name}` has no chat template: use /v1/completions",
                 param="messages",
             )
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in req.messages
-        ]
+        messages = render_messages(
+            [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages],
+            req.tool_dicts(),
+        )
         text = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
@@ -239,6 +241,7 @@ class Server:
                 ignore_eos=getattr(req, "ignore_eos", False),
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
+                structured_outputs=getattr(req, "spec", None),  # (/generate has none)
             )
         except ValueError as err:  # the engine's own checks, the last line of defence
             raise APIError(400, str(err)) from err
@@ -470,7 +473,19 @@ def completion_choice_of(srv: Server, req: CompletionRequest, ids: list[int], c:
 
 def chat_choice_of(srv: Server, req: ChatCompletionRequest, ids: list[int], c: Choice) -> dict:
     logprobs = chat_logprobs(srv.tokenizer, c.logprobs) if req.logprobs else None
-    return chat_choice(c.index, c.text, c.reason, logprobs)
+    if not req.calls_tools:
+        return chat_choice(c.index, c.text, c.reason, logprobs)
+    parser = ToolCallParser()
+    content = parser.feed(c.text)[0] + parser.finish()[0]
+    if not parser.calls:
+        return chat_choice(c.index, content, c.reason, logprobs)
+    calls = [call.message() for call in parser.calls]
+    return chat_choice(c.index, content.strip() or None, tool_reason(c.reason), logprobs, calls)
+
+
+def tool_reason(reason: str | None) -> str | None:
+    """A choice that made tool calls and ended on its own says so (OpenAI's "tool_calls")."""
+    return "tool_calls" if reason == "stop" else reason
 
 
 @dataclass(frozen=True)
@@ -656,11 +671,19 @@ def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
             return chat_chunk(rid, model, [chat_chunk_choice(index, delta, reason, logprobs)])
 
         fast = _sse_template(lambda d: chunk(0, {"content": d}, None))
+        parsers = [ToolCallParser() for _ in range(req.n)] if req.calls_tools else None
 
         async def events(choices: list[Choice], updates):
             for c in choices:
                 yield _sse(chunk(c.index, {"role": "assistant", "content": ""}, None))
             async for c, delta, logprobs in updates:
+                if (
+                    parsers is not None
+                ):  # the text may hold tool calls: send them as tool_calls deltas
+                    lp = chat_logprobs(srv.tokenizer, logprobs) if req.logprobs else None
+                    for event in tool_chunks(parsers[c.index], c, delta, lp):
+                        yield _sse(event)
+                    continue
                 if not req.logprobs and c.index == 0 and not c.finished:
                     yield fast(delta)
                     continue
@@ -670,6 +693,17 @@ def create_app(config: ServeConfig, engine: EngineClient, tokenizer) -> FastAPI:
             if req.include_usage:
                 n_out = sum(c.num_tokens for c in choices)
                 yield _sse(usage_chunk(rid, model, "chat.completion.chunk", usage(n_prompt, n_out)))
+
+        def tool_chunks(parser: ToolCallParser, c: Choice, delta: str, lp):
+            content, calls = parser.feed(delta)
+            if c.finished:
+                rest, more = parser.finish()
+                content, calls = content + rest, calls + more
+            reason = tool_reason(c.reason) if parser.calls else c.reason
+            if calls:
+                yield chunk(c.index, {"tool_calls": calls}, None)
+            if content or lp or c.finished:
+                yield chunk(c.index, {"content": content} if content else {}, reason, lp)
 
         return events
 

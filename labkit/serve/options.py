@@ -32,11 +32,14 @@ def option(default, help: str, secret: bool = False, **meta) -> Any:
 
 
 def flag_type(f: Field) -> type | None:
-    """The type argparse parses a field's flag as (int for `int | None`); None: the field has no flag."""
+    """The type argparse parses a field's flag as (int for `int | None`, str for a union that admits
+    text, such as kv_cache_dtype's `str | torch.dtype`); None: the field has no flag."""
     if "load" in f.metadata:
         return str
     kinds = [t for t in typing.get_args(f.type) if t is not type(None)] or [f.type]
-    return kinds[0] if len(kinds) == 1 and kinds[0] in SCALARS else None
+    if len(kinds) == 1 and kinds[0] in SCALARS:
+        return kinds[0]
+    return str if str in kinds else None
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, group=None) -> None:

@@ -4,8 +4,13 @@ Requests are parsed strictly, so what the OpenAPI document (/openapi.json) decla
 enforces: a boolean is not a number, "yes" is not a boolean, a float is an integer only when JSON
 Schema says so (1.0 is, 1.5 is not), and numbers must survive the trip into the engine's tensors (no value that becomes 0, inf or nan in float32, no
 integer beyond int64). Unknown fields are ignored, as vLLM does, but OpenAI or vLLM parameters this
-server cannot honour (tools, response_format, best_of, penalties...) are refused with a 400 that names
-them, so a client never believes it got something it did not.
+server cannot honour (best_of, penalties, logit_bias...) are refused with a 400 that names them, so a
+client never believes it got something it did not.
+
+Structured outputs (labkit/engine/structured.py) come in OpenAI's `response_format` (json_object,
+json_schema) and `tools` / `tool_choice` (chat; tools.py turns them into a prompt and a grammar), and in
+vLLM's `structured_outputs` extra (json, regex, choice, grammar; both endpoints). A schema or grammar the
+engine cannot enforce is a 400 naming the parameter, found here before the request is queued.
 
 The response models at the end document the responses (/openapi.json); the handlers build plain dicts.
 """
@@ -14,12 +19,24 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal, TypeGuard
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from labkit.engine.sampling import MAX_LOGPROBS, MAX_N
+from labkit.engine.structured import StructuredOutputsParams, grammar_error
 
 from .errors import APIError
+from .tools import tool_grammar
 
 __all__ = ["APIError"]  # (re-exported: handlers raise it from here too)
 
@@ -89,12 +106,8 @@ Unsupported = Annotated[float, Field(ge=0.0, le=0.0)]  # penalties: only 0 (off)
 UNSUPPORTED: dict[str, tuple] = {
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
+    "functions": (None, []),  # (the deprecated spelling of tools)
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None,),
-    "response_format": (None, {"type": "text"}),
     "logit_bias": (None, {}),
     "prompt_logprobs": (None,),
     "min_tokens": (None, 0),
@@ -106,12 +119,20 @@ UNSUPPORTED: dict[str, tuple] = {
     "guided_regex": (None,),
     "guided_choice": (None,),
     "guided_grammar": (None,),
-    "structured_outputs": (None,),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
     "reasoning_effort": (None,),
     "web_search_options": (None,),
+}
+
+
+# chat-only parameters, refused by /v1/completions as above (as vLLM does)
+CHAT_ONLY: dict[str, tuple] = {
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
 }
 
 
@@ -121,6 +142,42 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+def _refuse(param: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "invalid_structure", "{param}: {message}", {"param": param, "message": message}
+    )
+
+
+def _enforceable(spec: StructuredOutputsParams, param: str) -> StructuredOutputsParams:
+    error = grammar_error(spec)
+    if error:
+        raise _refuse(param, f"cannot be enforced: {error}")
+    return spec
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extra: exactly one of these."""
+
+    json_: dict[str, Any] | None = Field(default=None, alias="json", description="a JSON schema")
+    json_object: bool | None = Field(default=None, description="true: any JSON object")
+    regex: Text | None = None
+    choice: Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1)] | None = None
+    grammar: Text | None = Field(default=None, description="a Lark grammar (llguidance's dialect)")
+
+    def spec(self) -> StructuredOutputsParams:
+        try:
+            spec = StructuredOutputsParams(
+                json=self.json_,
+                json_object=bool(self.json_object),
+                regex=self.regex,
+                choice=self.choice,
+                grammar=self.grammar,
+            )
+        except ValueError as err:
+            raise _refuse("structured_outputs", str(err)) from None
+        return _enforceable(spec, "structured_outputs")
 
 
 class _Sampling(_Strict):
@@ -145,6 +202,8 @@ class _Sampling(_Strict):
     presence_penalty: Unsupported = 0.0
     frequency_penalty: Unsupported = 0.0
     user: Text | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM extra
+    _spec: StructuredOutputsParams | None = PrivateAttr(default=None)  # what the engine enforces
 
     unsupported: ClassVar[dict[str, tuple]] = UNSUPPORTED
 
@@ -176,6 +235,20 @@ class _Sampling(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def spec(self) -> StructuredOutputsParams | None:
+        """The constraint for SamplingParams.structured_outputs, checked enforceable."""
+        return self._spec
+
+    @model_validator(mode="after")
+    def _structured(self):
+        self._spec = self.constraint()
+        return self
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """What the output must match (checked enforceable: a 400 naming the parameter if not)."""
+        return self.structured_outputs.spec() if self.structured_outputs else None
+
 
 Prompt = (
     Annotated[Text, Field(min_length=1)]
@@ -193,6 +266,8 @@ def is_token_ids(prompt: object) -> TypeGuard[list[int]]:
 
 
 class CompletionRequest(_Sampling):
+    unsupported: ClassVar[dict[str, tuple]] = {**UNSUPPORTED, **CHAT_ONLY}
+
     prompt: Prompt = Field(
         description="One prompt: text or token ids (a list holding one of them is accepted too; "
         "batches of several prompts are not: send one request per prompt)"
@@ -226,16 +301,93 @@ class TextPart(_Strict):
     text: Text
 
 
+FunctionName = Annotated[Text, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+
+
+class CalledFunction(_Strict):
+    name: FunctionName
+    arguments: Text = Field(description="the arguments, as JSON text")
+
+
+class ToolCall(_Strict):
+    id: Text
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="assistant messages")
+    tool_call_id: Text | None = Field(default=None, description="tool messages: the call answered")
+    # (after tool_calls: its check reads them)
+    content: Text | Annotated[list[TextPart], Field(min_length=1)] | None = Field(
+        default=None, validate_default=True
+    )
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, content, info: ValidationInfo):
+        if content is None and not (
+            info.data.get("role") == "assistant" and info.data.get("tool_calls")
+        ):
+            raise ValueError(
+                "content is required (only an assistant message with tool_calls may omit it)"
+            )
+        return content
+
+    @model_validator(mode="after")
+    def _tool_call_id(self):
+        if self.role == "tool" and self.tool_call_id is None:
+            raise PydanticCustomError("tool_call_id", "a tool message needs tool_call_id")
+        return self
 
     def text(self) -> str:
         """OpenAI allows content as a list of parts; we accept text parts and join them."""
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(_Strict):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="a JSON schema for the arguments (an object)"
+    )
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Strict):
+    name: FunctionName
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema to follow")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = Field(default=None, description="with type json_schema")
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _refuse("response_format", 'type "json_schema" needs json_schema')
+        return self
 
 
 class ChatCompletionRequest(_Sampling):
@@ -249,6 +401,12 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), INTEGRAL] | None = Field(
         default=None, description="with logprobs: this many most likely alternatives per token"
     )
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description='default "auto" when tools are given, else "none"'
+    )
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -257,6 +415,75 @@ class ChatCompletionRequest(_Sampling):
                 "top_logprobs", "top_logprobs needs logprobs: true", {"param": "top_logprobs"}
             )
         return self
+
+    @model_validator(mode="after")
+    def _structured(self):  # (replaces _Sampling's: the checks below come first)
+        fmt = self.response_format
+        given = [
+            name
+            for name, asked in (
+                ("structured_outputs", self.structured_outputs is not None),
+                ("response_format", fmt is not None and fmt.type != "text"),
+                ("tools", self.calls_tools),
+            )
+            if asked
+        ]
+        if len(given) > 1:
+            raise _refuse(given[1], f"cannot be combined with {given[0]}: send one constraint")
+        for i, tool in enumerate(self.tools or []):
+            schema = tool.function.parameters
+            if schema is not None:
+                _enforceable(
+                    StructuredOutputsParams(json=schema), f"tools[{i}].function.parameters"
+                )
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise _refuse("tools", "function names must be unique")
+        if (
+            isinstance(self.tool_choice, NamedToolChoice)
+            and self.tool_choice.function.name not in names
+        ):
+            raise _refuse(
+                "tool_choice",
+                f"names the function {self.tool_choice.function.name!r}, which is not in tools "
+                f"({', '.join(names) or 'none given'})",
+            )
+        if self.tool_choice == "required" and not names:
+            raise _refuse("tool_choice", '"required" needs tools')
+        self._spec = self.constraint()
+        return self
+
+    @property
+    def tool_choice_value(self) -> str | dict:
+        """tool_choice with OpenAI's default filled in, as plain JSON."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.model_dump()
+        return self.tool_choice
+
+    @property
+    def calls_tools(self) -> bool:
+        """The output may hold tool calls (tools given, tool_choice not "none")."""
+        return bool(self.tools) and self.tool_choice_value != "none"
+
+    def tool_dicts(self) -> list[dict]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The one constraint this request asks for (tools, response_format or structured_outputs)."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt is not None and fmt.type == "json_schema":
+            assert fmt.json_schema is not None
+            return _enforceable(
+                StructuredOutputsParams(json=fmt.json_schema.schema_), "response_format"
+            )
+        grammar = tool_grammar(self.tool_dicts(), self.tool_choice_value, self.parallel_tool_calls)
+        if grammar is not None:
+            return _enforceable(grammar, "tools")
+        return super().constraint()
 
 
 class GenerateRequest(_Strict):
@@ -313,13 +540,17 @@ def chat_body(rid: str, model: str, choices: list[dict], use: dict) -> dict:
     }
 
 
-def chat_choice(index: int, text: str, reason: str | None, logprobs: dict | None) -> dict:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": logprobs,
-        "finish_reason": reason,
-    }
+def chat_choice(
+    index: int,
+    text: str | None,
+    reason: str | None,
+    logprobs: dict | None,
+    tool_calls: list[dict] | None = None,
+) -> dict:
+    message: dict = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
 
 def chat_chunk(rid: str, model: str, choices: list[dict]) -> dict:
@@ -407,14 +638,15 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the answer is only tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length", "abort", "error"] | None
+    finish_reason: Literal["stop", "length", "tool_calls", "abort", "error"] | None
 
 
 class ChatCompletionResponse(BaseModel):
