@@ -52,23 +52,21 @@ def client(server):
 
 def test_parse_with_a_pydantic_model_gives_a_valid_object_every_time(client):
     """20 sampled requests (temperature 0.8), each parsed by the client into a Person."""
-    completion = client.chat.completions.parse(
-        model="smollm2",
-        messages=[{"role": "user", "content": "Invent a person: name, age and city."}],
-        response_format=Person,
-        temperature=0.8,
-        n=10,
-        max_tokens=60,
-    )
-    completion2 = client.chat.completions.parse(
-        model="smollm2",
-        messages=[{"role": "user", "content": "Describe someone you met on a train."}],
-        response_format=Person,
-        temperature=0.8,
-        n=10,
-        max_tokens=60,
-    )
-    choices = completion.choices + completion2.choices
+    choices = [
+        choice
+        for prompt in (
+            "Invent a person: name, age and city.",
+            "Describe someone you met on a train.",
+        )
+        for choice in client.chat.completions.parse(
+            model="smollm2",
+            messages=[{"role": "user", "content": prompt}],
+            response_format=Person,
+            temperature=0.8,
+            n=10,
+            max_tokens=60,
+        ).choices
+    ]
     assert len(choices) == 20
     for choice in choices:
         assert choice.finish_reason == "stop", choice.message.content
