@@ -1,5 +1,6 @@
 """labkit.engine.compiled_decode: the compiled decode step computes what the eager runner computes, at every
-batch size, float and int4; padded rows never touch a sequence's KV; warm graphs never recompile; and the
+batch size, float32, bfloat16, int8 and int4 (the batch-1 graph streams float and 8-bit weights through
+Inductor's reductions, labkit/matvec.py); padded rows never touch a sequence's KV; warm graphs never recompile; and the
 engine's tokens are the same with compilation on and off (course model, so each graph compiles in seconds)."""
 
 import copy
@@ -9,7 +10,11 @@ import torch
 
 from labkit import load_model
 from labkit.engine import EngineConfig, LLMEngine, SamplingParams
-from labkit.engine.attention import decode_attention, padded_decode_attention
+from labkit.engine.attention import (
+    decode_attention,
+    padded_decode_attention,
+    streamed_decode_attention,
+)
 from labkit.engine.compiled_decode import capture_sizes
 from labkit.engine.kv_cache import KVShape, PagedKVCache
 from labkit.quant import pack_model, rtn_quantize_model
@@ -32,6 +37,19 @@ def int4_model(model_tok):
     model = copy.deepcopy(model_tok[0])
     results = rtn_quantize_model(model, 4, 64, "group", symmetric=False, include_head=True)
     return pack_model(model, results)
+
+
+@pytest.fixture(scope="module")
+def variants(model_tok, int4_model):
+    """The model in each precision the compiled step has a distinct one-row path for."""
+    int8 = copy.deepcopy(model_tok[0])
+    results = rtn_quantize_model(int8, 8, granularity="channel", symmetric=False, include_head=True)
+    return {
+        "float32": model_tok[0],
+        "bfloat16": copy.deepcopy(model_tok[0]).to(torch.bfloat16),
+        "int8": pack_model(int8, results),
+        "int4": int4_model,
+    }
 
 
 def test_capture_sizes_cover_every_batch_up_to_max_num_seqs():
@@ -84,6 +102,22 @@ def test_padded_decode_attention_equals_the_ragged_kernel():
     torch.testing.assert_close(out[:3], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_streamed_decode_attention_equals_the_padded_form():
+    """The batch-1 graph's attention (multiplies and sums that read the cache through the table) against
+    padded_decode_attention, on rows of different lengths sharing one padded table width."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block, num_blocks = 6, 2, 8, 4, 12
+    cache = PagedKVCache(KVShape(1, kv_heads, dim, 64), num_blocks, block, torch.float32, "cpu")
+    cache.k[0].normal_()
+    cache.v[0].normal_()
+    tables = torch.tensor([[3, 7, 11], [2, 11, 11], [0, 9, 4]])
+    lengths = torch.tensor([5, 1, 11])
+    q = torch.randn(3, heads, dim)
+    expected = padded_decode_attention(q, cache.k[0], cache.v[0], tables, lengths, 0.3)
+    out = streamed_decode_attention(q, cache.k[0], cache.v[0], tables, lengths, 0.3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def prefilled_engine(model, tok, batch: int, **options):
     engine = LLMEngine(model, tok, max_num_seqs=4, compile_after_steps=0, **options)
     for i in range(batch):
@@ -92,13 +126,18 @@ def prefilled_engine(model, tok, batch: int, **options):
     return engine
 
 
-@pytest.mark.parametrize("precision", ["float32", "int4"])
-def test_compiled_logits_equal_eager_at_every_size(model_tok, int4_model, precision):
+# logits tolerance, relative to the largest logit: float32 sums in another order; bfloat16 rounds each
+# product's inputs; int8 and int4's eager kernels run in bfloat16 (the one-row int8 reduction in float32)
+TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "int8": 2e-2, "int4": 2e-2}
+
+
+@pytest.mark.parametrize("precision", list(TOLERANCE))
+def test_compiled_logits_equal_eager_at_every_size(model_tok, variants, precision):
     """Batches of 1 to 4: on a CPU, batch 1 runs its own graph and 2 to 4 the one graph whose batch is
     dynamic (compiled once, at batch 2). Their logits match the eager runner's on the same step, within
     float rounding (the kernels fuse and reorder differently)."""
-    model = model_tok[0] if precision == "float32" else int4_model
-    tol = 1e-4 if precision == "float32" else 2e-2  # int4's kernel runs in bfloat16
+    model = variants[precision]
+    tol = TOLERANCE[precision]
     for batch in (1, 2, 3, 4):
         engine = prefilled_engine(model, model_tok[1], batch)
         runner = engine.runner

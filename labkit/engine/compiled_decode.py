@@ -27,12 +27,15 @@ This file does the same, in three pieces:
    the graph instead cost 9-12 ms per layer at 32 sequences of about 200 tokens, against 0.8 ms for the
    ragged kernel.) On CUDA, where every shape must be fixed, `padded_decode_attention` gathers each row's
    M blocks and masks the keys past its length; M, the table's width, is the one dynamic dimension. The
-   paged-cache write is an `index_copy_` inside the graph (what gpt-fast and Hugging Face's static cache do).
+   CPU's batch-1 graph does the same: for one row that gather is cheaper than the ragged kernel's ops
+   (`CompiledDecode.padded`). The paged-cache write is an `index_copy_` inside the graph (what gpt-fast and Hugging Face's static cache do).
 3. **Everything else in one Inductor graph**: embedding, RMSNorms, the fused projections, rotary, residual
    adds, SwiGLU, the output head. Pointwise chains become a few fused C++ loops with no Python between
-   them; the matmuls stay the library kernels the eager path uses (the int4/int8 kernels, and for float
-   weights the pre-packed oneDNN weight through `labkit::packed_linear`, fast_layers.py). On CUDA the
-   graph is captured as a CUDA graph (`reduce-overhead`): one launch replays the step.
+   them. From two rows up the matmuls stay the library kernels the eager path uses (the int4/int8 kernels,
+   and for float weights the pre-packed oneDNN weight through `labkit::packed_linear`, fast_layers.py); the
+   CPU's batch-1 graph streams float and 8-bit weights through reductions Inductor generates instead,
+   faster than the libraries' matrix-vector code (labkit/matvec.py). On CUDA the graph is captured as a
+   CUDA graph (`reduce-overhead`): one launch replays the step.
 
 Which steps run compiled: pure decode steps (every sequence feeds one token and gets one logits row), which
 includes n > 1 samples once forked, sampled tokens' logprobs and seeded sampling. Prefill, chunked
@@ -59,7 +62,13 @@ import torch
 import torch.nn.functional as F
 
 from ..paths import REPO_ROOT
-from .attention import DecodeRows, decode_attention_op, padded_decode_attention, padded_tables
+from .attention import (
+    DecodeRows,
+    decode_attention_op,
+    padded_decode_attention,
+    padded_tables,
+    streamed_decode_attention,
+)
 
 # Inductor's on-disk cache (FX graphs, generated C++), unless the user chose a place
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO_ROOT / ".cache" / "torchinductor"))
@@ -95,13 +104,23 @@ class CompiledDecode:
         # the last block of the cache: the engine never hands it to a sequence (engine.py)
         self.padding_block = runner.cache.num_blocks - 1
         self.graphs: dict[int, Callable] = {}  # size -> its compiled step
-        # attention over padded block tables: on CUDA (fixed shapes), and for a quantized cache, whose
-        # 8-bit blocks the ragged kernel cannot read (attention.py)
-        self.padded = self.cuda or runner.cache.quantized
+        # attention over padded block tables, in the graph: on CUDA (fixed shapes), for a quantized cache,
+        # whose 8-bit blocks the ragged kernel cannot read (attention.py), and for one row (see `padded`)
+        self.always_padded = self.cuda or runner.cache.quantized
         if self.cuda:
             # a CUDA graph may write only to tensors whose address is fixed: the cache's
             for t in runner.cache.tensors:
                 torch._dynamo.mark_static_address(t)
+
+    def padded(self, rows: int) -> bool:
+        """Does the graph for `rows` sequences attend over padded block tables inside the graph, rather than
+        call the ragged kernel? Always on CUDA and for a quantized cache; on a CPU for one row. The ragged
+        kernel is about ten eager ops, 80-120 us a layer whatever the batch, a third of an int4 batch-1 step.
+        For one sequence over a float cache the graph attends with `streamed_decode_attention`, which
+        Inductor fuses into loops that read the keys through the block table (int4, 64-token context:
+        9.6 -> 7.2 ms a step with the padded form's copy and attention kernel, less again streamed). From a
+        few rows up, padding every row's blocks to the longest cost far more (module docstring)."""
+        return self.always_padded or rows == 1
 
     def compile(self) -> Callable:
         """A new compiled region for one graph. Its own cache entry (`isolate_recompiles`), and no guards:
@@ -145,8 +164,12 @@ class CompiledDecode:
 
         def attend(i: int, q, k, v):
             r.cache.write(i, cache_index, k, v)
-            if self.padded:
+            if len(index) == 2:  # block tables and lengths: padded attention (see `padded`)
                 tables, context_lens = index
+                if not self.always_padded:  # a CPU's one row over a float cache
+                    return streamed_decode_attention(
+                        q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale
+                    )
                 return padded_decode_attention(
                     q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale, *r.cache.scales(i)
                 )
@@ -158,11 +181,10 @@ class CompiledDecode:
     def index_inputs(self, context_lens: list[int], tables: list[list[int]]) -> list[torch.Tensor]:
         """The attention's inputs for S rows (padding rows included). On a CPU: the ragged DecodeBatch's
         index tensors, for the custom op that runs `decode_attention` (each row reads only its own keys).
-        On CUDA, where a graph replays fixed shapes, and for a quantized cache: block tables [S, M] (M >= 2:
-        a dynamic dimension of size 1 would be specialised) and the context lengths [S], for
-        `padded_decode_attention`."""
+        Where `padded(S)`: block tables [S, M] (M >= 2: a dynamic dimension of size 1 would be specialised)
+        and the context lengths [S], for `padded_decode_attention`."""
         runner = self.runner
-        if not self.padded:
+        if not self.padded(len(context_lens)):
             rows = DecodeRows(list(range(len(context_lens))), context_lens, tables)
             return list(runner.decode_batch(rows).index_tensors())
         padded = padded_tables(context_lens, tables, runner.block_size, min_blocks=2)
@@ -197,8 +219,9 @@ class CompiledDecode:
             (torch._dynamo.mark_dynamic if dynamic_batch else torch._dynamo.mark_static)(t, 0)
         # the index tensors' lengths follow the context lengths (and the batch): dynamic, so one graph
         # serves every length
-        dims = PADDED_DIMS if self.padded else RAGGED_DIMS
-        batch_dims = PADDED_BATCH_DIMS if self.padded else RAGGED_BATCH_DIMS
+        padded = self.padded(size)
+        dims = PADDED_DIMS if padded else RAGGED_DIMS
+        batch_dims = PADDED_BATCH_DIMS if padded else RAGGED_BATCH_DIMS
         for t, length, batch in zip(
             inputs[3:], dims, batch_dims if dynamic_batch else [()] * len(dims)
         ):

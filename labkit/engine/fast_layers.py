@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..matvec import matvec, use_matvec
 from ..quant.qlinear import QuantLinear, fused_kernel
 
 KNOWN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
@@ -83,8 +84,8 @@ class PackedLinears:
     """Plain `nn.Linear`s that read the same input, run as one concatenated, pre-packed weight:
     x [rows, in] -> one [rows, out_i] per module. With one row, `one_row_packed` picks the packed copy or
     the modules' own weights (`F.linear`); `choose_one_row_path` sets it from a timing. Inside a compiled
-    step the same choice holds: the packed copy through the `labkit::packed_linear` op, or the modules,
-    which Inductor traces (compiled_decode.py)."""
+    step on a CPU one row takes neither: each module's weight is streamed by a reduction Inductor generates
+    (labkit/matvec.py); more rows run the packed copy through the `labkit::packed_linear` op."""
 
     def __init__(self, modules: list, packed: Callable):
         self.modules, self.packed = modules, packed
@@ -98,6 +99,8 @@ class PackedLinears:
     def __call__(self, x: torch.Tensor) -> tuple:
         if x.shape[0] == 1 and self.pad_one_row:
             return tuple(out[:1] for out in self(x.expand(2, -1)))
+        if use_matvec(x):  # one row in a compiled step on a CPU: streamed (labkit/matvec.py)
+            return tuple(matvec(m.weight, x, m.bias) for m in self.modules)
         if x.shape[0] == 1 and not self.one_row_packed:
             return tuple(m(x) for m in self.modules)
         if torch.compiler.is_compiling():

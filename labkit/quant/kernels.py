@@ -10,6 +10,8 @@ the matmul, a tile at a time, in registers:
     8-bit  torch.ops.aten._weight_int8pack_mm (one scale per output channel)
 
 Both run with bfloat16 activations: their float32 paths are not vectorised (measured 10-30x slower).
+One exception: a single row inside a compiled step on a CPU runs the 8-bit codes through a reduction that
+Inductor generates, in float32, twice as fast as the 8-bit kernel there (labkit/matvec.py).
 
 The int4 kernels' convention is not GPTQ's. They take, for each group of `group_size` input columns and
 each output channel, a (scale, offset) pair and compute  w = (q - 8) * scale + offset  from the unsigned
@@ -31,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..matvec import matvec, use_matvec
 from .primitives import dequantize_values
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
@@ -107,9 +110,14 @@ def build_int8(q, zero, scale, bias, dtype=COMPUTE_DTYPE) -> Callable:
 
     def run(x):
         def matmul(x2d):  # [rows, in] -> [rows, out] float32
-            y = torch.ops.aten._weight_int8pack_mm(x2d.to(dtype), codes, scale_lowp)
+            if use_matvec(
+                x2d
+            ):  # one row in a compiled step on a CPU: streamed, in float32 (matvec.py)
+                y = matvec(codes, x2d.float()) * scale
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x2d.to(dtype), codes, scale_lowp).float()
             # y + sum(x) [rows, 1] @ correction [1, out]: the rank-1 update as one op
-            return torch.addmm(y.float(), x2d.float().sum(-1, keepdim=True), correction)
+            return torch.addmm(y, x2d.float().sum(-1, keepdim=True), correction)
 
         y = _flat(x, matmul).to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
