@@ -19,7 +19,9 @@ each round's fp32 against its own bound, the median over rounds); the same greed
 of every prompt, or the exact reason they differ: at the first differing step, the reference's logit
 margin between the two tokens is below the fast kernels' largest logit error on the same prefix (a near-tie
 that bfloat16 rounding flips; both numbers are recorded).
-Where a batch-1 step's time goes (reported, no target): the weight matmuls (torch.profiler) and everything
+Where a batch-1 step's time goes (reported, no target): the weight matmuls (torch.profiler for an eager
+step; for a compiled one, whose float and 8-bit one-row matmuls are reductions Inductor generates inside the
+graph, the same matmuls compiled alone: `compiled_matmuls_seconds`) and everything
 else (norms, rotary, attention, conversions, sampling, Python), and the matmuls-only ratio of each precision
 to fp32, the speed-up quantization would give if nothing else took time. The matmuls are compared with
 their roof: the weight bytes at the measured bandwidth, or the weights at the kernel's own one-row pace
@@ -59,6 +61,7 @@ from labkit.quant import QuantLinear, QuantScheme, pack_model, rtn_quantize_mode
 from labkit.results import save_record
 from labkit.roofline import (
     batch1_matmul_roof,
+    compiled_matmuls_seconds,
     decode_bound,
     first_difference,
     flops_per_token,
@@ -352,6 +355,9 @@ def main():
         engine.step()  # prefill
         engine.step()
         seconds = time_in_matmuls(engine.step, calls)  # step_s, matmul_s, other_s
+        if not name.endswith(" eager"):  # the compiled step's matmuls, timed alone as it runs them
+            matmuls = min(compiled_matmuls_seconds(engine.runner), seconds["step_s"])
+            seconds = {**seconds, "matmul_s": matmuls, "other_s": seconds["step_s"] - matmuls}
         while engine.has_unfinished_requests():
             engine.step()
         matmul_s[name] = seconds["matmul_s"]
@@ -397,6 +403,7 @@ def main():
             "batch1_matmuls_limit": roof["limit"],
             "batch1_matmuls_fraction_of_limit": roof["roof_s"] / matmul_s[name],
             # which library ran batch-1 plain matmuls (None: every matmul is a QuantLinear)
+            # (eagerly; the compiled batch-1 step streams float and 8-bit weights itself: labkit/matvec.py)
             "one_row_path": engines[name].runner.one_row_path,
             "batches": rows,
         }

@@ -96,6 +96,32 @@ def time_in_matmuls(run, calls: int = 8) -> dict:
     return {"step_s": step_s, "matmul_s": matmul_s, "other_s": step_s - matmul_s}
 
 
+def compiled_matmuls_seconds(runner, runs: int = 5) -> float:
+    """Seconds for one row through every weight matmul of an engine's model runner, alone in one compiled
+    graph, as its compiled batch-1 step runs them: the fused projections of every layer and the output
+    head, float weights and 8-bit codes streamed by Inductor's reductions (matvec.py), 4-bit codes through
+    their kernel. The profiler cannot time those reductions inside the step (`time_in_matmuls`): Inductor
+    generates them, so they are no separate operations. Best of `runs`; one sweep reads every weight once,
+    as a step does."""
+    linears = [pair for layer in runner.layers for pair in layer.linears]
+    linears.append((runner.lm_head, runner.model.lm_head.in_features))
+    dtype = next(runner.model.parameters()).dtype
+    inputs = [torch.randn(1, width, dtype=dtype, device=runner.device) for _, width in linears]
+
+    def sweep(xs):
+        return [lin(x) for (lin, _), x in zip(linears, xs)]
+
+    compiled = torch.compile(sweep, fullgraph=True, dynamic=False)
+    best = float("inf")
+    with torch.inference_mode():
+        compiled(inputs)  # compile
+        for _ in range(runs):
+            start = time.perf_counter()
+            compiled(inputs)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def linear_layers(model) -> list[nn.Module]:
     """Every matmul weight a decode step reads: the decoder's projections and the output head."""
     return [m for m in model.modules() if isinstance(m, (nn.Linear, QuantLinear))]

@@ -227,7 +227,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 
 class FastLayer:
     """A decoder layer's weights, regrouped for the runner: qkv(x) -> (q, k, v), o(x), mlp(x).
-    `packed` lists its pre-packed linears, for `choose_one_row_path`."""
+    `linears` lists its fused projections and `packed` those pre-packed, for `choose_one_row_path`."""
 
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
@@ -236,14 +236,18 @@ class FastLayer:
         self.post_norm = fast_rms_norm(layer.post_attention_layernorm)
         self.qkv = fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o = fused_linear([attn.o_proj])
-        linears = [self.qkv, self.o]
+        # (fused projection, its input width), in the order a step runs them
+        self.linears = [(self.qkv, attn.q_proj.in_features), (self.o, attn.o_proj.in_features)]
         if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             gate_up, down, act = (
                 fused_linear([mlp.gate_proj, mlp.up_proj]),
                 fused_linear([mlp.down_proj]),
                 mlp.act_fn,
             )
-            linears += [gate_up, down]
+            self.linears += [
+                (gate_up, mlp.gate_proj.in_features),
+                (down, mlp.down_proj.in_features),
+            ]
 
             def run_mlp(x):
                 gate, up = gate_up(x)
@@ -252,4 +256,4 @@ class FastLayer:
             self.mlp = run_mlp
         else:
             self.mlp = mlp
-        self.packed = [lin for lin in linears if isinstance(lin, PackedLinears)]
+        self.packed = [lin for lin, _ in self.linears if isinstance(lin, PackedLinears)]
