@@ -110,14 +110,13 @@ def build_int8(q, zero, scale, bias, dtype=COMPUTE_DTYPE) -> Callable:
 
     def run(x):
         def matmul(x2d):  # [rows, in] -> [rows, out] float32
-            if use_matvec(
-                x2d
-            ):  # one row in a compiled step on a CPU: streamed, in float32 (matvec.py)
-                y = matvec(codes, x2d.float()) * scale
-            else:
-                y = torch.ops.aten._weight_int8pack_mm(x2d.to(dtype), codes, scale_lowp).float()
+            x_sum = x2d.float().sum(-1, keepdim=True)  # [rows, 1]
+            if use_matvec(x2d):  # one row, compiled, on a CPU: streamed in float32 (matvec.py), and
+                # the correction as pointwise ops that Inductor fuses into the same loop
+                return matvec(codes, x2d.float()) * scale + x_sum * correction
+            y = torch.ops.aten._weight_int8pack_mm(x2d.to(dtype), codes, scale_lowp).float()
             # y + sum(x) [rows, 1] @ correction [1, out]: the rank-1 update as one op
-            return torch.addmm(y, x2d.float().sum(-1, keepdim=True), correction)
+            return torch.addmm(y, x_sum, correction)
 
         y = _flat(x, matmul).to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
