@@ -27,8 +27,10 @@ This file does the same, in three pieces:
    the graph instead cost 9-12 ms per layer at 32 sequences of about 200 tokens, against 0.8 ms for the
    ragged kernel.) On CUDA, where every shape must be fixed, `padded_decode_attention` gathers each row's
    M blocks and masks the keys past its length; M, the table's width, is the one dynamic dimension. The
-   CPU's batch-1 graph does the same: for one row that gather is cheaper than the ragged kernel's ops
-   (`CompiledDecode.padded`). The paged-cache write is an `index_copy_` inside the graph (what gpt-fast and Hugging Face's static cache do).
+   CPU's batch-1 graph takes the same padded table, but attends with `streamed_decode_attention`, loops
+   that Inductor fuses and that read the keys where they lie, cheaper for one row than the ragged kernel's
+   ops (`CompiledDecode.padded`). The paged-cache write is an `index_copy_` inside the graph (what
+   gpt-fast and Hugging Face's static cache do).
 3. **Everything else in one Inductor graph**: embedding, RMSNorms, the fused projections, rotary, residual
    adds, SwiGLU, the output head. Pointwise chains become a few fused C++ loops with no Python between
    them. From two rows up the matmuls stay the library kernels the eager path uses (the int4/int8 kernels,
@@ -117,9 +119,13 @@ class CompiledDecode:
         call the ragged kernel? Always on CUDA and for a quantized cache; on a CPU for one row. The ragged
         kernel is about ten eager ops, 80-120 us a layer whatever the batch, a third of an int4 batch-1 step.
         For one sequence over a float cache the graph attends with `streamed_decode_attention`, which
-        Inductor fuses into loops that read the keys through the block table (int4, 64-token context:
-        9.6 -> 7.2 ms a step with the padded form's copy and attention kernel, less again streamed). From a
-        few rows up, padding every row's blocks to the longest cost far more (module docstring)."""
+        Inductor fuses into loops that read the keys through the block table. int4, 64-token context: 9.6 ms
+        a step with the ragged op, 7.2 with the padded form's copy and attention kernel, 6.6-6.9 streamed
+        (runs minutes apart, not paired); at 1,000 tokens about 14 ms ragged, 11 streamed. From a few rows
+        up, the padded forms pay for every row's blocks padded to the longest: `streamed_decode_attention`
+        measured faster than the ragged op on even lengths (16 rows of 20-200 tokens: 262 vs 378 us a
+        layer) and slower on skewed ones (one of 300 among 31 of 20-60: 535 vs 405), so the dynamic-batch
+        graph keeps the ragged op."""
         return self.always_padded or rows == 1
 
     def compile(self) -> Callable:
@@ -182,7 +188,7 @@ class CompiledDecode:
         """The attention's inputs for S rows (padding rows included). On a CPU: the ragged DecodeBatch's
         index tensors, for the custom op that runs `decode_attention` (each row reads only its own keys).
         Where `padded(S)`: block tables [S, M] (M >= 2: a dynamic dimension of size 1 would be specialised)
-        and the context lengths [S], for `padded_decode_attention`."""
+        and the context lengths [S], for `padded_decode_attention` or `streamed_decode_attention`."""
         runner = self.runner
         if not self.padded(len(context_lens)):
             rows = DecodeRows(list(range(len(context_lens))), context_lens, tables)
