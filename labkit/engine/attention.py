@@ -326,9 +326,8 @@ def streamed_decode_attention(
     k = k_cache[:, tables]  # [kv_heads, S, M, D, block]: K is stored transposed within a block
     v = v_cache.view(kv_heads, -1, block_size, dim)[:, tables]  # [kv_heads, S, M, block, D]
     q = q.view(S, kv_heads, group, dim).transpose(0, 1)  # [kv_heads, S, group, D]
-    scores = (q[:, :, :, None, :, None] * k[:, :, None]).sum(
-        -2
-    ) * scale  # [kv_heads, S, group, M, block]
+    # [kv_heads, S, group, M, block]: each query against each key, summed over D
+    scores = (q[:, :, :, None, :, None] * k[:, :, None]).sum(-2) * scale
     scores = scores.reshape(kv_heads, S, group, M * block_size)
     keys = torch.arange(M * block_size, device=q.device)
     attend = (keys < context_lens[:, None])[None, :, None, :]  # [1, S, 1, M * block]
