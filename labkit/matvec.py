@@ -13,7 +13,8 @@ read bandwidth is measured with (labkit.roofline), plus one multiply. 8-bit code
 this idea as a graph pass of its own (`decompose_mem_bound_mm`: a CPU matmul with one row becomes a multiply
 and a sum), off by default and limited to weights of at most 2,048 x 2,048; labkit writes it out, so the
 output head (49,152 x 576) streams too. 4-bit codes do not: Inductor's loop unpacks nibbles and applies
-group scales weight by weight, 3-5x slower than PyTorch's int4 kernel, which keeps them (quant/kernels.py).
+group scales weight by weight, 3-5x slower than PyTorch's int4 kernel, which keeps them (quant/kernels.py),
+or, on a CPU with integer dot products, an int4 x int8 kernel (quant/vnni.py).
 
 Only inside a compiled graph: run eagerly, `weight * x` would first write a float copy of the whole weight.
 `use_matvec(x)` says when to take this path.

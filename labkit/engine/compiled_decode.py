@@ -36,8 +36,9 @@ This file does the same, in three pieces:
    them. From two rows up the matmuls stay the library kernels the eager path uses (the int4/int8 kernels,
    and for float weights the pre-packed oneDNN weight through `labkit::packed_linear`, fast_layers.py); the
    CPU's batch-1 graph streams float and 8-bit weights through reductions Inductor generates instead,
-   faster than the libraries' matrix-vector code (labkit/matvec.py). On CUDA the graph is captured as a
-   CUDA graph (`reduce-overhead`): one launch replays the step.
+   faster than the libraries' matrix-vector code (labkit/matvec.py), and on a CPU with AVX512-VNNI
+   multiplies 4-bit weights by the row quantized to 8 bits, in integers (labkit/quant/vnni.py). On CUDA the
+   graph is captured as a CUDA graph (`reduce-overhead`): one launch replays the step.
 
 Which steps run compiled: pure decode steps (every sequence feeds one token and gets one logits row), which
 includes n > 1 samples once forked, sampled tokens' logprobs and seeded sampling. Prefill, chunked

@@ -10,8 +10,10 @@ the matmul, a tile at a time, in registers:
     8-bit  torch.ops.aten._weight_int8pack_mm (one scale per output channel)
 
 Both run with bfloat16 activations: their float32 paths are not vectorised (measured 10-30x slower).
-One exception: a single row inside a compiled step on a CPU runs the 8-bit codes through a reduction that
-Inductor generates, in float32, twice as fast as the 8-bit kernel there (labkit/matvec.py).
+Two exceptions, for a single row inside a compiled step on a CPU: the 8-bit codes run through a reduction
+that Inductor generates, in float32, twice as fast as the 8-bit kernel there (labkit/matvec.py); and where
+the CPU has AVX512-VNNI, the 4-bit codes are multiplied by the row quantized to 8 bits, in integers, as
+llama.cpp does (labkit/quant/vnni.py; a second packed copy of the weight, kept for that step).
 
 The int4 kernels' convention is not GPTQ's. They take, for each group of `group_size` input columns and
 each output channel, a (scale, offset) pair and compute  w = (q - 8) * scale + offset  from the unsigned
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..matvec import matvec, use_matvec
+from . import vnni
 from .primitives import dequantize_values
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
@@ -85,10 +88,22 @@ def build_int4(q, zero, scale, group_size: int, bias, dtype=COMPUTE_DTYPE) -> Ca
     """x -> x @ W.T + bias computed in `dtype` (float32 only to check the repacking: it is slow)."""
     packed = int4_pack(q)
     scale_offset = int4_scale_and_offset(zero, scale).to(dtype)
+    # a second copy for the compiled one-row step, where the CPU has integer dot products (vnni.py)
+    one_row = (
+        vnni.pack(q, zero, scale)
+        if q.device.type == "cpu"
+        and vnni.takes(q.shape[0], q.shape[1], group_size)
+        and vnni.available()
+        else None
+    )
+
+    def matmul(x2d):  # [rows, in] -> [rows, out]
+        if one_row is not None and use_matvec(x2d):
+            return vnni.matmul(x2d, one_row)
+        return int4_matmul(x2d.to(dtype), packed, group_size, scale_offset)
 
     def run(x):  # x [..., in] -> [..., out] in x's dtype
-        y = _flat(x, lambda x2d: int4_matmul(x2d.to(dtype), packed, group_size, scale_offset))
-        y = y.to(x.dtype)
+        y = _flat(x, matmul).to(x.dtype)
         return y if bias is None else y + bias.to(x.dtype)
 
     run.nbytes = _nbytes(packed, scale_offset)  # type: ignore[attr-defined]  # read by QuantLinear.bytes_read
