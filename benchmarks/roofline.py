@@ -57,7 +57,7 @@ import torch
 from labkit.data import heldout_ids
 from labkit.engine import LLMEngine, SamplingParams
 from labkit.model import load_model
-from labkit.quant import QuantLinear, QuantScheme, pack_model, rtn_quantize_model
+from labkit.quant import QuantLinear, QuantScheme, pack_model, rtn_quantize_model, vnni
 from labkit.results import save_record
 from labkit.roofline import (
     batch1_matmul_roof,
@@ -507,6 +507,10 @@ def main():
         "greedy": greedy,
         "step_breakdown_batch1": breakdown,
         "llama_cpp": llama,
+        # what the compiled batch-1 int4 step multiplies with (labkit/quant/kernels.py)
+        "int4_compiled_one_row_kernel": "labkit int4 x int8, AVX512-VNNI (labkit/quant/vnni.py)"
+        if vnni.available()
+        else "torch.ops.aten._weight_int4pack_mm_for_cpu",
         "warm_up_s": warm_up_s,
         "compile_s": compile_s,
     }
