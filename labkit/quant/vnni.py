@@ -29,18 +29,21 @@ the eager path is the reference the compiled step is tested against. And from 5 
 fast path without AMX.
 """
 
+import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import warnings
 from functools import cache
+from pathlib import Path
 
 import torch
 
 from ..paths import REPO_ROOT
 
 SOURCE = REPO_ROOT / "labkit" / "quant" / "csrc" / "da8w4_linear.cpp"
-BUILD_DIR = REPO_ROOT / ".cache" / "torch_extensions" / "labkit_vnni"
+BUILD_CACHE = REPO_ROOT / ".cache" / "torch_extensions"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 # the AVX-512 code paths of the kernel and of ATen's vector headers it includes
 CAPABILITY = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY_AVX512_VNNI"]
@@ -66,14 +69,15 @@ def available() -> bool:
         return False
     from torch.utils.cpp_extension import load
 
-    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    build_dir = BUILD_CACHE / f"labkit_vnni_{cpu_signature()}"
+    build_dir.mkdir(parents=True, exist_ok=True)
     try:
         load(
             "labkit_vnni",
             [str(SOURCE)],
             extra_cflags=FLAGS + CAPABILITY,
             extra_ldflags=["-fopenmp"],
-            build_directory=str(BUILD_DIR),
+            build_directory=str(build_dir),
             is_python_module=False,
         )
     except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
@@ -85,6 +89,18 @@ def available() -> bool:
         return False
     torch.library.register_fake("labkit_vnni::da8w4_linear_float")(_matmul_shape)
     return True
+
+
+def cpu_signature() -> str:
+    """A short hash of this CPU's model and instruction-set flags. The kernel is built with -march=native,
+    so a build must not be loaded on another CPU (a repository copied to another machine, with its
+    .cache/): each CPU gets its own build directory."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = platform.processor()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return hashlib.sha1("\n".join(sorted(set(lines))).encode()).hexdigest()[:10]
 
 
 def takes(out_features: int, in_features: int, group_size: int) -> bool:
