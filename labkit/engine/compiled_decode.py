@@ -57,6 +57,7 @@ once it has run n steps eagerly (0: at its first step). The generated code is ca
 and size skips most of the work.
 """
 
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -65,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from ..paths import REPO_ROOT
+from ..quant import QuantLinear
 from .attention import (
     DecodeRows,
     decode_attention_op,
@@ -72,6 +74,7 @@ from .attention import (
     padded_tables,
     streamed_decode_attention,
 )
+from .fast_layers import decoder_layer
 
 # Inductor's on-disk cache (FX graphs, generated C++), unless the user chose a place
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO_ROOT / ".cache" / "torchinductor"))
@@ -81,6 +84,13 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO_ROOT / ".cache" / "tor
 # oneDNN op anyway, and it bypasses the compile cache (a second start 14.3 s instead of 6.0 s); `cpp_wrapper`
 # doubled the compile time (about 100 s).
 CPU_OPTIONS: dict = {}
+
+
+@torch.compiler.nested_compile_region
+def decoder_layer_once(*args) -> torch.Tensor:
+    """`decoder_layer`, compiled once and called for every layer (CompiledDecode.layer_once). A wrapper of
+    its own: Dynamo marks the code it is given, and plain calls of decoder_layer must stay plain."""
+    return decoder_layer(*args)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -110,6 +120,7 @@ class CompiledDecode:
         # attention over padded block tables, in the graph: on CUDA (fixed shapes), for a quantized cache,
         # whose 8-bit blocks the ragged kernel cannot read (attention.py), and for one row (see `padded`)
         self.always_padded = self.cuda or runner.cache.quantized
+        self.quantized = any(isinstance(m, QuantLinear) for m in runner.model.modules())
         if self.cuda:
             # a CUDA graph may write only to tensors whose address is fixed: the cache's
             for t in runner.cache.tensors:
@@ -129,14 +140,26 @@ class CompiledDecode:
         graph keeps the ragged op."""
         return self.always_padded or rows == 1
 
+    def layer_once(self) -> bool:
+        """Do this runner's graphs compile one decoder layer and call it for every layer (regional
+        compilation, `decoder_layer_once`), rather than trace all 30 into one graph? Dynamo, AOTAutograd
+        and Inductor then work on one layer instead of thirty: SmolLM2's fp32 batch-1 graph compiled in
+        20 s instead of 66-75, at the same speed (paired: 55.1-55.5 vs 54.3-56.4 tok/s). Float weights
+        only: each layer becomes a call from the graph's wrapper with no fusion across its boundary, which
+        cost an int4 batch-1 step (5 ms) 16% (160 vs 191 tok/s), and PyTorch 2.13 passes the int4
+        kernel's group size into such a layer as a tensor, which the kernel refuses. Not on CUDA, whose
+        graphs this has not been measured with."""
+        return not self.cuda and not self.quantized
+
     def compile(self) -> Callable:
         """A new compiled region for one graph. Its own cache entry (`isolate_recompiles`), and no guards:
         this class dispatches on the size itself and feeds each region the same kinds of tensors and the
         same weights every step, so Dynamo's guard checks (over a millisecond a step for SmolLM2's ~400
         tensors and their Python attributes) would only re-prove that; vLLM drops them for the same reason."""
         options: dict = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+        one_layer = decoder_layer_once if self.layer_once() else None
         return torch.compile(
-            self.forward,
+            functools.partial(self.forward, one_layer=one_layer),
             fullgraph=True,
             mode="reduce-overhead" if self.cuda else None,
             options=options if self.cuda else {**options, **CPU_OPTIONS},
@@ -161,9 +184,9 @@ class CompiledDecode:
         self.eager_steps[size] += 1
         return False
 
-    def forward(self, input_ids, positions, slots, *index) -> torch.Tensor:
+    def forward(self, input_ids, positions, slots, *index, one_layer=None) -> torch.Tensor:
         """The traced step. input_ids, positions and slots (where each row's K/V goes) [S]; index: how the
-        rows find their keys (`index_inputs`) -> logits [S, vocab]."""
+        rows find their keys (`index_inputs`) -> logits [S, vocab]. one_layer: see `layer_once`."""
         r = self.runner
         hidden = r.model.model.embed_tokens(input_ids)  # [S, hidden]
         cos, sin = r.rotary(hidden, positions)
@@ -182,7 +205,7 @@ class CompiledDecode:
                 )
             return decode_attention_op(q, r.cache.k[i], r.cache.v[i], *index, r.scale)
 
-        hidden = r.layers_forward(hidden, cos, sin, attend)
+        hidden = r.layers_forward(hidden, cos, sin, attend, one_layer=one_layer)
         return r.lm_head(r.final_norm(hidden))
 
     def index_inputs(self, context_lens: list[int], tables: list[list[int]]) -> list[torch.Tensor]:

@@ -257,3 +257,32 @@ class FastLayer:
         else:
             self.mlp = mlp
         self.packed = [lin for lin, _ in self.linears if isinstance(lin, PackedLinears)]
+
+
+def decoder_layer(runner, i: int, layer, hidden, cos, sin, attend, lora) -> torch.Tensor:
+    """hidden [T, hidden] through decoder layer i (a FastLayer): pre-norm attention, then the MLP, each
+    added to the residual."""
+    T, D, H, Hkv = (
+        hidden.shape[0],
+        runner.shape.head_dim,
+        runner.num_heads,
+        runner.shape.num_kv_heads,
+    )
+    attn = layer.attn
+    x = layer.input_norm(hidden)
+    q, k, v = layer.qkv(x)
+    if lora is not None:
+        q, k, v = (
+            runner.adapt(lora, i, m, x, y)
+            for m, y in zip(("q_proj", "k_proj", "v_proj"), (q, k, v))
+        )
+    q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
+    if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    qk = rotate(torch.cat((q, k), dim=1), cos, sin)  # [T, H + Hkv, D]: both in one pass
+    out = attend(i, qk[:, :H], qk[:, H:], v).reshape(T, H * D)
+    o = layer.o(out)[0]
+    if lora is not None:
+        o = runner.adapt(lora, i, "o_proj", out, o)
+    hidden = hidden + o
+    return hidden + layer.mlp(layer.post_norm(hidden))

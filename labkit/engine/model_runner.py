@@ -37,10 +37,10 @@ from .fast_layers import (
     PackedLinears,
     RotaryTable,
     choose_one_row_path,
+    decoder_layer,
     fast_rms_norm,
     fused_linear,
     make_batch_invariant,
-    rotate,
 )
 from .kv_cache import KVShape, PagedKVCache
 from .lora import LoRABatch, lora_delta, slot_mask
@@ -222,31 +222,14 @@ class ModelRunner:
         return self.lm_head(self.final_norm(hidden[step.logits_index]))
 
     def layers_forward(
-        self, hidden, cos, sin, attend, lora: LoRABatch | None = None
+        self, hidden, cos, sin, attend, lora: LoRABatch | None = None, one_layer=None
     ) -> torch.Tensor:
         """hidden [T, hidden] through every decoder layer; attend(layer, q, k, v) stores this step's K/V and
         attends (eager: the cache write and the attention kernels; compiled: one custom op). With `lora`,
-        its tokens get their adapters' deltas on the attention projections."""
-        T, D, H, Hkv = hidden.shape[0], self.shape.head_dim, self.num_heads, self.shape.num_kv_heads
+        its tokens get their adapters' deltas on the attention projections. `one_layer` runs each layer
+        instead of `decoder_layer` (the compiled step passes it compiled once for all layers)."""
         for i, layer in enumerate(self.layers):
-            attn = layer.attn
-            x = layer.input_norm(hidden)
-            q, k, v = layer.qkv(x)
-            if lora is not None:
-                q, k, v = (
-                    self.adapt(lora, i, m, x, y)
-                    for m, y in zip(("q_proj", "k_proj", "v_proj"), (q, k, v))
-                )
-            q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
-            if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            qk = rotate(torch.cat((q, k), dim=1), cos, sin)  # [T, H + Hkv, D]: both in one pass
-            out = attend(i, qk[:, :H], qk[:, H:], v).reshape(T, H * D)
-            o = layer.o(out)[0]
-            if lora is not None:
-                o = self.adapt(lora, i, "o_proj", out, o)
-            hidden = hidden + o
-            hidden = hidden + layer.mlp(layer.post_norm(hidden))
+            hidden = (one_layer or decoder_layer)(self, i, layer, hidden, cos, sin, attend, lora)
         return hidden
 
     def adapt(self, lora: LoRABatch, layer: int, module: str, x, y) -> torch.Tensor:
