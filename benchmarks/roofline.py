@@ -57,7 +57,7 @@ import torch
 from labkit.data import heldout_ids
 from labkit.engine import LLMEngine, SamplingParams
 from labkit.model import load_model
-from labkit.quant import QuantLinear, QuantScheme, pack_model, rtn_quantize_model, vnni
+from labkit.quant import QuantLinear, QuantScheme, pack_model, rtn_quantize_model
 from labkit.results import save_record
 from labkit.roofline import (
     batch1_matmul_roof,
@@ -92,6 +92,17 @@ def quantized(model, bits: int):
         scheme = QuantScheme(4, 64, symmetric=False)
     results = rtn_quantize_model(q, scheme, include_head=True)
     return pack_model(q, results)
+
+
+def one_row_kernels(model) -> dict[str, int]:
+    """How many of a packed int4 model's matmuls a compiled one-row step runs through each kernel: the
+    int4 x int8 kernel where build_int4 kept its second copy (the CPU, the shape, the build), else PyTorch's."""
+    built = [m.kernel() for m in model.modules() if isinstance(m, QuantLinear)]
+    vnni_rows = sum(getattr(run, "one_row", False) for run in built)
+    return {
+        "labkit int4 x int8, AVX512-VNNI (labkit/quant/vnni.py)": vnni_rows,
+        "torch.ops.aten._weight_int4pack_mm_for_cpu": len(built) - vnni_rows,
+    }
 
 
 def reference_of(model):
@@ -507,10 +518,8 @@ def main():
         "greedy": greedy,
         "step_breakdown_batch1": breakdown,
         "llama_cpp": llama,
-        # what the compiled batch-1 int4 step multiplies with (labkit/quant/kernels.py)
-        "int4_compiled_one_row_kernel": "labkit int4 x int8, AVX512-VNNI (labkit/quant/vnni.py)"
-        if vnni.available()
-        else "torch.ops.aten._weight_int4pack_mm_for_cpu",
+        # what the compiled batch-1 int4 step multiplies with (labkit/quant/kernels.py), matmul by matmul
+        "int4_compiled_one_row_kernel": one_row_kernels(models["int4"]),
         "warm_up_s": warm_up_s,
         "compile_s": compile_s,
     }

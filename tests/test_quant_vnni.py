@@ -39,6 +39,16 @@ def test_kernel_computes_the_quantized_activation_times_the_4_bit_weight(group_s
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_packed_copy_holds_nothing_a_symmetric_row_does_not_read():
+    """Codes (0.5 bytes a weight), then a float32 scale and an int8 zero point per group of 64: 0.578 bytes
+    a weight. The prepack's per-block sums of (q - zero) serve only asymmetric activations: not kept."""
+    q, zero, scale = random_codes(96, 256, 64)
+    packed = vnni.pack(q, zero, scale)
+    nbytes = sum(t.numel() * t.element_size() for t in packed)
+    assert packed[-1].numel() == 0
+    assert nbytes / q.numel() == pytest.approx(0.5 + 4 / 64 + 1 / 64)
+
+
 def test_quantize_rows_rounds_each_element_to_its_nearest_code():
     x = torch.randn(3, 200) * torch.tensor([[0.01], [1.0], [100.0]])
     a, s = vnni.quantize_rows(x)

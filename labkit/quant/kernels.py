@@ -107,6 +107,7 @@ def build_int4(q, zero, scale, group_size: int, bias, dtype=COMPUTE_DTYPE) -> Ca
         return y if bias is None else y + bias.to(x.dtype)
 
     run.nbytes = _nbytes(packed, scale_offset)  # type: ignore[attr-defined]  # read by QuantLinear.bytes_read
+    run.one_row = one_row is not None  # type: ignore[attr-defined]  # benchmarks/roofline.py records it
     return run
 
 
