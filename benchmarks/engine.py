@@ -11,7 +11,9 @@ they mean the same on a laptop and on a GPU box:
     are drawn and scaled); admitted batch sizes, memory utilisation and the padded-work ceiling beside it;
   - labkit's engine throughput >= vLLM's on this CPU on the mixed workload, judged against vLLM as it
     runs by default (torch.compile) with labkit's decode step compiled too (compiled_decode.py, every
-    batch size compiled before the timed runs); eager vLLM is paired with eager labkit beside it.
+    batch size compiled before the timed runs); eager vLLM is paired with eager labkit beside it;
+  - the same at fixed batch sizes (16 and 64 requests of equal length, both engines compiled, up to 64
+    sequences at once): decode throughput where the batch, not the scheduler, decides.
 Paired: the two sides of each ratio alternate run by run, and each ratio is the median of per-pair ratios.
 """
 
@@ -65,6 +67,51 @@ def median_run(runs: list[dict]) -> dict:
         **{k: v for k, v in runs[len(runs) // 2].items() if k != "token_ids"},
         "runs_tokens_per_s": [r["tokens_per_s"] for r in runs],
     }
+
+
+def fixed_batches(args, model, tok, labkit_ids: dict[str, list[int]]) -> tuple[dict, dict]:
+    """labkit and vLLM (compiled, the same threads) paired on B requests of args.fixed_tokens tokens each,
+    for each B in args.fixed_batches, both engines allowed max(B) sequences: (figures, per-pair ratios).
+    The prompts are the mixed workload's; labkit_ids (prompt -> the eager engine's greedy tokens) check
+    vLLM's on the tokens both produced."""
+    batches = [int(b) for b in args.fixed_batches.split(",")]
+    prompts = [p for p, _ in mixed_workload(max(batches), seed=0)]
+    engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=max(batches)))
+    figures: dict = {"tokens_per_request": args.fixed_tokens, "labkit_compile_s": engine.warm_up()}
+    ratios: dict[str, list[float]] = {}
+    with PairedRunner(
+        "vllm",
+        [(p, args.fixed_tokens) for p in prompts],
+        args.model,
+        max_num_seqs=max(batches),
+        enforce_eager=False,
+        torch_threads=args.threads or None,
+    ) as vllm:
+        figures["vllm_startup_s"] = vllm.info["startup_s"]
+        for b in batches:
+            workload = [(p, args.fixed_tokens) for p in prompts[:b]]
+            run_engine(engine, workload[:4], tag=f"warmup{b}")
+            pairs = [
+                (run_engine(engine, workload, tag=f"fixed{b}-{r}"), vllm.run(workload))
+                for r in range(args.repeats)
+            ]
+            agree = [
+                ids[: len(theirs)] == theirs[: len(ids)]
+                for (prompt, _), theirs in zip(workload, pairs[0][1]["token_ids"])
+                if (ids := labkit_ids.get(prompt)) is not None
+            ]
+            figures[f"batch_{b}"] = {
+                "labkit_tokens_per_s": [a["tokens_per_s"] for a, _ in pairs],
+                "vllm_tokens_per_s": [v["tokens_per_s"] for _, v in pairs],
+                "vllm_same_greedy_prefix_as_labkit": sum(agree) / len(agree) if agree else None,
+            }
+            ratios[f"labkit_vs_vllm_compiled_batch_{b}"] = [
+                a["tokens_per_s"] / v["tokens_per_s"] for a, v in pairs
+            ]
+            print(
+                f"batch {b}: labkit/vLLM {statistics.median(ratios[f'labkit_vs_vllm_compiled_batch_{b}']):.2f}x"
+            )
+    return figures, ratios
 
 
 def main(argv=None):
@@ -129,6 +176,14 @@ def main(argv=None):
         default="both",
         help="vLLM with torch.compile (its default; ~1 min more start-up on a CPU), eager, or both; the "
         "target is judged against compiled when it ran",
+    )
+    ap.add_argument(
+        "--fixed-batches",
+        default="16,64",
+        help="batch sizes at which labkit and vLLM (both compiled) are also paired, comma-separated",
+    )
+    ap.add_argument(
+        "--fixed-tokens", type=int, default=64, help="tokens per request at a fixed batch"
     )
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument(
@@ -296,6 +351,11 @@ def main(argv=None):
                 pair_ratios[f"labkit_vs_vllm_{mode}"] = [
                     a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs
                 ]
+            if args.vllm_mode != "eager" and args.fixed_batches:
+                out["fixed_batches"], fixed_ratios = fixed_batches(
+                    args, model, tok, dict(zip(prompts, labkit_ids))
+                )
+                pair_ratios.update(fixed_ratios)
         except Exception as err:  # report, do not hide: the record says why vLLM is missing
             out["vllm_skipped"] = f"vLLM run failed: {err}"[:2000]
             print(out["vllm_skipped"])
@@ -335,6 +395,10 @@ def main(argv=None):
     main_mode = "compiled" if "labkit_vs_vllm_compiled" in ratios else "eager"
     if f"labkit_vs_vllm_{main_mode}" in ratios:
         targets[f"labkit_ge_vllm_{main_mode}"] = ratios[f"labkit_vs_vllm_{main_mode}"] >= 1
+    for name, runs in pair_ratios.items():
+        if name.startswith("labkit_vs_vllm_compiled_batch_"):
+            ratios[name] = statistics.median(runs)
+            targets[name.replace("labkit_vs_vllm", "labkit_ge_vllm")] = ratios[name] >= 1
     out["pair_ratios"] = pair_ratios
     cont = systems["labkit_continuous"]["tokens_per_s"]
     if "hf_generate_sequential" in systems:

@@ -121,9 +121,12 @@ def test_a_bench_worker_runs_labkit_engine_twice():
     with PairedRunner("labkit", workload, max_num_seqs=2, torch_threads=1) as runner:
         assert runner.info["engine"] == "labkit" and runner.info["startup_s"] > 0
         first, second = runner.run(), runner.run()
+        # a workload of its own, on the same engine
+        other = runner.run([("Emma could not help", 5)])
     assert [len(t) for t in first["token_ids"]] == [6, 3]
     assert first["token_ids"] == second["token_ids"]  # greedy: the same tokens every run
     assert first["output_tokens"] == 9 and first["tokens_per_s"] > 0
+    assert other["output_tokens"] == 5 and other["token_ids"][0][:3] == first["token_ids"][1]
 
 
 def test_the_worker_protocol_imports_without_torch():

@@ -74,10 +74,14 @@ class PairedRunner:
             self.close()
             raise
 
-    def run(self) -> dict:
-        """Run the whole workload once: throughput, latency and TTFT figures, and every token id."""
+    def run(self, workload: list[tuple[str, int]] | None = None) -> dict:
+        """Run the workload once (the one given at start, or `workload`): throughput, latency and TTFT
+        figures, and every token id."""
         self.runs += 1
-        return self.worker.request({"run": f"run{self.runs}"}, timeout=self.timeout)
+        request: dict = {"run": f"run{self.runs}"}
+        if workload is not None:
+            request["workload"] = [list(w) for w in workload]
+        return self.worker.request(request, timeout=self.timeout)
 
     def close(self) -> None:
         self.worker.close()

@@ -120,7 +120,8 @@ def start(spec: dict):
 
 
 class BenchWorker:
-    """Answers the start request, then one run per request."""
+    """Answers the start request, then one run per request: of the start request's workload, or of the
+    request's own ("workload": [[prompt, max_tokens], ...])."""
 
     def __init__(self) -> None:
         self.spec: dict | None = None
@@ -132,7 +133,7 @@ class BenchWorker:
             return info
         if "run" not in request:
             raise ValueError(f'after the start request, send {{"run": TAG}}; got {request!r}')
-        return self.run(str(request["run"]), self.spec["workload"])
+        return self.run(str(request["run"]), request.get("workload", self.spec["workload"]))
 
 
 if __name__ == "__main__":
