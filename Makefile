@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml
 	@# the int4 x int8 CPU kernel, built now (about 30 s) rather than inside the first int4 notebook;
 	@# it builds nothing where the CPU lacks AVX512-VNNI or a compiler, and then int4 runs PyTorch's kernel
 	$(BIN)/python -c "from labkit.quant import vnni; print('int4 x int8 kernel (AVX512-VNNI):', vnni.available())"
+	@# the compiled decode step's paged attention kernel (about 15 s; labkit/engine/paged_kernel.py)
+	$(BIN)/python -c "from labkit.engine import paged_kernel; print('paged decode attention kernel:', paged_kernel.available())"
 	touch $(STAMP)
 
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.

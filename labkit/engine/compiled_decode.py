@@ -20,12 +20,15 @@ This file does the same, in three pieces:
    batch padded up to the nearest. A padding row is token 0 at position 0, one key long, writing its K/V
    into the one block the engine keeps beside the block manager's (`padding_block`), which no sequence is
    ever given: padded rows can never change a sequence's KV.
-2. **Attention in the graph as one opaque op.** On a CPU, `labkit::decode_attention` (attention.py) runs
-   the eager path's ragged kernel, in which each row reads only its own keys; its index tensors are built
-   once per step outside the graph, and their lengths (which follow the context lengths) are dynamic, so
-   one graph serves every context length. (Gathering every row's blocks to a padded [S, M] table inside
-   the graph instead cost 9-12 ms per layer at 32 sequences of about 200 tokens, against 0.8 ms for the
-   ragged kernel.) On CUDA, where every shape must be fixed, `padded_decode_attention` gathers each row's
+2. **Attention in the graph as one opaque op.** On a CPU, from two rows up, a C++ kernel
+   (`labkit_attention::paged_decode_attention`, paged_kernel.py, as vLLM and SGLang attend on a CPU) reads
+   each row's keys through its block table where they lie; the tables [S, M] and lengths are built once per
+   step outside the graph, and M, the table's width, is dynamic, so one graph serves every context length.
+   Where the kernel cannot be built, `labkit::decode_attention` (attention.py) runs the eager path's ragged
+   kernel instead, its index tensors' lengths dynamic in the same way (13-18 ms of an 80 ms step at 16
+   sequences on one thread, where the kernel takes a few). (Gathering every row's blocks to a padded [S, M]
+   table inside the graph instead cost 9-12 ms per layer at 32 sequences of about 200 tokens, against 0.8
+   ms for the ragged kernel.) On CUDA, where every shape must be fixed, `padded_decode_attention` gathers each row's
    M blocks and masks the keys past its length; M, the table's width, is the one dynamic dimension. The
    CPU's batch-1 graph takes the same padded table, but attends with `streamed_decode_attention`, loops
    that Inductor fuses and that read the keys where they lie, cheaper for one row than the ragged kernel's
@@ -75,6 +78,8 @@ from .attention import (
     streamed_decode_attention,
 )
 from .fast_layers import decoder_layer
+from .paged_kernel import available as paged_kernel_available
+from .paged_kernel import paged_decode_attention
 
 # Inductor's on-disk cache (FX graphs, generated C++), unless the user chose a place
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO_ROOT / ".cache" / "torchinductor"))
@@ -120,6 +125,8 @@ class CompiledDecode:
         # attention over padded block tables, in the graph: on CUDA (fixed shapes), for a quantized cache,
         # whose 8-bit blocks the ragged kernel cannot read (attention.py), and for one row (see `padded`)
         self.always_padded = self.cuda or runner.cache.quantized
+        # a CPU's float cache, from two rows up: the C++ kernel, over padded tables (paged_kernel.py)
+        self.paged_kernel = not self.always_padded and paged_kernel_available()
         self.quantized = any(isinstance(m, QuantLinear) for m in runner.model.modules())
         if self.cuda:
             # a CUDA graph may write only to tensors whose address is fixed: the cache's
@@ -127,8 +134,9 @@ class CompiledDecode:
                 torch._dynamo.mark_static_address(t)
 
     def padded(self, rows: int) -> bool:
-        """Does the graph for `rows` sequences attend over padded block tables inside the graph, rather than
-        call the ragged kernel? Always on CUDA and for a quantized cache; on a CPU for one row. The ragged
+        """Does the graph for `rows` sequences take padded block tables, rather than the ragged kernel's
+        index tensors? Always on CUDA and for a quantized cache; on a CPU for one row, and for more where the
+        C++ kernel is built (`paged_kernel`: it reads only each row's own blocks from the table). The ragged
         kernel is about ten eager ops, 80-120 us a layer whatever the batch, a third of an int4 batch-1 step.
         For one sequence over a float cache the graph attends with `streamed_decode_attention`, which
         Inductor fuses into loops that read the keys through the block table. int4, 64-token context: 9.6 ms
@@ -137,8 +145,8 @@ class CompiledDecode:
         up, the padded forms pay for every row's blocks padded to the longest: `streamed_decode_attention`
         measured faster than the ragged op on even lengths (16 rows of 20-200 tokens: 262 vs 378 us a
         layer) and slower on skewed ones (one of 300 among 31 of 20-60: 535 vs 405), so the dynamic-batch
-        graph keeps the ragged op."""
-        return self.always_padded or rows == 1
+        graph attends with the C++ kernel, or else the ragged op."""
+        return self.always_padded or rows == 1 or self.paged_kernel
 
     def layer_once(self) -> bool:
         """Do this runner's graphs compile one decoder layer and call it for every layer (regional
@@ -151,15 +159,15 @@ class CompiledDecode:
         graphs this has not been measured with."""
         return not self.cuda and not self.quantized
 
-    def compile(self) -> Callable:
-        """A new compiled region for one graph. Its own cache entry (`isolate_recompiles`), and no guards:
+    def compile(self, size: int) -> Callable:
+        """A new compiled region for graph `size`. Its own cache entry (`isolate_recompiles`), and no guards:
         this class dispatches on the size itself and feeds each region the same kinds of tensors and the
         same weights every step, so Dynamo's guard checks (over a millisecond a step for SmolLM2's ~400
         tensors and their Python attributes) would only re-prove that; vLLM drops them for the same reason."""
         options: dict = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
         one_layer = decoder_layer_once if self.layer_once() else None
         return torch.compile(
-            functools.partial(self.forward, one_layer=one_layer),
+            functools.partial(self.forward, one_layer=one_layer, one_row=size == 1),
             fullgraph=True,
             mode="reduce-overhead" if self.cuda else None,
             options=options if self.cuda else {**options, **CPU_OPTIONS},
@@ -184,9 +192,12 @@ class CompiledDecode:
         self.eager_steps[size] += 1
         return False
 
-    def forward(self, input_ids, positions, slots, *index, one_layer=None) -> torch.Tensor:
+    def forward(
+        self, input_ids, positions, slots, *index, one_layer=None, one_row=False
+    ) -> torch.Tensor:
         """The traced step. input_ids, positions and slots (where each row's K/V goes) [S]; index: how the
-        rows find their keys (`index_inputs`) -> logits [S, vocab]. one_layer: see `layer_once`."""
+        rows find their keys (`index_inputs`) -> logits [S, vocab]. one_layer: see `layer_once`; one_row:
+        the graph for batch 1 (see `padded`)."""
         r = self.runner
         hidden = r.model.model.embed_tokens(input_ids)  # [S, hidden]
         cos, sin = r.rotary(hidden, positions)
@@ -194,12 +205,11 @@ class CompiledDecode:
 
         def attend(i: int, q, k, v):
             r.cache.write(i, cache_index, k, v)
-            if len(index) == 2:  # block tables and lengths: padded attention (see `padded`)
+            if len(index) == 2:  # block tables and lengths (see `padded`)
                 tables, context_lens = index
-                if not self.always_padded:  # a CPU's one row over a float cache
-                    return streamed_decode_attention(
-                        q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale
-                    )
+                if not self.always_padded:  # a CPU's float cache
+                    attend_rows = streamed_decode_attention if one_row else paged_decode_attention
+                    return attend_rows(q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale)
                 return padded_decode_attention(
                     q, r.cache.k[i], r.cache.v[i], tables, context_lens, r.scale, *r.cache.scales(i)
                 )
@@ -258,7 +268,7 @@ class CompiledDecode:
             for dim in (*length, *batch):
                 torch._dynamo.mark_dynamic(t, dim)
         start = time.perf_counter()
-        self.graphs[size] = self.compile()
+        self.graphs[size] = self.compile(size)
         # each dynamic length its own symbol, even where two happen to be equal now (duck sizing would
         # tie them together, and the compiled code would then assert that they stay equal)
         with torch.fx.experimental._config.patch(use_duck_shape=False):

@@ -11,7 +11,7 @@ torchao ships that kernel for x86 as `da8w4_linear_cpu` ("dynamic activation int
 PyPI wheel does not include the CPU build, and it takes the integer path only on CPUs with AMX. labkit
 vendors the one C++ file (csrc/da8w4_linear.cpp, BSD license, changes marked "labkit:"), lets its one-row
 path run on any AVX512-VNNI CPU, and builds it on first use with `torch.utils.cpp_extension` (a C++ compiler
-and ninja, about 30 s, cached under .cache/torch_extensions/ in the repository).
+and ninja, about 30 s, cached under .cache/torch_extensions/ in the repository; labkit/native.py).
 
 Measured on a 2-core AMD EPYC (AVX512-VNNI, no AMX), one row through all 121 of SmolLM2's int4 matmuls as
 the engine runs them (q/k/v and gate/up fused, groups of 64, output head included), the row already
@@ -29,22 +29,15 @@ the eager path is the reference the compiled step is tested against. And from 5 
 fast path without AMX.
 """
 
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import warnings
 from functools import cache
-from pathlib import Path
 
 import torch
 
+from .. import native
 from ..paths import REPO_ROOT
 
 SOURCE = REPO_ROOT / "labkit" / "quant" / "csrc" / "da8w4_linear.cpp"
-BUILD_CACHE = REPO_ROOT / ".cache" / "torch_extensions"
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
 # the AVX-512 code paths of the kernel and of ATen's vector headers it includes
 CAPABILITY = ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY_AVX512_VNNI"]
 BLOCK_N = 32  # output channels per block of the packed weight (the kernel's BLOCK_N)
@@ -55,52 +48,20 @@ DISABLE = "LABKIT_NO_VNNI"  # set to 1: PyTorch's int4 kernel everywhere
 @cache
 def available() -> bool:
     """Can this machine run the kernel? A CPU with AVX512-VNNI, a C++ compiler and ninja, and the kernel
-    built (now, the first time: about 30 s). False, and the int4 kernel everywhere, otherwise."""
+    built (now, the first time: about 30 s; labkit/native.py). False, and the int4 kernel everywhere,
+    otherwise."""
     if os.environ.get(DISABLE) == "1" or not torch.cpu._is_vnni_supported():
         return False
-    if shutil.which("ninja") is None:  # pip's ninja package puts it beside the interpreter
-        try:
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ["PATH"]
-        except ImportError:
-            return False
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        return False
-    from torch.utils.cpp_extension import load
-
-    build_dir = BUILD_CACHE / f"labkit_vnni_{cpu_signature()}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        load(
-            "labkit_vnni",
-            [str(SOURCE)],
-            extra_cflags=FLAGS + CAPABILITY,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            is_python_module=False,
-        )
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
-        warnings.warn(
-            f"labkit: the int4 x int8 kernel ({SOURCE.name}) did not build, so int4 models run PyTorch's "
-            f"int4 kernel everywhere ({error}). Set {DISABLE}=1 to skip the build.",
-            stacklevel=2,
-        )
+    if not native.build(
+        "labkit_vnni",
+        SOURCE,
+        CAPABILITY,
+        "int4 models run PyTorch's int4 kernel everywhere",
+        DISABLE,
+    ):
         return False
     torch.library.register_fake("labkit_vnni::da8w4_linear_float")(_matmul_shape)
     return True
-
-
-def cpu_signature() -> str:
-    """A short hash of this CPU's model and instruction-set flags. The kernel is built with -march=native,
-    so a build must not be loaded on another CPU (a repository copied to another machine, with its
-    .cache/): each CPU gets its own build directory."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = platform.processor()
-    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
-    return hashlib.sha1("\n".join(sorted(set(lines))).encode()).hexdigest()[:10]
 
 
 def takes(out_features: int, in_features: int, group_size: int) -> bool:
