@@ -25,11 +25,12 @@ This file does the same, in three pieces:
    each row's keys through its block table where they lie; the tables [S, M] and lengths are built once per
    step outside the graph, and M, the table's width, is dynamic, so one graph serves every context length.
    Where the kernel cannot be built, `labkit::decode_attention` (attention.py) runs the eager path's ragged
-   kernel instead, its index tensors' lengths dynamic in the same way (13-18 ms of an 80 ms step at 16
-   sequences on one thread, where the kernel takes a few). (Gathering every row's blocks to a padded [S, M]
-   table inside the graph instead cost 9-12 ms per layer at 32 sequences of about 200 tokens, against 0.8
-   ms for the ragged kernel.) On CUDA, where every shape must be fixed, `padded_decode_attention` gathers each row's
-   M blocks and masks the keys past its length; M, the table's width, is the one dynamic dimension. The
+   kernel instead, its index tensors' lengths dynamic in the same way: 13-18 ms of a 76-82 ms step at 16
+   sequences on one thread, and steps at 16 and 32 sequences 6-14% slower than with the kernel (paired).
+   (Gathering every row's blocks to a padded [S, M] table inside the graph instead cost 9-12 ms per layer
+   at 32 sequences of about 200 tokens, against 0.8 ms for the ragged kernel.) On CUDA, where every shape
+   must be fixed, `padded_decode_attention` gathers each row's M blocks and masks the keys past its
+   length; M, the table's width, is the one dynamic dimension. The
    CPU's batch-1 graph takes the same padded table, but attends with `streamed_decode_attention`, loops
    that Inductor fuses and that read the keys where they lie, cheaper for one row than the ragged kernel's
    ops (`CompiledDecode.padded`). The paged-cache write is an `index_copy_` inside the graph (what
