@@ -18,8 +18,10 @@ two compiled engines paired in one process: steps at 16 and 32 sequences 6-14% f
 benchmarks/results/engine.json, labkit against vLLM: 0.89x -> 0.93x on the mixed workload, 0.92x -> 0.95x
 at 16 requests, 0.98x -> 1.02x at 64.
 
-Only the compiled step's graph for two or more sequences calls it (compiled_decode.py), for a float cache on
-a CPU; the eager path keeps `decode_attention`, the reference. `LABKIT_NO_PAGED_KERNEL=1` turns it off.
+Only the compiled step's graph for two or more sequences calls it (compiled_decode.py), for a float32 cache
+on a CPU; the eager path keeps `decode_attention`, the reference. It computes bfloat16 and float16 caches
+correctly too (tested), but its vector path is float32's: on a bfloat16 cache it measured slower than the
+ragged kernel (16 sequences: 386-429 against 243-268 us a layer), so the engine does not use it there. `LABKIT_NO_PAGED_KERNEL=1` turns it off.
 """
 
 import os
