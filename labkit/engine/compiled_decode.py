@@ -126,19 +126,23 @@ class CompiledDecode:
         # attention over padded block tables, in the graph: on CUDA (fixed shapes), for a quantized cache,
         # whose 8-bit blocks the ragged kernel cannot read (attention.py), and for one row (see `padded`)
         self.always_padded = self.cuda or runner.cache.quantized
-        # a CPU's float32 cache, from two rows up: the C++ kernel, over padded tables (paged_kernel.py). Its
-        # vector path is float32's; on a bfloat16 cache it measured slower than the ragged op (16 rows:
-        # 386-429 vs 243-268 us a layer), so 16-bit caches keep the ragged op
-        self.paged_kernel = (
-            not self.always_padded
-            and runner.cache.k[0].dtype == torch.float32
-            and paged_kernel_available()
-        )
         self.quantized = any(isinstance(m, QuantLinear) for m in runner.model.modules())
         if self.cuda:
             # a CUDA graph may write only to tensors whose address is fixed: the cache's
             for t in runner.cache.tensors:
                 torch._dynamo.mark_static_address(t)
+
+    @functools.cached_property
+    def paged_kernel(self) -> bool:
+        """Do graphs for two or more rows attend with the C++ kernel (paged_kernel.py)? On a CPU's float32
+        cache, where it is built. Its vector path is float32's: on a bfloat16 cache it measured slower than
+        the ragged op (16 rows: 386-429 vs 243-268 us a layer), so 16-bit caches keep the ragged op. Asked
+        first when a step is laid out for a graph, so an engine that never compiles never builds it."""
+        return (
+            not self.always_padded
+            and self.runner.cache.k[0].dtype == torch.float32
+            and paged_kernel_available()
+        )
 
     def padded(self, rows: int) -> bool:
         """Does the graph for `rows` sequences take padded block tables, rather than the ragged kernel's

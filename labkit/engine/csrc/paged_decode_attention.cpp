@@ -43,10 +43,11 @@ void attend_one(const T* q,            // [group, D]: the query heads of one KV 
                 std::vector<float>& buffer,  // scratch, reused across tasks of a thread
                 T* out) {                    // [group, D]
   const int64_t n_blocks = (len + block - 1) / block, width = n_blocks * block;
-  buffer.assign(group * (width + 2 * D), 0.f);
+  buffer.assign(group * (width + 2 * D + 1), 0.f);
   float* scores = buffer.data();         // [group, width]
   float* qf = scores + group * width;    // [group, D]: q * scale, in float
   float* acc = qf + group * D;           // [group, D]: the weighted sum of values
+  float* total = acc + group * D;        // [group]: each query head's softmax denominator
   for (int64_t i = 0; i < group * D; ++i) qf[i] = static_cast<float>(q[i]) * scale;
 
   // 1. block j of K is [D, block]: each dimension adds q[g, d] times a row of the block's keys. Where a
@@ -72,7 +73,6 @@ void attend_one(const T* q,            // [group, D]: the query heads of one KV 
   }
 
   // 2. softmax over each query head's first len scores (the rest of the last block is not a key)
-  std::vector<float> total(group);
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * width;
     const float top = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, len);
