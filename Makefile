@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "from labkit.quant import vnni; print('int4 x int8 kernel (AVX512-VNNI):', vnni.available())"
 	@# the compiled decode step's paged attention kernel (about 15 s; labkit/engine/paged_kernel.py)
 	$(BIN)/python -c "from labkit.engine import paged_kernel; print('paged decode attention kernel:', paged_kernel.available())"
+	@# the linear layers' oneDNN op (about 15 s; labkit/engine/onednn_linear.py)
+	$(BIN)/python -c "from labkit.engine import onednn_linear; print('oneDNN linear op:', onednn_linear.available())"
 	touch $(STAMP)
 
 # JupyterLab refuses to run as root unless told; containers and CI machines often are root.

@@ -1,8 +1,9 @@
-"""Building labkit's two C++ kernels on first use: torch.utils.cpp_extension, once per CPU, cached.
+"""Building labkit's C++ kernels on first use: torch.utils.cpp_extension, once per CPU, cached.
 
 labkit has two kernels that plain PyTorch does not ship for a CPU: the int4 x int8 matmul
-(quant/vnni.py) and paged decode attention (engine/paged_kernel.py). Each is one C++ file that registers
-a torch op; `build` compiles it with the machine's own instruction set (-march=native, about 15-30 s)
+(quant/vnni.py) and paged decode attention (engine/paged_kernel.py), and one op that calls oneDNN's
+matmul without PyTorch's per-call overhead (engine/onednn_linear.py). Each is one C++ file that registers
+torch ops; `build` compiles it with the machine's own instruction set (-march=native, about 15-30 s)
 into `.cache/torch_extensions/<name>_<cpu hash>/` in the repository and loads it. A build is tied to the
 CPU it was made on, so a repository copied to another machine (with its .cache/) builds again there.
 Without a C++ compiler or ninja, or when the build fails, `build` warns and returns False, and the caller
@@ -33,9 +34,17 @@ def capability_flags() -> list[str]:
     return ["-DCPU_CAPABILITY=DEFAULT"]
 
 
-def build(name: str, source: Path, flags: list[str], what: str, disable: str) -> bool:
-    """Compile and load `source` as the extension `name` (an op library; nothing is imported). False, with
-    a warning naming `what` falls back and the variable `disable` that skips the build, if it cannot."""
+def build(
+    name: str,
+    source: Path,
+    flags: list[str],
+    what: str,
+    disable: str,
+    ldflags: tuple[str, ...] = (),
+) -> bool:
+    """Compile and load `source` as the extension `name` (an op library; nothing is imported), with extra
+    compiler `flags` and linker `ldflags`. False, with a warning naming `what` falls back and the variable
+    `disable` that skips the build, if it cannot."""
     if shutil.which("ninja") is None:  # pip's ninja package puts it beside the interpreter
         try:
             import ninja
@@ -54,7 +63,7 @@ def build(name: str, source: Path, flags: list[str], what: str, disable: str) ->
             name,
             [str(source)],
             extra_cflags=["-O3", "-march=native", "-fopenmp", *flags],
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=["-fopenmp", *ldflags],
             build_directory=str(build_dir),
             is_python_module=False,
         )

@@ -65,10 +65,12 @@ def measure_one_row_rate(linear, in_features: int, runs: int = 100) -> float:
     return measure_flop_rate(linear, in_features, rows=1, runs=runs) / 2
 
 
-# every kernel a linear layer runs: F.linear's MKL call, oneDNN's pre-packed one, PyTorch's int4/int8 kernels
+# every kernel a linear layer runs: F.linear's MKL call, oneDNN's pre-packed one (labkit's own call of it,
+# engine/onednn_linear.py, or PyTorch's), PyTorch's int4/int8 kernels
 MATMUL_OPS = {
     "aten::mm",
     "aten::addmm",
+    "labkit_onednn::linear",
     "mkldnn::_linear_pointwise",
     "aten::_weight_int4pack_mm_for_cpu",
     "aten::_weight_int4pack_mm",

@@ -38,7 +38,8 @@ This file does the same, in three pieces:
 3. **Everything else in one Inductor graph**: embedding, RMSNorms, the fused projections, rotary, residual
    adds, SwiGLU, the output head. Pointwise chains become a few fused C++ loops with no Python between
    them. From two rows up the matmuls stay the library kernels the eager path uses (the int4/int8 kernels,
-   and for float weights the pre-packed oneDNN weight through `labkit::packed_linear`, fast_layers.py); the
+   and for float weights the pre-packed oneDNN weight through `labkit_onednn::linear`, onednn_linear.py,
+   or where that is not built `labkit::packed_linear`, fast_layers.py); the
    CPU's batch-1 graph streams float and 8-bit weights through reductions Inductor generates instead,
    faster than the libraries' matrix-vector code (labkit/matvec.py), and on a CPU with AVX512-VNNI
    multiplies 4-bit weights by the row quantized to 8 bits, in integers (labkit/quant/vnni.py). On CUDA the

@@ -5,7 +5,8 @@ streams through the caches matter as much as FLOPs. Standard tricks (nano-vllm a
 for every model):
 - fuse the projections that read the same input: q, k and v become one [q+k+v, hidden] matmul, gate and up
   one [2 x mlp, hidden] matmul; 7 matmuls per layer become 4;
-- on a CPU, let oneDNN re-lay each fused weight out once into its blocked format (`prepacked_linear`);
+- on a CPU, let oneDNN re-lay each fused weight out once into its blocked format (`prepacked_linear`),
+  called through labkit's own op where it is built (onednn_linear.py: a ready primitive per row count);
   from two rows up that is the faster path everywhere we measured. One row (batch-1 decode) only streams
   the weight, and which library streams it faster depends on the CPU: plain `F.linear` (MKL) was 25% faster
   than oneDNN on an Intel Xeon, and half as fast on an AMD EPYC (MKL's matrix-vector code is tuned for
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from ..matvec import matvec, use_matvec
 from ..quant.qlinear import QuantLinear, fused_kernel
+from . import onednn_linear
 
 KNOWN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 STATIC_ROPE = {"default", "linear", "llama3"}  # cos/sin depend on the position only: a table works
@@ -48,10 +50,15 @@ def prepacked_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> 
     ):
         return None
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        if onednn_linear.available():  # the same kernel, called without PyTorch's per-call overhead
+            run: Callable = onednn_linear.OneDNNLinear(weight, bias)
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
-        def run(x):
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+            def run(x):
+                return torch.ops.mkldnn._linear_pointwise(
+                    x.contiguous(), packed, bias, "none", [], ""
+                )
 
         x = torch.randn(3, weight.shape[1]).to(weight.dtype)
         tolerance = 2e-2 if low_precision else 1e-4  # bfloat16 keeps 8 significant bits
@@ -103,7 +110,9 @@ class PackedLinears:
             return tuple(matvec(m.weight, x, m.bias) for m in self.modules)
         if x.shape[0] == 1 and not self.one_row_packed:
             return tuple(m(x) for m in self.modules)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not isinstance(
+            self.packed, onednn_linear.OneDNNLinear
+        ):
             out = torch.ops.labkit.packed_linear(x, self.handle, sum(self.sizes))
         else:
             out = self.packed(x)
@@ -141,10 +150,12 @@ def choose_one_row_path(linears: list[PackedLinears], rounds: int = 3) -> str | 
 
 def make_batch_invariant(linears: list[PackedLinears]) -> str | None:
     """Every row count through the same many-row kernel: the batch-invariant choice. A one-row product
-    (MKL's matrix-vector code, and oneDNN's too for the 1536-wide down projection) sums in another order
-    than the many-row GEMM, so a sequence alone got logits 1e-5 apart from the same sequence in a batch.
-    oneDNN's packed GEMM gave bit-identical rows from 2 to 2,048 rows for every SmolLM2 shape, so one row
-    runs padded to two. tests/test_batch_invariance.py checks it on your CPU."""
+    (MKL's matrix-vector code, and oneDNN's through PyTorch's `_linear_pointwise` for the 1536-wide down
+    projection) sums in another order than the many-row GEMM, so a sequence alone got logits 1e-5 apart
+    from the same sequence in a batch. oneDNN's packed GEMM gave bit-identical rows from 2 to 2,048 rows
+    for every SmolLM2 shape, so one row runs padded to two (labkit's own oneDNN op, onednn_linear.py, gave
+    one row the same bits too; the padding costs it nothing it needs). tests/test_batch_invariance.py
+    checks it on your CPU."""
     for lin in linears:
         lin.pad_one_row = True
     return ONE_ROW_PADDED if linears else None
