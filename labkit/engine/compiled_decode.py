@@ -86,11 +86,14 @@ from .paged_kernel import paged_decode_attention
 # Inductor's on-disk cache (FX graphs, generated C++), unless the user chose a place
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO_ROOT / ".cache" / "torchinductor"))
 
-# Inductor's options on a CPU: none. Measured on SmolLM2 (2-core AMD EPYC, batch 1): `freezing` (weights
-# as constants) ran no faster, since the big weights sit behind the low-bit kernels and the pre-packed
-# oneDNN op anyway, and it bypasses the compile cache (a second start 14.3 s instead of 6.0 s); `cpp_wrapper`
-# doubled the compile time (about 100 s).
-CPU_OPTIONS: dict = {}
+# Inductor's options on a CPU. `size_asserts` off, as vLLM's CPU backend sets it (vllm/platforms/cpu.py):
+# the generated Python checks the size and stride of every buffer it is handed, 880 calls in a batch-1
+# SmolLM2 step through the per-layer region, work that re-proves what the graph was compiled for.
+# Measured and not kept (2-core AMD EPYC, batch 1): `freezing` (weights as constants) ran no faster, since
+# the big weights sit behind the low-bit kernels and the pre-packed oneDNN op anyway, and it bypasses the
+# compile cache (a second start 14.3 s instead of 6.0 s); `cpp_wrapper` doubled the compile time (about
+# 100 s); max-autotune's C++ GEMM template ran SmolLM2's float32 layer 2.3x slower than oneDNN at 16 rows.
+CPU_OPTIONS: dict = {"size_asserts": False}
 
 
 @torch.compiler.nested_compile_region
