@@ -87,3 +87,9 @@ def test_zero_rows_and_bad_shapes_say_what_is_wrong():
         linear(torch.randn(2, 3, 64))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         linear(torch.randn(3, 64).double())
+
+
+def test_without_the_op_the_error_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(onednn_linear, "available", lambda: False)
+    with pytest.raises(RuntimeError, match="check onednn_linear.available"):
+        onednn_linear.OneDNNLinear(torch.randn(4, 4), None)

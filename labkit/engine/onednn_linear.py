@@ -65,6 +65,12 @@ class OneDNNLinear:
     code and inside a compiled graph alike (the packed weight is a plain tensor the graph takes)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        if not available():
+            raise RuntimeError(
+                f"labkit's oneDNN op is not built here (it needs x86-64 Linux with the onednn-cpu-gomp and "
+                f"onednn-devel-cpu-gomp wheels, a C++ compiler and ninja, and {DISABLE} unset): check "
+                "onednn_linear.available() first, or use fast_layers.prepacked_linear, which falls back"
+            )
         self.packed = torch.ops.labkit_onednn.pack(weight.detach())  # [bytes] uint8
         self.bias = None if bias is None else bias.detach().contiguous()
         self.out_features = weight.shape[0]
