@@ -8,7 +8,9 @@ they mean the same on a laptop and on a GPU box:
   - decoding 256 tokens with the KV cache >= 5x faster than without;
   - continuous batching over a paged cache >= 3x the throughput of static batching over a contiguous cache
     *given the same KV-cache memory*, on ShareGPT-shaped lengths (labkit/engine/kv_budget.py says how they
-    are drawn and scaled); admitted batch sizes, memory utilisation and the padded-work ceiling beside it;
+    are drawn and scaled); admitted batch sizes, memory utilisation and the padded-work ceiling beside it.
+    Restated by issue 25: >= 0.95 of the ratio of decode steps; judged on the whole run and, beside it, on
+    the pure decode steps alone (both policies prefill the same prompts, time the step ratio cannot see);
   - labkit's engine throughput >= vLLM's on this CPU on the mixed workload, judged against vLLM as it
     runs by default (torch.compile) with labkit's decode step compiled too (compiled_decode.py, every
     batch size compiled before the timed runs); eager vLLM is paired with eager labkit beside it;
@@ -249,14 +251,27 @@ def main(argv=None):
         paged_runs.append(run_continuous_paged(model, tok, budget_workload, budget))
         print(
             f"equal memory, pair {r}: static {static_runs[-1].summary()['tokens_per_s']:.1f} tok/s, "
-            f"paged {paged_runs[-1].summary()['tokens_per_s']:.1f} tok/s",
+            f"paged {paged_runs[-1].summary()['tokens_per_s']:.1f} tok/s; pure decode steps "
+            f"{static_runs[-1].decode_s:.1f} vs {paged_runs[-1].decode_s:.1f} s, prompt steps "
+            f"{static_runs[-1].prefill_s:.1f} vs {paged_runs[-1].prefill_s:.1f} s",
             flush=True,
         )
     pair_ratios = {
         "continuous_paged_vs_static_contiguous": [
             p.summary()["tokens_per_s"] / s_.summary()["tokens_per_s"]
             for s_, p in zip(static_runs, paged_runs)
-        ]
+        ],
+        # the same useful tokens: the ratio of the seconds in pure decode steps is their throughput ratio
+        "continuous_paged_vs_static_contiguous_decode_phase": [
+            s_.decode_s / p.decode_s for s_, p in zip(static_runs, paged_runs)
+        ],
+        # the whole run's ceiling if each of continuous's pure decode steps cost what static's did on
+        # average, both prefilling the same prompts in the time measured
+        "equal_step_cost_ceiling": [
+            (s_.prefill_s + s_.decode_s)
+            / (p.prefill_s + p.pure_decode_steps * s_.decode_s / s_.pure_decode_steps)
+            for s_, p in zip(static_runs, paged_runs)
+        ],
     }
     eq = out["equal_memory"]
     eq["static_contiguous"] = static_runs[-1].summary()
@@ -264,6 +279,10 @@ def main(argv=None):
     eq["same_greedy_tokens"] = static_runs[0].token_ids == paged_runs[0].token_ids
     # if every decode step cost the same (memory-bound decode), throughput would scale with steps saved
     eq["decode_step_ratio"] = static_runs[-1].decode_steps / paged_runs[-1].decode_steps
+    # the same without the steps that fed prompts: both policies prefill the same prompts
+    eq["pure_decode_step_ratio"] = (
+        static_runs[-1].pure_decode_steps / paged_runs[-1].pure_decode_steps
+    )
 
     # 3. the mixed workload: HF one at a time, labkit's engine, vLLM
     workload = mixed_workload(args.requests, seed=0, long_fraction=args.long_fraction)
@@ -376,6 +395,11 @@ def main(argv=None):
         ),
         "static_padded_work": eq["static_padded_work"],
         "decode_step_ratio": eq["decode_step_ratio"],
+        "pure_decode_step_ratio": eq["pure_decode_step_ratio"],
+        "continuous_paged_vs_static_contiguous_decode_phase": statistics.median(
+            pair_ratios["continuous_paged_vs_static_contiguous_decode_phase"]
+        ),
+        "equal_step_cost_ceiling": statistics.median(pair_ratios["equal_step_cost_ceiling"]),
     }
     targets = {
         "kv_cache_speedup_ge_5x": ratios["kv_cache_speedup"] >= 5,
@@ -385,6 +409,12 @@ def main(argv=None):
             "continuous_paged_vs_static_contiguous"
         ]
         >= 0.95 * ratios["decode_step_ratio"],
+        # what the step ratio predicts, measured where it applies: the steps that fed no prompt token (the
+        # prompts are the same work under both policies, and the whole run's ratio includes them)
+        "continuous_paged_decode_phase_ge_0.95_of_pure_decode_step_ratio": ratios[
+            "continuous_paged_vs_static_contiguous_decode_phase"
+        ]
+        >= 0.95 * ratios["pure_decode_step_ratio"],
     }
     for mode in ("compiled", "eager"):
         if f"labkit_vs_vllm_{mode}" in pair_ratios:

@@ -10,6 +10,7 @@ from labkit.engine.kv_budget import (
     Request,
     build_workload,
     ceilings,
+    prompt_backlog,
     run_continuous_paged,
     run_static_contiguous,
     sharegpt_like_lengths,
@@ -56,3 +57,23 @@ def test_both_policies_give_the_same_greedy_tokens_and_paging_runs_bigger_batche
     c = ceilings(workload, max_tokens, budget)
     assert c["static_padded_work"] >= 1 and c["reservation_overhead"] > 1
     assert static.decode_steps >= c["static_decode_steps_if_padded"]
+    # every static batch starts with its prompts; the time is split between prompt and pure decode steps
+    for run in (static, paged):
+        assert 0 < run.pure_decode_steps < run.decode_steps
+        assert run.prefill_s > 0 and run.decode_s > 0
+    assert static.decode_steps - static.pure_decode_steps >= c["static_batches"]
+
+
+def test_the_prompt_backlog_falls_only_in_steps_that_feed_prompt_tokens(course):
+    from labkit.engine import LLMEngine, SamplingParams
+
+    model, tok = course
+    engine = LLMEngine(model, tok, max_num_seqs=2, max_num_batched_tokens=8, enforce_eager=True)
+    engine.add_request("a", list(range(5, 15)), SamplingParams(temperature=0, max_tokens=3))
+    assert prompt_backlog(engine) == 9  # 10 prompt tokens; the last is fed like a decode token
+    engine.step()  # a chunk of 8 prompt tokens
+    assert prompt_backlog(engine) == 1
+    engine.step()  # the last 2: the prompt is done, a token sampled
+    assert prompt_backlog(engine) == 0
+    engine.step()  # a decode step
+    assert prompt_backlog(engine) == 0

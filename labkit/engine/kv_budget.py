@@ -17,7 +17,9 @@ the same `max_tokens` cap, as a server's clients do.
 Both policies run on labkit's engine with the same kernels; only admission and memory layout differ.
 `run_static_contiguous` packs requests first come, first served into batches whose reservations fit the
 budget; `run_continuous_paged` gives the engine exactly budget / block_size blocks. Each reports its
-admitted batch sizes, the share of the budget holding real tokens, its decode steps and its throughput.
+admitted batch sizes, the share of the budget holding real tokens, its decode steps and its throughput,
+and its time split between steps that fed prompt tokens and pure decode steps: both policies prefill the same
+prompts, work no batching policy can save, so only the decode phase can follow the ratio of decode steps.
 """
 
 import math
@@ -59,6 +61,9 @@ class PolicyRun:
     reserved_utilisation: list[float] = field(default_factory=list)  # static: reservations / budget
     num_preemptions: int = 0
     token_ids: list[list[int]] = field(default_factory=list)
+    prefill_s: float = 0.0  # seconds in steps that fed prompt tokens (a prompt or a chunk of one)
+    decode_s: float = 0.0  # seconds in the other steps: every sequence fed one token
+    pure_decode_steps: int = 0
 
     def summary(self) -> dict:
         mean = lambda xs: statistics.mean(xs) if xs else 0.0  # noqa: E731
@@ -74,6 +79,9 @@ class PolicyRun:
             "kv_utilisation_max": max(self.kv_utilisation, default=0.0),
             "kv_reserved_mean": mean(self.reserved_utilisation),
             "num_preemptions": self.num_preemptions,
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "pure_decode_steps": self.pure_decode_steps,
         }
 
 
@@ -142,11 +150,18 @@ def _engine(model, tokenizer, budget_tokens: int, max_num_seqs: int) -> LLMEngin
 def _step_all(
     engine: LLMEngine, run: PolicyRun, budget_tokens: int, tokens: dict, useful_len: dict
 ) -> None:
-    """Step until done, recording each step's running sequences and the cache's useful tokens
-    (useful_len: request id -> its prompt + its own answer)."""
+    """Step until done, recording each step's running sequences, the cache's useful tokens (useful_len:
+    request id -> its prompt + its own answer) and its time, as prefill or pure decode (`prompt_backlog`)."""
     while engine.has_unfinished_requests():
+        backlog, start = prompt_backlog(engine), time.perf_counter()
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
+        seconds = time.perf_counter() - start
+        if prompt_backlog(engine) < backlog:  # the step fed prompt tokens
+            run.prefill_s += seconds
+        else:
+            run.decode_s += seconds
+            run.pure_decode_steps += 1
         stats = engine.stats()
         running = engine.scheduler.running
         run.decode_steps += 1
@@ -154,6 +169,14 @@ def _step_all(
         useful = sum(min(s.num_computed_tokens, useful_len[s.request_id]) for s in running)
         run.kv_utilisation.append(useful / budget_tokens)
         run.num_preemptions = stats.num_preemptions
+
+
+def prompt_backlog(engine: LLMEngine) -> int:
+    """Tokens the engine's sequences still have to feed beyond the one a decode step feeds: a waiting
+    prompt's, the rest of a chunked one's (and a preempted sequence's, to recompute). A step that lowers it
+    fed prompt tokens; a pure decode step leaves it where it was."""
+    sequences = [*engine.scheduler.running, *engine.scheduler.waiting]
+    return sum(max(0, len(s.token_ids) - s.num_computed_tokens - 1) for s in sequences)
 
 
 def run_static_contiguous(
