@@ -93,3 +93,15 @@ def test_without_the_op_the_error_says_what_to_do(monkeypatch):
     monkeypatch.setattr(onednn_linear, "available", lambda: False)
     with pytest.raises(RuntimeError, match="check onednn_linear.available"):
         onednn_linear.OneDNNLinear(torch.randn(4, 4), None)
+
+
+def test_many_row_counts_stay_correct_past_the_primitive_cache():
+    """Every row count gets its own primitive; past 1,024 of them the cache starts over (a server meets
+    every prompt length), and the rows are still right."""
+    w = torch.randn(24, 16)
+    linear = onednn_linear.OneDNNLinear(w, None)
+    for rows in range(1, 1100):
+        x = torch.randn(rows, 16)
+        out = linear(x)
+        if rows % 97 == 0 or rows > 1090:
+            torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)

@@ -57,7 +57,10 @@ dnnl::matmul::primitive_desc describe(int64_t m, int64_t k, int64_t n, memory::d
 
 std::mutex cache_lock;
 std::map<std::tuple<int64_t, int64_t, int>, memory::desc> layouts;  // (K, N, type) -> packed layout
-// (M, K, N, type, bias, threads) -> primitive: a primitive's work split is fixed when it is created
+// (M, K, N, type, bias, threads) -> primitive: a primitive's work split is fixed when it is created. Every
+// prompt length is a new M, so a server would collect them without end: at kMaxPrimitives the map starts
+// over (vLLM keeps 128 per layer, LRU), and oneDNN's own primitive cache makes the rebuilt ones cheap.
+constexpr size_t kMaxPrimitives = 1024;
 std::map<std::tuple<int64_t, int64_t, int64_t, int, bool, int>, dnnl::matmul> primitives;
 
 memory::desc packed_layout(int64_t k, int64_t n, memory::data_type type) {  // holding cache_lock
@@ -105,8 +108,10 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const std::opti
     layout = packed_layout(k, n, type);
     auto key = std::make_tuple(m, k, n, static_cast<int>(type), bias.has_value(), omp_get_max_threads());
     auto found = primitives.find(key);
-    if (found == primitives.end())
+    if (found == primitives.end()) {
+      if (primitives.size() >= kMaxPrimitives) primitives.clear();
       found = primitives.emplace(key, dnnl::matmul(describe(m, k, n, type, layout, bias.has_value()))).first;
+    }
     primitive = found->second;
   }
   TORCH_CHECK(static_cast<size_t>(packed.numel()) == layout.get_size(),
