@@ -153,9 +153,9 @@ def make_batch_invariant(linears: list[PackedLinears]) -> str | None:
     (MKL's matrix-vector code, and oneDNN's through PyTorch's `_linear_pointwise` for the 1536-wide down
     projection) sums in another order than the many-row GEMM, so a sequence alone got logits 1e-5 apart
     from the same sequence in a batch. oneDNN's packed GEMM gave bit-identical rows from 2 to 2,048 rows
-    for every SmolLM2 shape, so one row runs padded to two (labkit's own oneDNN op, onednn_linear.py, gave
-    one row the same bits too; the padding costs it nothing it needs). tests/test_batch_invariance.py
-    checks it on your CPU."""
+    for every SmolLM2 shape, so one row runs padded to two (through labkit's own oneDNN op, onednn_linear.py,
+    one row measured bit-identical already; the padding keeps both paths invariant).
+    tests/test_batch_invariance.py checks it on your CPU."""
     for lin in linears:
         lin.pad_one_row = True
     return ONE_ROW_PADDED if linears else None

@@ -152,12 +152,15 @@ def _step_all(
 ) -> None:
     """Step until done, recording each step's running sequences, the cache's useful tokens (useful_len:
     request id -> its prompt + its own answer) and its time, as prefill or pure decode (`prompt_backlog`)."""
+    # nothing arrives between steps, so each step's backlog after is the next one's before
+    backlog = prompt_backlog(engine)
     while engine.has_unfinished_requests():
-        backlog, start = prompt_backlog(engine), time.perf_counter()
+        start = time.perf_counter()
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
         seconds = time.perf_counter() - start
-        if prompt_backlog(engine) < backlog:  # the step fed prompt tokens
+        before, backlog = backlog, prompt_backlog(engine)
+        if backlog < before:  # the step fed prompt tokens
             run.prefill_s += seconds
         else:
             run.decode_s += seconds
