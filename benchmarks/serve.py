@@ -209,6 +209,8 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
         "at_80pct": {
             "rate": at80.rate,
             **a,
+            "slo_attained": at80.slo_attained,  # the target's figure: the share of sent requests within the SLO
+            "goodput_requests_per_s": at80.goodput,
             "mean_in_system": at80.mean_in_system,
             "littles_law": at80.littles_law,
         },
@@ -217,7 +219,8 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
             **o,
             "max_in_system": over.max_in_system,
             "limit": limit,
-            "goodput": over.goodput,
+            "slo_attained": over.slo_attained,
+            "goodput_requests_per_s": over.goodput,
         },
         "ttft_p99_over_unloaded_at_80pct": a["ttft_p99_s"] / ttft0,
     }
