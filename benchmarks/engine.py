@@ -79,7 +79,10 @@ def fixed_batches(args, model, tok, labkit_ids: dict[str, list[int]]) -> tuple[d
     batches = [int(b) for b in args.fixed_batches.split(",")]
     prompts = [p for p, _ in mixed_workload(max(batches), seed=0)]
     engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=max(batches)))
-    figures: dict = {"tokens_per_request": args.fixed_tokens, "labkit_compile_s": engine.warm_up()}
+    figures: dict = {
+        "tokens_per_request": args.fixed_tokens,
+        "labkit_compile_s": engine.warm_up(batches),
+    }
     ratios: dict[str, list[float]] = {}
     with PairedRunner(
         "vllm",

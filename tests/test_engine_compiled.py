@@ -219,8 +219,11 @@ def test_engine_tokens_are_the_same_compiled_and_eager(model_tok):
 def test_after_warm_up_mixed_batch_sizes_never_recompile(model_tok):
     """warm_up compiles every graph (on a CPU: batch 1, and the dynamic batch); a workload whose batch
     shrinks from 4 to 1 as requests finish (and whose contexts cross block boundaries) then runs under
-    fail_on_recompile."""
+    fail_on_recompile. Given batch sizes, it compiles only the graphs that run them."""
     engine = LLMEngine(*model_tok, max_num_seqs=4)
+    assert sorted(engine.warm_up([2, 3])) == [4]
+    with pytest.raises(ValueError, match="max_num_seqs=4"):
+        engine.warm_up([5])
     seconds = engine.warm_up()
     assert sorted(seconds) == [1, 4]
     for i, prompt in enumerate(PROMPTS):

@@ -217,10 +217,22 @@ class LLMEngine:
         with reason "abort"."""
         self._pending += self.processor.finish_request(request_id, "abort")
 
-    def warm_up(self) -> dict[int, float]:
+    def warm_up(self, batch_sizes: list[int] | None = None) -> dict[int, float]:
         """Compile the decode step for every padded batch size now (vLLM and SGLang do this at start-up), so
-        that no request waits for a compilation. Returns seconds per size ({} with enforce_eager)."""
-        return self.runner.compiled.warm_up() if self.runner.compiled else {}
+        that no request waits for a compilation; with `batch_sizes`, only the graphs that run those batches
+        (a size never warmed runs eagerly). Returns seconds per compiled size ({} with enforce_eager)."""
+        compiled = self.runner.compiled
+        if compiled is None:
+            return {}
+        if batch_sizes is None:
+            return compiled.warm_up()
+        sizes = {compiled.size_for(b) for b in batch_sizes}
+        if None in sizes:
+            raise ValueError(
+                f"batch sizes {batch_sizes} include one above max_num_seqs={self.config.max_num_seqs}; "
+                "no graph runs it"
+            )
+        return compiled.warm_up(sorted(s for s in sizes if s is not None))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
