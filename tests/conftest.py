@@ -31,6 +31,7 @@ MARKS = {
         "slow",
     ),
     "test_serve_lm_eval.py": ("server", "external", "slow"),
+    "test_serve_vllm_bench.py": ("server", "external", "slow"),
     # the HAProxy config tests are quick; these start replicas
     **{
         f"test_serve_balancer.py::{name}": ("server", "slow")
