@@ -75,7 +75,7 @@ def main(argv=None):
     decode_batch1(
         engines["speculative"], prompts[:1], 8
     )  # warm-up: the first forward passes are slow
-    engines["speculative"].speculative = SpeculativeStats()  # count the measured runs only
+    engines["speculative"].speculator.stats = SpeculativeStats()  # count the measured runs only
     runs: dict[str, list[dict]] = {"plain": [], "speculative": []}
     for pair in range(args.pairs):
         order = ["plain", "speculative"] if pair % 2 == 0 else ["speculative", "plain"]
@@ -89,6 +89,10 @@ def main(argv=None):
         s["tokens_per_s"] / p["tokens_per_s"] for p, s in zip(runs["plain"], runs["speculative"])
     ]
     stats = engines["speculative"].stats()
+    if not stats.num_draft_tokens:
+        sys.exit(
+            "no drafted token was counted in the measured runs: the acceptance rate would read 0"
+        )
     figures = {
         "model": args.model,
         "prompts": args.prompts,
@@ -137,11 +141,14 @@ def vllm_ngram(args, tok, prompts: list[list[int]]) -> dict:
         "prompt_lookup_max": args.ngram,
         "prompt_lookup_min": 1,
     }
+    threads = (
+        {"torch_threads": args.threads} if args.threads else {}
+    )  # the same threads as labkit's
     try:
         with (
-            PairedRunner("vllm", workload, args.model, max_num_seqs=1) as plain,
+            PairedRunner("vllm", workload, args.model, max_num_seqs=1, **threads) as plain,
             PairedRunner(
-                "vllm", workload, args.model, max_num_seqs=1, speculative_config=ngram
+                "vllm", workload, args.model, max_num_seqs=1, speculative_config=ngram, **threads
             ) as spec,
         ):
             pairs = []

@@ -122,7 +122,6 @@ class LLMEngine:
         # request ids run at each step (for timeline plots); see record_history
         self.history: list[list[str]] = []
         self.record_history = False
-        self.speculative = self.speculator.stats
 
     # ---- adapters ----------------------------------------------------------------------------------
     def add_lora(self, name: str, path) -> LoRAAdapter:
@@ -238,7 +237,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm, spec = self.block_manager, self.speculator.stats
         return EngineStats(
             len(self.scheduler.running),
             len(self.scheduler.waiting),
@@ -247,10 +246,10 @@ class LLMEngine:
             bm.num_used / bm.num_blocks,
             self.scheduler.num_preemptions,
             bm.prefix_cache_hit_rate,
-            self.speculative.num_draft_tokens,
-            self.speculative.num_accepted_tokens,
-            self.speculative.acceptance_rate,
-            self.speculative.mean_tokens_per_step,
+            spec.num_draft_tokens,
+            spec.num_accepted_tokens,
+            spec.acceptance_rate,
+            spec.mean_tokens_per_step,
             bm.cache_queries * bm.block_size,
             bm.cache_hits * bm.block_size,
         )
