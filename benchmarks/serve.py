@@ -43,7 +43,7 @@ import httpx
 from labkit.results import save_record
 from labkit.serve.launch import ServerProcess
 from labkit.serve.loadgen import SLO, run_load, workload
-from labkit.serve.loadgen.openloop import run_rate
+from labkit.serve.loadgen.openloop import RatePoint, run_rate
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -211,28 +211,18 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
         "unloaded_ttft_p50_s": ttft0,
         "unloaded_tpot_p50_s": tpot0,
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
-        "at_80pct": {
-            "rate": at80.rate,
-            **a,
-            "slo_attained": at80.slo_attained,  # the target's figure: the share of sent requests within the SLO
-            "goodput_requests_per_s": at80.goodput,
-            "mean_in_system": at80.mean_in_system,
-            "littles_law": at80.littles_law,
-        },
-        "overload": {
-            "rate": over.rate,
-            **o,
-            "max_in_system": over.max_in_system,
-            "limit": limit,
-            "slo_attained": over.slo_attained,
-            "goodput_requests_per_s": over.goodput,
-        },
+        "at_80pct": rate_figures(
+            at80, mean_in_system=at80.mean_in_system, littles_law=at80.littles_law
+        ),
+        "overload": rate_figures(over, max_in_system=over.max_in_system, limit=limit),
         "ttft_p99_over_unloaded_at_80pct": a["ttft_p99_s"] / ttft0,
         # the same arrivals on servers whose batch is capped lower (vLLM's --max-num-seqs): the lever that
         # trades throughput for TPOT; the target is judged on the best of all the caps
-        "at_80pct_batch_caps": {str(cap): point for cap, point in capped.items()},
+        "at_80pct_batch_caps": {
+            str(cap): rate_figures(p, mean_in_system=p.mean_in_system) for cap, p in capped.items()
+        },
     }
-    best = max([at80.slo_attained, *(p["slo_attained"] for p in capped.values())])
+    best = max(p.slo_attained for p in [at80, *capped.values()])
     report["targets_met"] = {
         "open_loop_80pct_zero_errors": a["errors"] == 0,
         "open_loop_80pct_goodput_ge_90pct_of_500": best >= 0.9 and len(payloads) >= 500,
@@ -253,9 +243,9 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
     )
     for cap, p in capped.items():
         print(
-            f"  at 80% with the batch capped at {cap}: {p['slo_attained']:.1%} within the SLO; TPOT p50 "
-            f"{p['tpot_p50_s'] * 1e3:.1f} ms, TTFT p50 {p['ttft_p50_s'] * 1e3:.0f} ms; "
-            f"{p['throughput_tok_s']:.0f} tok/s; {p['mean_in_system']:.1f} in the system",
+            f"  at 80% with the batch capped at {cap}: {p.slo_attained:.1%} within the SLO; TPOT p50 "
+            f"{p.summary['tpot_p50_s'] * 1e3:.1f} ms, TTFT p50 {p.summary['ttft_p50_s'] * 1e3:.0f} ms; "
+            f"{p.summary['throughput_tok_s']:.0f} tok/s; {p.mean_in_system:.1f} in the system",
             flush=True,
         )
     print(
@@ -267,7 +257,19 @@ def open_loop(srv: ServerProcess, levels: list[dict], top_runs: list[dict], args
     return report
 
 
-def batch_cap_point(args, cap: int, payloads: list[dict], rate: float, slo: SLO) -> dict:
+def rate_figures(point: RatePoint, **extra) -> dict:
+    """One open-loop run as the record keeps it: what the clients saw, the target's figure (the share of
+    sent requests within the SLO) and goodput, then what the caller adds."""
+    return {
+        "rate": point.rate,
+        **point.summary,
+        "slo_attained": point.slo_attained,
+        "goodput_requests_per_s": point.goodput,
+        **extra,
+    }
+
+
+def batch_cap_point(args, cap: int, payloads: list[dict], rate: float, slo: SLO) -> RatePoint:
     """The open loop at `rate` on a server that runs at most `cap` sequences per step (the rest wait): a
     smaller batch makes each step, hence TPOT, shorter, and the queue, hence TTFT, longer."""
     with ServerProcess(
@@ -278,13 +280,7 @@ def batch_cap_point(args, cap: int, payloads: list[dict], rate: float, slo: SLO)
         **engine_flags(args),
     ) as server:
         asyncio.run(run_load(server.url, payloads[:8], 4))  # warm up
-        point = asyncio.run(run_rate(server.url, payloads, rate, slo, seed=2))
-    return {
-        **point.summary,
-        "slo_attained": point.slo_attained,
-        "goodput_requests_per_s": point.goodput,
-        "mean_in_system": point.mean_in_system,
-    }
+        return asyncio.run(run_rate(server.url, payloads, rate, slo, seed=2))
 
 
 def engine_flags(args) -> dict:
