@@ -141,14 +141,19 @@ def vllm_ngram(args, tok, prompts: list[list[int]]) -> dict:
         "prompt_lookup_max": args.ngram,
         "prompt_lookup_min": 1,
     }
-    threads = (
-        {"torch_threads": args.threads} if args.threads else {}
-    )  # the same threads as labkit's
     try:
         with (
-            PairedRunner("vllm", workload, args.model, max_num_seqs=1, **threads) as plain,
+            # the same torch threads as labkit's (None: the worker's default)
             PairedRunner(
-                "vllm", workload, args.model, max_num_seqs=1, speculative_config=ngram, **threads
+                "vllm", workload, args.model, max_num_seqs=1, torch_threads=args.threads
+            ) as plain,
+            PairedRunner(
+                "vllm",
+                workload,
+                args.model,
+                max_num_seqs=1,
+                speculative_config=ngram,
+                torch_threads=args.threads,
             ) as spec,
         ):
             pairs = []
